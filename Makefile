@@ -1,0 +1,31 @@
+# Two commands: `make demo` (set up, then run FedCache and its baseline) and `make test` (set up, then the tests).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup system-deps demo test lint clean
+
+setup: system-deps $(STAMP)
+
+system-deps:
+	@bash scripts/setup-system.sh
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m android_harness demo --out runs/demo
+
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs fedcache-data .pytest_cache

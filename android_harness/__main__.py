@@ -1,0 +1,104 @@
+"""`python -m android_harness trial|demo`: run local FedCache trials and write their reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from android_harness.trial import TrialSettings, run_trial
+from fedwire import HashKind, LogitEncoding
+
+ARCH_CHOICES = ("resnet8", "resnet16", "resnet20", "cnn", "mobilenet")
+
+
+def _add_trial_options(parser: argparse.ArgumentParser, *, epochs: int, devices: int) -> None:
+    parser.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "digits"])
+    parser.add_argument("--devices", type=int, default=devices, help=f"device processes (default {devices})")
+    parser.add_argument("--epochs", type=int, default=epochs, help=f"local epochs per device (default {epochs})")
+    parser.add_argument(
+        "--archs",
+        default="cnn",
+        help="comma-separated zoo architectures assigned to devices round-robin (heterogeneous when several): "
+        + ", ".join(ARCH_CHOICES),
+    )
+    parser.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of the non-IID split")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hash-kind", default="bin", choices=[k.value for k in HashKind])
+    parser.add_argument("--hash-dim", type=int, default=256, help="hash bits (bin) or float16 dimensions (f16)")
+    parser.add_argument("--logit-encoding", default="f16", choices=[e.value for e in LogitEncoding])
+    parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+
+
+def _settings(args: argparse.Namespace, *, algorithm: str, out: Path) -> TrialSettings:
+    archs = tuple(a.strip() for a in args.archs.split(",") if a.strip())
+    unknown = [a for a in archs if a not in ARCH_CHOICES]
+    if unknown:
+        raise SystemExit(f"unknown architectures {unknown}; choose from {ARCH_CHOICES}")
+    return TrialSettings(
+        out=out,
+        dataset=args.dataset,
+        devices=args.devices,
+        epochs=args.epochs,
+        algorithm=algorithm,
+        archs=archs,
+        alpha=args.alpha,
+        seed=args.seed,
+        hash_kind=HashKind(args.hash_kind),
+        hash_dim=args.hash_dim,
+        logit_encoding=LogitEncoding(args.logit_encoding),
+        timeout_s=args.timeout,
+    )
+
+
+def _summary_line(report: dict) -> str:
+    per = report["bytes_per_device_per_epoch"]
+    return (
+        f"{report['algorithm']:>9}: MAUA {report['maua']:.4f} after {report['epochs']} epochs | "
+        f"per device per epoch: up {per['up'] / 1024:.1f} KiB, down {per['down'] / 1024:.1f} KiB | "
+        f"registration up {report['bytes']['register_up'] / 1024:.1f} KiB in all | wall {report['wall_s']:.0f} s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m android_harness", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    trial = commands.add_parser("trial", help="run one local trial (broker, server, N device processes)")
+    _add_trial_options(trial, epochs=3, devices=20)
+    trial.add_argument("--algorithm", default="fedcache", choices=["fedcache", "local"])
+    trial.add_argument("--out", type=Path, required=True, help="directory for report.json, plots and logs")
+    demo = commands.add_parser("demo", help="FedCache and the local (CE only) baseline on the same split")
+    _add_trial_options(demo, epochs=3, devices=20)
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.command == "trial":
+        report = run_trial(_settings(args, algorithm=args.algorithm, out=args.out))
+        print(_summary_line(report))
+        print(f"report: {args.out / 'report.json'}  plot: {args.out / 'accuracy.png'}")
+        return 0
+
+    reports = {}
+    for algorithm in ("fedcache", "local"):
+        print(f"== {algorithm}: {args.devices} devices on {args.dataset}, {args.epochs} epochs", file=sys.stderr)
+        reports[algorithm] = run_trial(_settings(args, algorithm=algorithm, out=args.out / algorithm))
+    print()
+    for report in reports.values():
+        print(_summary_line(report))
+    gain = reports["fedcache"]["maua"] - reports["local"]["maua"]
+    print(f"FedCache - local MAUA: {gain:+.4f}")
+    (args.out / "summary.json").write_text(
+        json.dumps({k: {key: r[key] for key in ("maua", "bytes", "wall_s", "epochs")} for k, r in reports.items()}, indent=2)
+    )
+    print(f"reports: {args.out}/fedcache/report.json, {args.out}/local/report.json (plots beside them)")
+    print("Go further: python -m android_harness trial --help (more epochs, --archs resnet8,resnet16,resnet20, "
+          "--algorithm local); python broker_server/main.py --help; python -m edge --config device.toml")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

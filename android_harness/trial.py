@@ -1,0 +1,248 @@
+"""A local field trial: a private broker, the cache server and N device processes, driven through their CLIs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from tqdm import tqdm
+
+import broker_server
+from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_to_toml
+from fedwire import HashKind, LogitEncoding
+from fedwire.constants import TOPIC_ROOT
+from fedwire.mosquitto import MosquittoBroker
+from fedwire.mqtt import BrokerAddress, make_client
+from fedwire.topics import ALL_METRICS, device_of_metrics_topic
+
+log = logging.getLogger(__name__)
+
+STATUS_TOPIC = f"{TOPIC_ROOT}/_server/status"
+SERVER_START_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What a trial runs: devices, data split, models, algorithm and where the report goes."""
+
+    out: Path
+    dataset: str = "fashion-mnist"
+    devices: int = 20
+    epochs: int = 3
+    algorithm: str = "fedcache"
+    archs: tuple[str, ...] = ("cnn",)
+    alpha: float = 1.0
+    seed: int = 0
+    hash_kind: HashKind = HashKind.BINARY
+    hash_dim: int = 256
+    logit_encoding: LogitEncoding = LogitEncoding.FLOAT16
+    timeout_s: float = 3600.0
+    extra_train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Collector:
+    """Latest metrics per device plus the MAUA curve, fed from the devices' metrics topics."""
+
+    devices: list[str]
+    started: float
+    latest: dict[str, dict[str, Any]] = field(default_factory=dict)
+    curve: list[list[float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        device = device_of_metrics_topic(message.topic)
+        if device not in self.devices:
+            return
+        try:
+            metrics = json.loads(message.payload)
+        except ValueError:
+            log.warning("unreadable metrics from %s", device)
+            return
+        with self.lock:
+            elapsed = time.monotonic() - self.started
+            metrics["trial_time_s"] = elapsed
+            self.latest[device] = metrics
+            self.history.append(metrics)
+            if len(self.latest) == len(self.devices):
+                self.curve.append([round(elapsed, 3), self.maua()])
+
+    def maua(self) -> float:
+        """Unweighted mean over devices of each one's latest test accuracy."""
+        return sum(m["accuracy"] for m in self.latest.values()) / max(len(self.devices), 1)
+
+    def epochs_done(self) -> int:
+        with self.lock:
+            return sum(m["epoch"] for m in self.latest.values())
+
+    def all_done(self) -> bool:
+        with self.lock:
+            return len(self.latest) == len(self.devices) and all(m["done"] for m in self.latest.values())
+
+
+def _device_configs(settings: TrialSettings, broker: BrokerAddress, encoder: Path) -> list[DeviceConfig]:
+    configs = []
+    for index in range(settings.devices):
+        train = TrainConfig(
+            algorithm=settings.algorithm,
+            arch=settings.archs[index % len(settings.archs)],
+            epochs=settings.epochs,
+            seed=settings.seed,
+            logit_encoding=settings.logit_encoding,
+            **settings.extra_train,
+        )
+        configs.append(
+            DeviceConfig(
+                id=f"dev{index:03d}",
+                broker=broker.url,
+                state_dir=str(settings.out / "devices" / f"dev{index:03d}"),
+                data=DataConfig(
+                    dataset=settings.dataset, num_devices=settings.devices, alpha=settings.alpha, seed=settings.seed, index=index
+                ),
+                train=train,
+                hash=HashConfig(encoder=str(encoder), kind=settings.hash_kind, dim=settings.hash_dim, seed=settings.seed),
+            )
+        )
+    return configs
+
+
+def _prepare_shared_artifacts(settings: TrialSettings) -> Path:
+    """Decode the dataset into the shared cache and export the encoder once, not once per device."""
+    from edge.data import load_dataset
+    from export.encoder import export_encoder_onnx
+
+    dataset = load_dataset(settings.dataset)
+    path = settings.out / "encoder.onnx"
+    export_encoder_onnx(path, input_shape=dataset.input_shape, dim=settings.hash_dim, seed=settings.seed)
+    return path
+
+
+def _wait_for_server(address: BrokerAddress, process: subprocess.Popen[bytes]) -> None:
+    """The server publishes a retained 'online' once subscribed: devices' first requests will reach it."""
+    online = threading.Event()
+    client = make_client(client_id=f"fedcache-trial-probe-{os.getpid()}")
+    client.on_message = lambda _c, _u, m: online.set() if m.payload == b"online" else None
+    client.on_connect = lambda c, *_: c.subscribe(STATUS_TOPIC, qos=1)
+    client.connect(address.host, address.port)
+    client.loop_start()
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not online.wait(0.2):
+            if process.poll() is not None:
+                raise RuntimeError(f"cache server exited with {process.returncode}; see its log")
+            if time.monotonic() > deadline:
+                raise TimeoutError("cache server did not come online")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_trial(settings: TrialSettings, *, progress: bool = True) -> dict[str, Any]:
+    """Run a trial end to end and return (and write) its report."""
+    from android_harness.report import build_report, write_report
+
+    settings.out.mkdir(parents=True, exist_ok=True)
+    logs = settings.out / "logs"
+    logs.mkdir(exist_ok=True)
+    encoder = _prepare_shared_artifacts(settings)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    processes: list[subprocess.Popen[bytes]] = []
+    server = None
+    started = time.monotonic()
+    with MosquittoBroker(data_dir=settings.out / "broker") as broker:
+        try:
+            if settings.algorithm == "fedcache":
+                server_main = Path(broker_server.__file__).parent / "main.py"
+                server = subprocess.Popen(
+                    [sys.executable, str(server_main), "--broker", broker.address.url, "--data-dir",
+                     str(settings.out / "server"), "--metrics-port", "0"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(logs / "server.log", "wb"),  # noqa: SIM115 - the child owns it
+                    env=env,
+                )
+                _wait_for_server(broker.address, server)
+            configs = _device_configs(settings, broker.address, encoder)
+            collector = _Collector(devices=[c.id for c in configs], started=time.monotonic())
+            watcher = make_client(client_id=f"fedcache-trial-{os.getpid()}")
+            watcher.on_message = collector.on_message
+            watcher.on_connect = lambda c, *_: c.subscribe(ALL_METRICS, qos=1)
+            watcher.connect(broker.address.host, broker.address.port)
+            watcher.loop_start()
+            for config in configs:
+                path = Path(config.state_dir) / "device.toml"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(config_to_toml(config))
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "edge", "--config", str(path)],
+                        stdout=subprocess.DEVNULL,
+                        stderr=open(logs / f"{config.id}.log", "wb"),  # noqa: SIM115 - the child owns it
+                        env=env,
+                    )
+                )
+            _follow(settings, collector, processes, progress=progress)
+            watcher.disconnect()
+            watcher.loop_stop()
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            if server is not None:
+                _stop_process(server)
+    report = build_report(
+        settings=asdict(settings),
+        latest=collector.latest,
+        curve=collector.curve,
+        history=collector.history,
+        wall_s=time.monotonic() - started,
+    )
+    write_report(report, settings.out)
+    return report
+
+
+def _follow(
+    settings: TrialSettings, collector: _Collector, processes: list[subprocess.Popen[bytes]], *, progress: bool
+) -> None:
+    """Show progress until every device reports done; fail loudly if a device dies."""
+    total = settings.devices * settings.epochs
+    deadline = time.monotonic() + settings.timeout_s
+    with tqdm(total=total, desc=f"{settings.algorithm} device-epochs", unit="ep", disable=not progress) as bar:
+        while not collector.all_done():
+            time.sleep(0.5)
+            done = collector.epochs_done()
+            bar.update(done - bar.n)
+            with collector.lock:
+                if len(collector.latest) == settings.devices:
+                    bar.set_postfix(maua=f"{collector.maua():.4f}")
+            failed = [p for p in processes if p.poll() not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"{len(failed)} device process(es) failed; see {settings.out / 'logs'}")
+            if all(p.poll() == 0 for p in processes):
+                time.sleep(1.0)  # the last metrics may still be in flight
+                if not collector.all_done():
+                    raise RuntimeError("devices exited without reporting completion")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"trial did not finish within {settings.timeout_s} s")
+        bar.update(collector.epochs_done() - bar.n)

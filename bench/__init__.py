@@ -1,0 +1,1 @@
+"""Benchmarks and measurements behind the design choices."""

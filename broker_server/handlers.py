@@ -1,0 +1,199 @@
+"""Turns validated FedCache requests into replies: mutates the cache, stages writes, knows nothing of MQTT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from broker_server.cache import CacheConfig, KnowledgeCache, Rejected, Teachers
+from broker_server.relations import EXACT_SEARCH_LIMIT
+from broker_server.store import StateStore, open_store
+from fedwire.constants import DEFAULT_NEIGHBOURS
+from fedwire.messages import (
+    ErrorReply,
+    Fetch,
+    Hello,
+    HelloAck,
+    Knowledge,
+    Register,
+    RegisterAck,
+    Reply,
+    Request,
+    Update,
+    UpdateAck,
+    UpdateFetch,
+)
+
+
+class CacheService:
+    """The cache server without transport: `handle()` answers one request, `commit()` makes answers durable.
+
+    Replies may be published right away, but the glue must acknowledge the requests to the broker
+    only after commit(): a crash in between then leads to redelivery, which is harmless because
+    registration and updates are idempotent. A rejected request leaves memory and store untouched.
+    Not thread-safe: the caller serialises handle() and commit().
+    """
+
+    def __init__(self, *, cache: KnowledgeCache, store: StateStore) -> None:
+        self.cache = cache
+        self.store = store
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: Path | None,
+        *,
+        neighbours: int = DEFAULT_NEIGHBOURS,
+        exact_limit: int = EXACT_SEARCH_LIMIT,
+        config: CacheConfig | None = None,
+    ) -> CacheService:
+        """Load what `data_dir` holds (in-memory when None) and build every class's relations."""
+        store = open_store(data_dir)
+        try:
+            cache = KnowledgeCache.from_state(
+                store.load(), config=config, neighbours=neighbours, exact_limit=exact_limit
+            )
+            cache.refresh_relations()
+        except BaseException:
+            store.close()
+            raise
+        return cls(cache=cache, store=store)
+
+    def __enter__(self) -> CacheService:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ API for the glue
+
+    def handle(self, request: Request) -> Reply:
+        """Answer one request; rule violations become an ErrorReply, anything else (a bug) propagates."""
+        try:
+            match request:
+                case Hello():
+                    return self._hello(request)
+                case Register():
+                    return self._register(request)
+                case Fetch():
+                    return self._fetch(request)
+                case Update():
+                    return self._update(request)
+                case UpdateFetch():
+                    return self._update_fetch(request)
+        except Rejected as rejection:
+            return ErrorReply(
+                device=request.device,
+                cid=request.cid,
+                code=rejection.code,
+                message=rejection.detail,
+                request=request.kind.value,
+            )
+        raise TypeError(f"not a request: {type(request).__name__}")
+
+    def commit(self) -> None:
+        """Make every write staged by handle() durable."""
+        self.store.commit()
+
+    def stats(self) -> dict[str, float]:
+        """devices, samples, with_knowledge, dirty_classes and cache_fill, for a metrics endpoint."""
+        return self.cache.stats().as_dict()
+
+    def close(self) -> None:
+        """Close the store; writes not committed are dropped (their requests were never acknowledged)."""
+        self.store.close()
+
+    # ------------------------------------------------------------ one method per request kind
+
+    def _hello(self, request: Hello) -> HelloAck:
+        admission = self.cache.hello(
+            device=request.device,
+            model=request.model,
+            classes=request.classes,
+            samples=request.samples,
+            hash_kind=request.hash_kind,
+            hash_dim=request.hash_dim,
+        )
+        if admission.changed:
+            self.store.save_device(admission.record)
+        return HelloAck(
+            device=request.device,
+            cid=request.cid,
+            registered=admission.registered,
+            neighbours=self.cache.neighbours,
+        )
+
+    def _register(self, request: Register) -> RegisterAck:
+        registration = self.cache.register(
+            device=request.device, ids=request.ids, labels=request.labels, hashes=request.hashes
+        )
+        if registration.new_rows.size:
+            fresh = registration.fresh
+            self.store.save_samples(
+                rows=registration.new_rows,
+                device=self.cache.record(request.device).index,
+                ids=np.asarray(request.ids)[fresh],
+                labels=np.asarray(request.labels)[fresh],
+                hashes=np.asarray(request.hashes)[fresh],
+            )
+        return RegisterAck(
+            device=request.device,
+            cid=request.cid,
+            accepted=registration.accepted,
+            registered=registration.registered,
+        )
+
+    def _fetch(self, request: Fetch) -> Knowledge:
+        rows = self.cache.rows_of(request.device, request.ids)
+        return self._knowledge(request, ids=request.ids, teachers=self.cache.fetch(rows))
+
+    def _update(self, request: Update) -> UpdateAck:
+        rows = self.cache.rows_of(request.device, request.ids)
+        applied, stale = self._apply(rows=rows, logits=request.logits, version=request.version)
+        return UpdateAck(device=request.device, cid=request.cid, applied=applied, stale=stale)
+
+    def _update_fetch(self, request: UpdateFetch) -> Knowledge:
+        # Validate both halves before applying anything, so a bad fetch id cannot leave the update applied.
+        rows = self.cache.rows_of(request.device, request.ids)
+        fetch_rows = self.cache.rows_of(request.device, request.fetch_ids)
+        applied, stale = self._apply(rows=rows, logits=request.logits, version=request.version)
+        teachers = self.cache.fetch(fetch_rows)
+        return self._knowledge(request, ids=request.fetch_ids, teachers=teachers, applied=applied, stale=stale)
+
+    # ------------------------------------------------------------ helpers
+
+    def _apply(self, *, rows: np.ndarray, logits: np.ndarray, version: int) -> tuple[int, int]:
+        """Apply an update in memory and stage the rows that changed; returns (applied, stale)."""
+        applied = self.cache.apply_update(rows=rows, logits=logits, version=version)
+        count = int(np.count_nonzero(applied))
+        if count:
+            self.store.save_knowledge(
+                rows=rows[applied],
+                logits=np.asarray(logits, dtype=np.float32)[applied],
+                versions=np.full(count, version, np.int64),
+            )
+        return count, int(rows.size) - count
+
+    @staticmethod
+    def _knowledge(
+        request: Fetch | UpdateFetch,
+        *,
+        ids: np.ndarray,
+        teachers: Teachers,
+        applied: int = 0,
+        stale: int = 0,
+    ) -> Knowledge:
+        return Knowledge(
+            device=request.device,
+            cid=request.cid,
+            ids=np.asarray(ids, dtype=np.uint32),
+            counts=teachers.counts,
+            logits=teachers.logits,
+            encoding=request.encoding,
+            applied=applied,
+            stale=stale,
+        )

@@ -1,0 +1,133 @@
+"""`python broker_server/main.py`: run the FedCache knowledge cache server (with a private Mosquitto by default)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+# Run as a script, Python puts this directory first on sys.path, where its module names (cache, metrics, ...)
+# could shadow installed packages; the package itself is importable from the project install.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+DEFAULT_DATA_DIR = Path("fedcache-data")
+DEFAULT_LISTEN_PORT = 1883
+DEFAULT_METRICS_PORT = 9464
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python broker_server/main.py",
+        description="FedCache knowledge cache server. With no options it starts a private Mosquitto "
+        "(persistence on) on 127.0.0.1:1883 and keeps its state in ./fedcache-data.",
+    )
+    parser.add_argument(
+        "--broker",
+        metavar="URL",
+        default=None,
+        help="serve through an existing broker, e.g. mqtt://10.0.0.5:1883; without it a private Mosquitto is started",
+    )
+    parser.add_argument(
+        "--listen-port", type=int, default=DEFAULT_LISTEN_PORT, help="port of the private Mosquitto (default 1883)"
+    )
+    parser.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        help="address the private Mosquitto listens on; 0.0.0.0 to let devices on the network connect",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="where the server keeps its durable state (and the private broker its persistence)",
+    )
+    parser.add_argument("--neighbours", type=int, default=16, help="R: neighbours per sample in the relation")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help="port of the Prometheus /metrics endpoint on 127.0.0.1 (0 disables it)",
+    )
+    parser.add_argument("--client-id", default="fedcache-server-0", help="MQTT client id (one per server process)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
+    return parser
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    log = logging.getLogger("broker_server")
+
+    from broker_server.handlers import CacheService
+    from broker_server.metrics import ServerMetrics
+    from broker_server.mqtt_server import CacheServer
+    from fedwire.mosquitto import MosquittoBroker
+    from fedwire.mqtt import BrokerAddress
+
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    broker = None
+    if args.broker:
+        address = BrokerAddress.parse(args.broker)
+    else:
+        broker = MosquittoBroker(data_dir=args.data_dir / "mosquitto", port=args.listen_port, bind=args.bind).start()
+        address = broker.address
+        log.info("started private mosquitto (pid %d) on %s", broker.process.pid if broker.process else -1, address.url)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    service = None
+    server = None
+    try:
+        service = CacheService.open(args.data_dir / "state", neighbours=args.neighbours)
+        metrics = ServerMetrics()
+        if args.metrics_port:
+            metrics.serve(args.metrics_port)
+            log.info("metrics on http://127.0.0.1:%d/metrics", args.metrics_port)
+        server = CacheServer(service=service, address=address, client_id=args.client_id, metrics=metrics)
+        server.start()
+        log.info("ready: devices connect to %s", address.url)
+        stop.wait()
+        log.info("shutting down")
+    finally:
+        if server is not None:
+            server.stop()
+        if service is not None:
+            service.close()
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

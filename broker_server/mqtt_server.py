@@ -1,0 +1,195 @@
+"""Thin MQTT glue around the cache service: receive, validate, handle, commit, then reply and acknowledge."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import paho.mqtt.client as mqtt
+
+from broker_server.handlers import CacheService
+from broker_server.metrics import ServerMetrics
+from fedwire import ErrorCode, ErrorReply, ProtocolError, Reply, decode, down_topic, encode, parse_up_topic
+from fedwire.constants import DEFAULT_QOS, SERVER_SHARE_GROUP, TOPIC_ROOT
+from fedwire.messages import Request
+from fedwire.mqtt import BrokerAddress, connect_persistent, make_client
+from fedwire.topics import server_subscription
+
+log = logging.getLogger(__name__)
+
+STATUS_TOPIC = f"{TOPIC_ROOT}/_server/status"
+MAX_BATCH = 256
+ACTIVE_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class _Inbound:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    arrived: float
+
+
+def _cid_of(payload: bytes) -> int:
+    """Best-effort correlation id of an undecodable message, so the device can match the error reply."""
+    try:
+        raw = msgpack.unpackb(payload, raw=False)
+        cid = raw.get("c", 0) if isinstance(raw, dict) else 0
+        return cid if isinstance(cid, int) and 0 <= cid < 2**63 else 0
+    except Exception:
+        return 0
+
+
+class CacheServer:
+    """Serves a CacheService over MQTT.
+
+    paho's thread only queues messages; one worker thread handles a batch, commits it to the
+    durable store, and only then publishes the replies and acknowledges the messages to the broker
+    (manual ack), so a crash means redelivery, never loss. Updates are idempotent, so redelivery
+    changes nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        service: CacheService,
+        address: BrokerAddress,
+        client_id: str = "fedcache-server-0",
+        share_group: str = SERVER_SHARE_GROUP,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self.service = service
+        self.address = address
+        self.share_group = share_group
+        self.metrics = metrics or ServerMetrics()
+        self._inbox: queue.Queue[_Inbound] = queue.Queue()
+        self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        self._last_seen: dict[str, float] = {}
+        self._client = make_client(client_id=client_id, manual_ack=True, max_inflight=1000)
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._client.will_set(STATUS_TOPIC, b"offline", qos=1, retain=True)
+        self._worker = threading.Thread(target=self._work, name="cache-worker", daemon=True)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Connect with a persistent session (requests queue in the broker while we are down) and subscribe."""
+        self._worker.start()
+        connect_persistent(self._client, self.address)
+        self._client.loop_start()
+        if not self._subscribed.wait(timeout):
+            raise TimeoutError(f"could not subscribe on {self.address.url} within {timeout} s")
+        self._client.publish(STATUS_TOPIC, b"online", qos=1, retain=True)
+        log.info("serving on %s (shared subscription group %s)", self.address.url, self.share_group)
+
+    def stop(self) -> None:
+        """Finish the batch in hand, mark the server offline and disconnect."""
+        self._stop.set()
+        self._worker.join(timeout=10)
+        info = self._client.publish(STATUS_TOPIC, b"offline", qos=1, retain=True)
+        info.wait_for_publish(timeout=2)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            log.error("broker refused the server: %s", reason)
+            return
+        client.subscribe(server_subscription(self.share_group), qos=DEFAULT_QOS)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, reasons: Any, _props: Any) -> None:
+        if all(not r.is_failure for r in reasons):
+            self._subscribed.set()
+        else:
+            log.error("subscription refused: %s", reasons)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        self._inbox.put(_Inbound(message.topic, bytes(message.payload), message.mid, message.qos, time.monotonic()))
+
+    # ------------------------------------------------------------ the worker
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            self._process(batch)
+
+    def _process(self, batch: list[_Inbound]) -> None:
+        replies = [self._handle_one(item) for item in batch]
+        try:
+            self.service.commit()
+        except Exception:
+            # Nothing is acknowledged: the broker redelivers these messages after we restart.
+            log.exception("commit failed; leaving %d messages unacknowledged", len(batch))
+            self._stop.set()
+            return
+        self.metrics.batch_size.observe(len(batch))
+        now = time.monotonic()
+        for item, reply in zip(batch, replies, strict=True):
+            if reply is not None:
+                payload = encode(reply)
+                self._client.publish(down_topic(reply.device), payload, qos=DEFAULT_QOS)
+                self.metrics.bytes_out.labels(reply.kind.value).inc(len(payload))
+                self.metrics.latency.labels(reply.kind.value).observe(now - item.arrived)
+            if item.qos > 0:
+                self._client.ack(item.mid, item.qos)
+        self._refresh_gauges(now)
+
+    def _handle_one(self, item: _Inbound) -> Reply | None:
+        parsed = parse_up_topic(item.topic)
+        if parsed is None:
+            log.warning("ignoring message on unexpected topic %s", item.topic)
+            return None
+        device, kind = parsed
+        self.metrics.bytes_in.labels(kind.value).inc(len(item.payload))
+        self._last_seen[device] = item.arrived
+        try:
+            request = decode(item.payload)
+            self._check_envelope(request, device=device, topic_kind=kind.value)
+            reply = self.service.handle(request)
+        except ProtocolError as exc:
+            reply = ErrorReply(device=device, cid=_cid_of(item.payload), code=exc.code, message=exc.detail, request=kind.value)
+        except Exception:
+            log.exception("internal error on %s from %s", kind.value, device)
+            reply = ErrorReply(
+                device=device, cid=_cid_of(item.payload), code=ErrorCode.INTERNAL, message="internal error", request=kind.value
+            )
+        outcome = reply.code.value if isinstance(reply, ErrorReply) else "ok"
+        if isinstance(reply, ErrorReply):
+            log.warning("rejected %s from %s: %s %s", kind.value, device, reply.code.value, reply.message)
+        self.metrics.requests.labels(kind.value, outcome).inc()
+        return reply
+
+    @staticmethod
+    def _check_envelope(request: Any, *, device: str, topic_kind: str) -> None:
+        """A device may only speak for itself, and the topic names the message's kind."""
+        if not isinstance(request, Request):
+            raise ProtocolError(ErrorCode.BAD_SCHEMA, f"'{request.kind.value}' is a reply kind, not a request")
+        if request.device != device:
+            raise ProtocolError(ErrorCode.DEVICE_MISMATCH, f"payload device '{request.device}' published on {device}'s topic")
+        if request.kind.value != topic_kind:
+            raise ProtocolError(ErrorCode.BAD_SCHEMA, f"payload kind '{request.kind.value}' on a '{topic_kind}' topic")
+
+    def _refresh_gauges(self, now: float) -> None:
+        stats = self.service.stats()
+        self.metrics.devices.set(stats["devices"])
+        self.metrics.samples.set(stats["samples"])
+        self.metrics.cache_fill.set(stats["cache_fill"])
+        self.metrics.devices_online.set(sum(1 for t in self._last_seen.values() if now - t < ACTIVE_WINDOW_S))

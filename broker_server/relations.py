@@ -1,0 +1,172 @@
+"""Per-class k-nearest-neighbour relations over sample hashes, built with faiss and rebuilt class by class."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import faiss
+import numpy as np
+
+from fedwire.constants import DEFAULT_NEIGHBOURS, HashKind
+
+# Up to this many samples in a class the search is exact (brute force); above it an HNSW graph keeps
+# rebuilds affordable, at the price of approximate neighbours.
+EXACT_SEARCH_LIMIT = 20_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH_MIN = 64
+# faiss's OpenMP threads spin; on a small shared host (2 cores here) a multi-threaded binary search ran
+# ~100x slower than a single-threaded one, and per-class searches are small, so they run on one thread.
+FAISS_THREADS = 1
+_FLOAT16 = np.dtype("<f2")
+
+
+def hash_bytes_of(kind: HashKind, dim: int) -> int:
+    """Bytes one hash takes on the wire: packed bits for binary hashes, two bytes per float16 feature."""
+    return dim // 8 if kind is HashKind.BINARY else dim * _FLOAT16.itemsize
+
+
+def _float_vectors(hashes: np.ndarray) -> np.ndarray:
+    """float32 features from the raw little-endian float16 bytes (faiss has no float16 flat index input)."""
+    return np.ascontiguousarray(hashes).view(_FLOAT16).astype(np.float32)
+
+
+@contextmanager
+def _faiss_threads(count: int) -> Iterator[None]:
+    """Run faiss on `count` OpenMP threads, restoring the process-wide setting afterwards."""
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+def _search(hashes: np.ndarray, *, kind: HashKind, k: int, exact: bool) -> np.ndarray:
+    """Positions of the k nearest hashes of every hash (itself usually among them), as faiss returns them."""
+    if kind is HashKind.BINARY:
+        vectors = np.ascontiguousarray(hashes, dtype=np.uint8)
+        bits = vectors.shape[1] * 8
+        index = faiss.IndexBinaryFlat(bits) if exact else faiss.IndexBinaryHNSW(bits, HNSW_M)
+    else:
+        vectors = _float_vectors(hashes)
+        dim = vectors.shape[1]
+        index = faiss.IndexFlatL2(dim) if exact else faiss.IndexHNSWFlat(dim, HNSW_M)
+    if not exact:
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = max(HNSW_EF_SEARCH_MIN, 2 * k)
+    with _faiss_threads(FAISS_THREADS):
+        index.add(vectors)
+        _, found = index.search(vectors, k)
+    return np.asarray(found, dtype=np.int64)
+
+
+def build_class_neighbours(
+    hashes: np.ndarray,
+    *,
+    kind: HashKind,
+    neighbours: int = DEFAULT_NEIGHBOURS,
+    exact_limit: int = EXACT_SEARCH_LIMIT,
+) -> np.ndarray:
+    """(n, neighbours) int64 positions of each hash's nearest other hashes within one class, -1 padded.
+
+    One extra neighbour is searched so that dropping the sample itself still leaves `neighbours`.
+    The sample is excluded by position, never by distance: identical hashes (distance 0) are
+    legitimate neighbours of each other, and with many duplicates faiss may not even return the
+    sample itself, in which case the farthest of the k+1 results is the one dropped.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint8)
+    count = hashes.shape[0]
+    table = np.full((count, neighbours), -1, dtype=np.int64)
+    if count <= 1 or neighbours == 0:
+        return table
+    k = min(neighbours + 1, count)
+    found = _search(hashes, kind=kind, k=k, exact=count <= exact_limit)
+    dropped = (found == np.arange(count)[:, None]) | (found < 0)
+    # Stable sort moves dropped entries to the back while keeping the nearest-first order of the rest.
+    order = np.argsort(dropped, axis=1, kind="stable")
+    kept = np.take_along_axis(found, order, axis=1)
+    kept[np.take_along_axis(dropped, order, axis=1)] = -1
+    width = min(neighbours, k)
+    table[:, :width] = kept[:, :width]
+    return table
+
+
+class RelationTable:
+    """The global N x R neighbour table (global rows, -1 padded), rebuilt only for classes that changed.
+
+    New registrations mark their classes dirty instead of triggering a rebuild, so devices can join
+    while others train; a dirty class is rebuilt the next time one of its rows is fetched.
+    """
+
+    def __init__(
+        self,
+        *,
+        kind: HashKind,
+        neighbours: int = DEFAULT_NEIGHBOURS,
+        exact_limit: int = EXACT_SEARCH_LIMIT,
+    ) -> None:
+        self.kind = kind
+        self.neighbours = neighbours
+        self.exact_limit = exact_limit
+        self._table = np.full((0, neighbours), -1, dtype=np.int64)
+        self._size = 0
+        self._dirty: set[int] = set()
+
+    @property
+    def dirty(self) -> frozenset[int]:
+        """Classes whose relations are out of date."""
+        return frozenset(self._dirty)
+
+    @property
+    def table(self) -> np.ndarray:
+        """Read-only view of the table for the rows it covers so far."""
+        view = self._table[: self._size]
+        view.flags.writeable = False
+        return view
+
+    def mark_dirty(self, labels: np.ndarray) -> None:
+        """Record that rows with these labels were added, so their classes need a rebuild."""
+        self._dirty.update(int(label) for label in np.unique(labels))
+
+    def refresh(
+        self,
+        *,
+        labels: np.ndarray,
+        hashes: np.ndarray,
+        classes: Iterable[int] | None = None,
+    ) -> tuple[int, ...]:
+        """Rebuild the dirty classes (only those among `classes` when given); returns the classes rebuilt.
+
+        `labels` (N,) and `hashes` (N, hash_bytes) describe every registered row; the table grows to
+        N rows, with rows of classes not rebuilt yet left at -1.
+        """
+        self._grow(labels.shape[0])
+        wanted = self._dirty if classes is None else self._dirty.intersection(int(c) for c in classes)
+        rebuilt = tuple(sorted(wanted))
+        if not rebuilt:
+            return rebuilt
+        order = np.argsort(labels, kind="stable")
+        sorted_labels = labels[order]
+        for label in rebuilt:
+            lo, hi = np.searchsorted(sorted_labels, [label, label + 1])
+            rows = order[lo:hi]
+            local = build_class_neighbours(
+                hashes[rows], kind=self.kind, neighbours=self.neighbours, exact_limit=self.exact_limit
+            )
+            self._table[rows] = np.where(local >= 0, rows[np.maximum(local, 0)], -1)
+            self._dirty.discard(label)
+        return rebuilt
+
+    def neighbours_of(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), R) global neighbour rows of the given rows."""
+        return self._table[rows]
+
+    def _grow(self, size: int) -> None:
+        """Extend to `size` rows with amortised doubling, new rows holding no neighbours."""
+        if size > self._table.shape[0]:
+            grown = np.full((max(size, 2 * self._table.shape[0]), self.neighbours), -1, dtype=np.int64)
+            grown[: self._size] = self._table[: self._size]
+            self._table = grown
+        self._size = max(self._size, size)

@@ -1,0 +1,1 @@
+"""Device runtime: data, hashing, local training and the FedCache client."""

@@ -1,0 +1,139 @@
+"""A device's one config file (TOML): who it is, where the broker is, its data, model and training settings."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedwire import DEVICE_ID_PATTERN, HashKind, LogitEncoding
+
+ALGORITHMS = ("fedcache", "local")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which shard of which dataset this device holds; every device derives the same partition."""
+
+    dataset: str = "fashion-mnist"
+    num_devices: int = 20
+    alpha: float = 1.0
+    seed: int = 0
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """FedCache's device loss and optimiser; defaults are the public demo's effective values."""
+
+    algorithm: str = "fedcache"
+    arch: str = "cnn"
+    epochs: int = 5
+    batch_size: int = 8
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    kd_alpha: float = 1.5
+    temperature: float = 3.0
+    seed: int = 0
+    prefetch_batches: int = 4
+    max_outstanding: int = 8
+    logit_encoding: LogitEncoding = LogitEncoding.FLOAT16
+    eval_every_epochs: int = 1
+
+
+@dataclass(frozen=True)
+class HashConfig:
+    """The frozen encoder that turns samples into hashes; empty `encoder` means the built-in default."""
+
+    encoder: str = ""
+    kind: HashKind = HashKind.BINARY
+    dim: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Everything one device process needs."""
+
+    id: str
+    broker: str = "mqtt://127.0.0.1:1883"
+    state_dir: str = "edge-state"
+    reply_timeout_s: float = 30.0
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hash: HashConfig = field(default_factory=HashConfig)
+
+    def __post_init__(self) -> None:
+        if not DEVICE_ID_PATTERN.match(self.id):
+            raise ValueError(f"device id {self.id!r} must match [A-Za-z0-9_-]{{1,64}}")
+        if self.train.algorithm not in ALGORITHMS:
+            raise ValueError(f"train.algorithm must be one of {ALGORITHMS}, got {self.train.algorithm!r}")
+        if not 0 <= self.data.index < self.data.num_devices:
+            raise ValueError(f"data.index {self.data.index} outside [0, {self.data.num_devices})")
+        if self.hash.kind is HashKind.BINARY and self.hash.dim % 8:
+            raise ValueError("hash.dim must be a multiple of 8 for binary hashes")
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+
+_SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "hash": HashConfig}
+_ENUM_FIELDS: dict[str, type] = {"logit_encoding": LogitEncoding, "kind": HashKind}
+
+
+def _section(cls: type, raw: dict[str, Any], name: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"unknown keys in [{name}]: {sorted(unknown)}; known: {sorted(known)}")
+    values = {key: _ENUM_FIELDS[key](value) if key in _ENUM_FIELDS else value for key, value in raw.items()}
+    return cls(**values)
+
+
+def config_from_dict(raw: dict[str, Any]) -> DeviceConfig:
+    """Build a config from parsed TOML, rejecting unknown keys so typos do not pass silently."""
+    device = dict(raw.get("device", {}))
+    unknown_sections = set(raw) - {"device", *_SECTIONS}
+    if unknown_sections:
+        raise ValueError(f"unknown config sections: {sorted(unknown_sections)}")
+    sections = {name: _section(cls, raw.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    if "id" not in device:
+        raise ValueError("[device] needs an id")
+    known = {f.name for f in fields(DeviceConfig)} - set(_SECTIONS)
+    unknown = set(device) - known
+    if unknown:
+        raise ValueError(f"unknown keys in [device]: {sorted(unknown)}; known: {sorted(known)}")
+    return DeviceConfig(**device, **sections)
+
+
+def load_config(path: Path) -> DeviceConfig:
+    """Read a device config TOML file."""
+    with open(path, "rb") as handle:
+        return config_from_dict(tomllib.load(handle))
+
+
+def config_to_toml(config: DeviceConfig) -> str:
+    """Serialise a config to TOML text (used by the harness to write device files)."""
+    lines = ["[device]"]
+    for f in fields(DeviceConfig):
+        if f.name not in _SECTIONS:
+            lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
+    for name in _SECTIONS:
+        lines.append(f"\n[{name}]")
+        section = getattr(config, name)
+        lines += [f"{f.name} = {_toml_value(getattr(section, f.name))}" for f in fields(section)]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+__all__ = ["DataConfig", "DeviceConfig", "HashConfig", "TrainConfig", "config_from_dict", "config_to_toml", "load_config"]

@@ -1,0 +1,83 @@
+"""Device-side knowledge state: the last teacher per local sample and the outbox of fresh logits."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+
+class TeacherCache:
+    """The last teacher received for each local sample, so training never waits for the network.
+
+    A sample with no teacher yet (or whose neighbours had no knowledge) trains with CE only.
+    """
+
+    def __init__(self, *, samples: int, classes: int) -> None:
+        self._logits = np.zeros((samples, classes), np.float32)
+        self._has = np.zeros(samples, bool)
+        self._lock = threading.Lock()
+        self.received = 0
+
+    def store(self, ids: np.ndarray, counts: np.ndarray, logits: np.ndarray) -> None:
+        """Keep the teachers of a Knowledge reply (rows only for ids with counts > 0)."""
+        with_teacher = ids[counts > 0].astype(np.int64)
+        with self._lock:
+            self._logits[with_teacher] = logits
+            self._has[with_teacher] = True
+            self.received += int(with_teacher.size)
+
+    def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(teacher logits, mask) for a batch; rows without a teacher are zero with mask False."""
+        with self._lock:
+            return self._logits[ids].copy(), self._has[ids].copy()
+
+    def coverage(self) -> float:
+        """Fraction of local samples that have a teacher."""
+        with self._lock:
+            return float(self._has.mean()) if self._has.size else 0.0
+
+
+class Outbox:
+    """Fresh logits waiting to be uploaded, coalesced by sample: only the newest matters."""
+
+    def __init__(self, *, samples: int, classes: int) -> None:
+        self._logits = np.zeros((samples, classes), np.float32)
+        self._waiting = np.zeros(samples, bool)
+
+    def put(self, ids: np.ndarray, logits: np.ndarray) -> None:
+        self._logits[ids] = logits
+        self._waiting[ids] = True
+
+    def take(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """Remove and return up to `limit` waiting samples and their logits."""
+        ids = np.flatnonzero(self._waiting)[:limit]
+        self._waiting[ids] = False
+        return ids.astype(np.uint32), self._logits[ids].copy()
+
+    def __len__(self) -> int:
+        return int(self._waiting.sum())
+
+
+class BatchSchedule:
+    """Every batch of every epoch, known in advance so knowledge for the next batches can be prefetched."""
+
+    def __init__(self, *, samples: int, batch_size: int, epochs: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.batches: list[np.ndarray] = []
+        self.epoch_of: list[int] = []
+        for epoch in range(epochs):
+            order = rng.permutation(samples)
+            for start in range(0, samples, batch_size):
+                self.batches.append(order[start : start + batch_size])
+                self.epoch_of.append(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def ids_between(self, start: int, stop: int) -> np.ndarray:
+        """Unique sample ids of batches [start, stop) (an epoch boundary can repeat an id)."""
+        stop = min(stop, len(self.batches))
+        if start >= stop:
+            return np.zeros(0, np.uint32)
+        return np.unique(np.concatenate(self.batches[start:stop])).astype(np.uint32)

@@ -1,0 +1,1 @@
+"""Model zoo and the frozen hash encoder, exportable to ONNX for edge devices."""

@@ -1,0 +1,60 @@
+"""The FedCache wire: message types, their msgpack encoding, topics and MQTT plumbing shared by edge and server."""
+
+from fedwire.codec import DEVICE_ID_PATTERN, ProtocolError, decode, encode
+from fedwire.constants import (
+    DEFAULT_NEIGHBOURS,
+    MAX_PAYLOAD_BYTES,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    HashKind,
+    Kind,
+    LogitEncoding,
+)
+from fedwire.messages import (
+    ErrorReply,
+    Fetch,
+    Hello,
+    HelloAck,
+    Knowledge,
+    Message,
+    Register,
+    RegisterAck,
+    Reply,
+    Request,
+    Update,
+    UpdateAck,
+    UpdateFetch,
+)
+from fedwire.topics import down_topic, metrics_topic, parse_up_topic, server_subscription, up_topic
+
+__all__ = [
+    "DEFAULT_NEIGHBOURS",
+    "DEVICE_ID_PATTERN",
+    "MAX_PAYLOAD_BYTES",
+    "PROTOCOL_VERSION",
+    "ErrorCode",
+    "ErrorReply",
+    "Fetch",
+    "HashKind",
+    "Hello",
+    "HelloAck",
+    "Kind",
+    "Knowledge",
+    "LogitEncoding",
+    "Message",
+    "ProtocolError",
+    "Register",
+    "RegisterAck",
+    "Reply",
+    "Request",
+    "Update",
+    "UpdateAck",
+    "UpdateFetch",
+    "decode",
+    "down_topic",
+    "encode",
+    "metrics_topic",
+    "parse_up_topic",
+    "server_subscription",
+    "up_topic",
+]

@@ -1,0 +1,73 @@
+"""Constants of the FedCache wire protocol shared by the device runtime and the cache server."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+PROTOCOL_VERSION = 1
+TOPIC_ROOT = "fedcache/v1"
+SERVER_SHARE_GROUP = "fedcache-server"
+
+MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+MAX_IDS_PER_MESSAGE = 8192
+MAX_CLASSES = 1000
+MAX_HASH_BYTES = 4096
+MAX_DEVICE_ID_LEN = 64
+MAX_MODEL_NAME_LEN = 64
+
+DEFAULT_NEIGHBOURS = 16
+DEFAULT_QOS = 1
+# A device's session lives on in the broker this long after it disconnects, so replies wait for it.
+DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+class Kind(StrEnum):
+    """Message kinds; the request kinds double as the last level of a device's `up` topic."""
+
+    HELLO = "hello"
+    REGISTER = "register"
+    FETCH = "fetch"
+    UPDATE = "update"
+    UPDATE_FETCH = "update_fetch"
+    HELLO_ACK = "hello_ack"
+    REGISTER_ACK = "register_ack"
+    KNOWLEDGE = "knowledge"
+    UPDATE_ACK = "update_ack"
+    ERROR = "error"
+
+
+REQUEST_KINDS = frozenset({Kind.HELLO, Kind.REGISTER, Kind.FETCH, Kind.UPDATE, Kind.UPDATE_FETCH})
+REPLY_KINDS = frozenset({Kind.HELLO_ACK, Kind.REGISTER_ACK, Kind.KNOWLEDGE, Kind.UPDATE_ACK, Kind.ERROR})
+
+
+class HashKind(StrEnum):
+    """How a sample's hash is carried: packed sign bits or float16 features."""
+
+    BINARY = "bin"
+    FLOAT16 = "f16"
+
+
+class LogitEncoding(StrEnum):
+    """Encodings of a logit matrix on the wire."""
+
+    FLOAT32 = "f32"
+    FLOAT16 = "f16"
+    INT8 = "i8"
+
+
+class ErrorCode(StrEnum):
+    """Codes of an error reply; the message beside the code says what exactly was wrong."""
+
+    TOO_LARGE = "too_large"
+    BAD_ENCODING = "bad_encoding"
+    BAD_VERSION = "bad_version"
+    BAD_SCHEMA = "bad_schema"
+    BAD_DTYPE = "bad_dtype"
+    BAD_SHAPE = "bad_shape"
+    NON_FINITE = "non_finite"
+    DEVICE_MISMATCH = "device_mismatch"
+    UNKNOWN_DEVICE = "unknown_device"
+    UNKNOWN_SAMPLE = "unknown_sample"
+    CLASS_MISMATCH = "class_mismatch"
+    HASH_MISMATCH = "hash_mismatch"
+    INTERNAL = "internal"

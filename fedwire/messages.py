@@ -1,0 +1,148 @@
+"""Typed FedCache messages: what a request or reply means, independent of how it is encoded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedwire.constants import ErrorCode, HashKind, Kind, LogitEncoding
+
+
+@dataclass(frozen=True, eq=False)
+class Hello:
+    """A device announces itself (and re-announces after every reconnect)."""
+
+    device: str
+    cid: int
+    model: str
+    classes: int
+    samples: int
+    hash_kind: HashKind
+    hash_dim: int
+    capabilities: tuple[str, ...] = ()
+    kind: Kind = field(default=Kind.HELLO, init=False)
+
+
+@dataclass(frozen=True, eq=False)
+class Register:
+    """One chunk of a device's registration: (sample id, label, hash) triples.
+
+    `hashes` is uint8 of shape (n, hash_bytes): packed sign bits for binary hashes, the raw
+    little-endian bytes of float16 features otherwise.
+    """
+
+    device: str
+    cid: int
+    ids: np.ndarray  # uint32 (n,)
+    labels: np.ndarray  # uint16 (n,)
+    hashes: np.ndarray  # uint8 (n, hash_bytes)
+    kind: Kind = field(default=Kind.REGISTER, init=False)
+
+
+@dataclass(frozen=True, eq=False)
+class Fetch:
+    """Ask for the averaged neighbour knowledge of some local samples."""
+
+    device: str
+    cid: int
+    ids: np.ndarray  # uint32 (n,)
+    encoding: LogitEncoding = LogitEncoding.FLOAT16  # how the reply's logits should travel
+    kind: Kind = field(default=Kind.FETCH, init=False)
+
+
+@dataclass(frozen=True, eq=False)
+class Update:
+    """Upload fresh logits for some local samples, all stamped with one version."""
+
+    device: str
+    cid: int
+    ids: np.ndarray  # uint32 (n,)
+    logits: np.ndarray  # float32 (n, classes), already decoded
+    version: int
+    encoding: LogitEncoding = LogitEncoding.FLOAT16
+    kind: Kind = field(default=Kind.UPDATE, init=False)
+
+
+@dataclass(frozen=True, eq=False)
+class UpdateFetch:
+    """An update and a fetch in one message: one round trip per training batch."""
+
+    device: str
+    cid: int
+    ids: np.ndarray
+    logits: np.ndarray
+    version: int
+    fetch_ids: np.ndarray
+    encoding: LogitEncoding = LogitEncoding.FLOAT16
+    kind: Kind = field(default=Kind.UPDATE_FETCH, init=False)
+
+
+@dataclass(frozen=True, eq=False)
+class HelloAck:
+    """The server knows the device; `registered` says how many of its samples it already holds."""
+
+    device: str
+    cid: int
+    registered: int
+    neighbours: int
+    kind: Kind = field(default=Kind.HELLO_ACK, init=False)
+
+
+@dataclass(frozen=True, eq=False)
+class RegisterAck:
+    """A registration chunk is durable; `registered` is the device's running total."""
+
+    device: str
+    cid: int
+    accepted: int
+    registered: int
+    kind: Kind = field(default=Kind.REGISTER_ACK, init=False)
+
+
+@dataclass(frozen=True, eq=False)
+class Knowledge:
+    """Teachers for the requested ids.
+
+    `counts[i]` is how many neighbours of `ids[i]` contributed; `logits` holds one row per id with
+    counts > 0, in order (ids with count 0 get no teacher). `applied`/`stale` report the update
+    half of an update-and-fetch.
+    """
+
+    device: str
+    cid: int
+    ids: np.ndarray  # uint32 (n,)
+    counts: np.ndarray  # uint16 (n,)
+    logits: np.ndarray  # float32 (number of counts > 0, classes)
+    encoding: LogitEncoding = LogitEncoding.FLOAT16
+    applied: int = 0
+    stale: int = 0
+    kind: Kind = field(default=Kind.KNOWLEDGE, init=False)
+
+
+@dataclass(frozen=True, eq=False)
+class UpdateAck:
+    """An update is durable: `applied` rows were newer than what the server held, `stale` were not."""
+
+    device: str
+    cid: int
+    applied: int
+    stale: int
+    kind: Kind = field(default=Kind.UPDATE_ACK, init=False)
+
+
+@dataclass(frozen=True, eq=False)
+class ErrorReply:
+    """A request was rejected; nothing it carried touched the server's state."""
+
+    device: str
+    cid: int
+    code: ErrorCode
+    message: str
+    request: str = ""
+    kind: Kind = field(default=Kind.ERROR, init=False)
+
+
+Request = Hello | Register | Fetch | Update | UpdateFetch
+Reply = HelloAck | RegisterAck | Knowledge | UpdateAck | ErrorReply
+Message = Request | Reply
