@@ -92,11 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     gain = reports["fedcache"]["maua"] - reports["local"]["maua"]
     print(f"FedCache - local MAUA: {gain:+.4f}")
     (args.out / "summary.json").write_text(
-        json.dumps({k: {key: r[key] for key in ("maua", "bytes", "wall_s", "epochs")} for k, r in reports.items()}, indent=2)
+        json.dumps(
+            {k: {key: r[key] for key in ("maua", "bytes", "wall_s", "epochs")} for k, r in reports.items()}, indent=2
+        )
     )
     print(f"reports: {args.out}/fedcache/report.json, {args.out}/local/report.json (plots beside them)")
-    print("Go further: python -m android_harness trial --help (more epochs, --archs resnet8,resnet16,resnet20, "
-          "--algorithm local); python broker_server/main.py --help; python -m edge --config device.toml")
+    print(
+        "Go further: python -m android_harness trial --help (more epochs, --archs resnet8,resnet16,resnet20, "
+        "--algorithm local); python broker_server/main.py --help; python -m edge --config device.toml"
+    )
     return 0
 
 

@@ -20,14 +20,12 @@ from tqdm import tqdm
 import broker_server
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_to_toml
 from fedwire import HashKind, LogitEncoding
-from fedwire.constants import TOPIC_ROOT
 from fedwire.mosquitto import MosquittoBroker
 from fedwire.mqtt import BrokerAddress, make_client
-from fedwire.topics import ALL_METRICS, device_of_metrics_topic
+from fedwire.topics import ALL_METRICS, SERVER_STATUS, device_of_metrics_topic
 
 log = logging.getLogger(__name__)
 
-STATUS_TOPIC = f"{TOPIC_ROOT}/_server/status"
 SERVER_START_TIMEOUT_S = 60.0
 
 
@@ -108,10 +106,16 @@ def _device_configs(settings: TrialSettings, broker: BrokerAddress, encoder: Pat
                 broker=broker.url,
                 state_dir=str(settings.out / "devices" / f"dev{index:03d}"),
                 data=DataConfig(
-                    dataset=settings.dataset, num_devices=settings.devices, alpha=settings.alpha, seed=settings.seed, index=index
+                    dataset=settings.dataset,
+                    num_devices=settings.devices,
+                    alpha=settings.alpha,
+                    seed=settings.seed,
+                    index=index,
                 ),
                 train=train,
-                hash=HashConfig(encoder=str(encoder), kind=settings.hash_kind, dim=settings.hash_dim, seed=settings.seed),
+                hash=HashConfig(
+                    encoder=str(encoder), kind=settings.hash_kind, dim=settings.hash_dim, seed=settings.seed
+                ),
             )
         )
     return configs
@@ -133,7 +137,7 @@ def _wait_for_server(address: BrokerAddress, process: subprocess.Popen[bytes]) -
     online = threading.Event()
     client = make_client(client_id=f"fedcache-trial-probe-{os.getpid()}")
     client.on_message = lambda _c, _u, m: online.set() if m.payload == b"online" else None
-    client.on_connect = lambda c, *_: c.subscribe(STATUS_TOPIC, qos=1)
+    client.on_connect = lambda c, *_: c.subscribe(SERVER_STATUS, qos=1)
     client.connect(address.host, address.port)
     client.loop_start()
     try:
@@ -175,8 +179,16 @@ def run_trial(settings: TrialSettings, *, progress: bool = True) -> dict[str, An
             if settings.algorithm == "fedcache":
                 server_main = Path(broker_server.__file__).parent / "main.py"
                 server = subprocess.Popen(
-                    [sys.executable, str(server_main), "--broker", broker.address.url, "--data-dir",
-                     str(settings.out / "server"), "--metrics-port", "0"],
+                    [
+                        sys.executable,
+                        str(server_main),
+                        "--broker",
+                        broker.address.url,
+                        "--data-dir",
+                        str(settings.out / "server"),
+                        "--metrics-port",
+                        "0",
+                    ],
                     stdout=subprocess.DEVNULL,
                     stderr=open(logs / "server.log", "wb"),  # noqa: SIM115 - the child owns it
                     env=env,

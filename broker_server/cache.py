@@ -110,6 +110,8 @@ class _Growable:
         return self._data[: self._size]
 
     def extend(self, values: np.ndarray) -> None:
+        if len(values) == 0:
+            return
         needed = self._size + len(values)
         if needed > self._data.shape[0]:
             capacity = max(needed, 2 * self._data.shape[0], _MIN_CAPACITY)

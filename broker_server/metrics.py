@@ -10,9 +10,7 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "fedcache_requests", "Requests handled", ["kind", "outcome"], registry=self.registry
-        )
+        self.requests = Counter("fedcache_requests", "Requests handled", ["kind", "outcome"], registry=self.registry)
         self.latency = Histogram(
             "fedcache_request_latency_seconds",
             "From arrival at the server to the reply being published (includes the durable commit)",

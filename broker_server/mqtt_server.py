@@ -15,14 +15,13 @@ import paho.mqtt.client as mqtt
 from broker_server.handlers import CacheService
 from broker_server.metrics import ServerMetrics
 from fedwire import ErrorCode, ErrorReply, ProtocolError, Reply, decode, down_topic, encode, parse_up_topic
-from fedwire.constants import DEFAULT_QOS, SERVER_SHARE_GROUP, TOPIC_ROOT
+from fedwire.constants import DEFAULT_QOS, SERVER_SHARE_GROUP
 from fedwire.messages import Request
 from fedwire.mqtt import BrokerAddress, connect_persistent, make_client
-from fedwire.topics import server_subscription
+from fedwire.topics import SERVER_STATUS, server_subscription
 
 log = logging.getLogger(__name__)
 
-STATUS_TOPIC = f"{TOPIC_ROOT}/_server/status"
 MAX_BATCH = 256
 ACTIVE_WINDOW_S = 60.0
 
@@ -76,7 +75,7 @@ class CacheServer:
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
-        self._client.will_set(STATUS_TOPIC, b"offline", qos=1, retain=True)
+        self._client.will_set(SERVER_STATUS, b"offline", qos=1, retain=True)
         self._worker = threading.Thread(target=self._work, name="cache-worker", daemon=True)
 
     # ------------------------------------------------------------ lifecycle
@@ -88,14 +87,14 @@ class CacheServer:
         self._client.loop_start()
         if not self._subscribed.wait(timeout):
             raise TimeoutError(f"could not subscribe on {self.address.url} within {timeout} s")
-        self._client.publish(STATUS_TOPIC, b"online", qos=1, retain=True)
+        self._client.publish(SERVER_STATUS, b"online", qos=1, retain=True)
         log.info("serving on %s (shared subscription group %s)", self.address.url, self.share_group)
 
     def stop(self) -> None:
         """Finish the batch in hand, mark the server offline and disconnect."""
         self._stop.set()
         self._worker.join(timeout=10)
-        info = self._client.publish(STATUS_TOPIC, b"offline", qos=1, retain=True)
+        info = self._client.publish(SERVER_STATUS, b"offline", qos=1, retain=True)
         info.wait_for_publish(timeout=2)
         self._client.disconnect()
         self._client.loop_stop()
@@ -165,11 +164,17 @@ class CacheServer:
             self._check_envelope(request, device=device, topic_kind=kind.value)
             reply = self.service.handle(request)
         except ProtocolError as exc:
-            reply = ErrorReply(device=device, cid=_cid_of(item.payload), code=exc.code, message=exc.detail, request=kind.value)
+            reply = ErrorReply(
+                device=device, cid=_cid_of(item.payload), code=exc.code, message=exc.detail, request=kind.value
+            )
         except Exception:
             log.exception("internal error on %s from %s", kind.value, device)
             reply = ErrorReply(
-                device=device, cid=_cid_of(item.payload), code=ErrorCode.INTERNAL, message="internal error", request=kind.value
+                device=device,
+                cid=_cid_of(item.payload),
+                code=ErrorCode.INTERNAL,
+                message="internal error",
+                request=kind.value,
             )
         outcome = reply.code.value if isinstance(reply, ErrorReply) else "ok"
         if isinstance(reply, ErrorReply):
@@ -183,7 +188,9 @@ class CacheServer:
         if not isinstance(request, Request):
             raise ProtocolError(ErrorCode.BAD_SCHEMA, f"'{request.kind.value}' is a reply kind, not a request")
         if request.device != device:
-            raise ProtocolError(ErrorCode.DEVICE_MISMATCH, f"payload device '{request.device}' published on {device}'s topic")
+            raise ProtocolError(
+                ErrorCode.DEVICE_MISMATCH, f"payload device '{request.device}' published on {device}'s topic"
+            )
         if request.kind.value != topic_kind:
             raise ProtocolError(ErrorCode.BAD_SCHEMA, f"payload kind '{request.kind.value}' on a '{topic_kind}' topic")
 

@@ -116,7 +116,7 @@ class StateStore(ABC):
 
     @abstractmethod
     def load(self) -> StoredState:
-        """Everything committed so far."""
+        """Everything committed so far; refused while writes are staged, as SQLite would show those too."""
 
     @abstractmethod
     def close(self) -> None:
@@ -206,6 +206,8 @@ class MemoryStore(StateStore):
         self._discard_staged()
 
     def load(self) -> StoredState:
+        if self._staged_devices or self._staged_samples or self._staged_knowledge:
+            raise RuntimeError("load() with staged writes: commit() or close() first")
         devices = tuple(self._devices[index] for index in sorted(self._devices))
         if not self._samples:
             rows, logits, versions = self._knowledge
@@ -264,6 +266,7 @@ class SqliteStore(StateStore):
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._closed = False
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         self._conn.execute("PRAGMA journal_mode = WAL")
@@ -336,6 +339,8 @@ class SqliteStore(StateStore):
             self._conn.execute("COMMIT")
 
     def load(self) -> StoredState:
+        if self._conn.in_transaction:
+            raise RuntimeError("load() with staged writes: commit() or close() first")
         devices = tuple(
             DeviceRecord(
                 index=idx,
@@ -374,6 +379,9 @@ class SqliteStore(StateStore):
         return state
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
         self._conn.close()

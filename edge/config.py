@@ -136,4 +136,12 @@ def _toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-__all__ = ["DataConfig", "DeviceConfig", "HashConfig", "TrainConfig", "config_from_dict", "config_to_toml", "load_config"]
+__all__ = [
+    "DataConfig",
+    "DeviceConfig",
+    "HashConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_toml",
+    "load_config",
+]

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,21 +175,23 @@ def _load_fashion_mnist() -> Dataset:
         key.update(f"{path.resolve()} {stat.st_size} {stat.st_mtime_ns}".encode())
     target = cache_dir() / "fashion-mnist" / key.hexdigest()[:16]
     files = {k: target / f"{k}.npy" for k in paths}
-    if not all(f.is_file() for f in files.values()):
-        target.mkdir(parents=True, exist_ok=True)
-        with _file_lock(target / ".lock"):
-            if not all(f.is_file() for f in files.values()):
-                for k, path in paths.items():
-                    array = read_idx(path, expected_magic=_FASHION_FILES[k][1])
-                    if k.startswith("x"):
-                        array = _normalise(array[:, None, :, :], "fashion-mnist", 255.0)
-                    else:
-                        array = array.astype(np.int64)
-                    _atomic_save(files[k], array)
-    arrays = {k: np.asarray(np.load(f, mmap_mode="r")) for k, f in files.items()}
-    if arrays["x_train"].shape[0] != arrays["y_train"].shape[0] or arrays["x_test"].shape[0] != arrays[
-        "y_test"
-    ].shape[0]:
+    try:
+        if not all(f.is_file() for f in files.values()):
+            target.mkdir(parents=True, exist_ok=True)
+            with _file_lock(target / ".lock"):
+                if not all(f.is_file() for f in files.values()):
+                    for k, path in paths.items():
+                        _atomic_save(files[k], _decode_fashion(k, path))
+        arrays = {k: np.asarray(np.load(f, mmap_mode="r")) for k, f in files.items()}
+    except OSError as exc:  # read-only or full cache dir: decode into memory instead of failing
+        warnings.warn(f"FashionMNIST cache {target} unusable ({exc}); decoding in memory", stacklevel=2)
+        arrays = {k: _decode_fashion(k, path) for k, path in paths.items()}
+        for array in arrays.values():
+            array.flags.writeable = False  # read-only like the memory-mapped cache
+    if (
+        arrays["x_train"].shape[0] != arrays["y_train"].shape[0]
+        or arrays["x_test"].shape[0] != arrays["y_test"].shape[0]
+    ):
         raise IdxFormatError(f"FashionMNIST image and label counts differ in {source}")
     return Dataset(
         name="fashion-mnist",
@@ -198,12 +201,21 @@ def _load_fashion_mnist() -> Dataset:
     )
 
 
+def _decode_fashion(key: str, path: Path) -> np.ndarray:
+    """One FashionMNIST IDX file as the array `Dataset` holds: normalised float32 images or int64 labels."""
+    array = read_idx(path, expected_magic=_FASHION_FILES[key][1])
+    if key.startswith("x"):
+        return _normalise(array[:, None, :, :], "fashion-mnist", 255.0)
+    return array.astype(np.int64)
+
+
 def _atomic_save(path: Path, array: np.ndarray) -> None:
     """Write via a temp file in the same directory and rename, so a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, array)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -332,9 +344,7 @@ def device_shard(dataset: Dataset, *, num_devices: int, alpha: float, seed: int,
     """
     if not 0 <= index < num_devices:
         raise ValueError(f"index {index} outside [0, {num_devices})")
-    train_parts, proportions = dirichlet_proportions(
-        dataset.y_train, num_devices=num_devices, alpha=alpha, seed=seed
-    )
+    train_parts, proportions = dirichlet_proportions(dataset.y_train, num_devices=num_devices, alpha=alpha, seed=seed)
     test_parts = split_like(dataset.y_test, proportions, seed=seed)
     train_idx = np.sort(train_parts[index])
     test_idx = test_parts[index]

@@ -61,7 +61,10 @@ class DeviceRuntime:
         )
         torch.manual_seed(config.train.seed * 1000 + config.data.index)
         model = build_model(
-            config.train.arch, classes=self.classes, in_channels=self.input_shape[0], seed=config.train.seed + config.data.index
+            config.train.arch,
+            classes=self.classes,
+            in_channels=self.input_shape[0],
+            seed=config.train.seed + config.data.index,
         )
         self.trainer = TorchTrainer(
             model=model,
@@ -97,7 +100,7 @@ class DeviceRuntime:
     def _hashes(self) -> tuple[np.ndarray, HashEncoder]:
         cfg = self.config.hash
         path = Path(cfg.encoder) if cfg.encoder else self._default_encoder_path()
-        encoder = HashEncoder(path, kind=cfg.kind)
+        encoder = HashEncoder(path, hash_kind=cfg.kind)
         return encoder.encode(self.shard.x_train), encoder
 
     def _default_encoder_path(self) -> Path:
@@ -142,7 +145,9 @@ class DeviceRuntime:
         for start in range(0, samples, REGISTER_CHUNK):
             ids = np.arange(start, min(start + REGISTER_CHUNK, samples), dtype=np.uint32)
             reply = self.link.call(
-                Register(device=self.config.id, cid=self.link.new_cid(), ids=ids, labels=labels[ids], hashes=hashes[ids]),
+                Register(
+                    device=self.config.id, cid=self.link.new_cid(), ids=ids, labels=labels[ids], hashes=hashes[ids]
+                ),
                 timeout=self.config.reply_timeout_s,
             )
             if not isinstance(reply, RegisterAck):
@@ -235,9 +240,14 @@ class DeviceRuntime:
             if self.fedcache:
                 self.outbox.put(batch, logits)
                 self._exchange(position + 1)
-            last_of_epoch = position + 1 == len(self.schedule) or self.schedule.epoch_of[position + 1] != self.schedule.epoch_of[position]
+            last_of_epoch = (
+                position + 1 == len(self.schedule)
+                or self.schedule.epoch_of[position + 1] != self.schedule.epoch_of[position]
+            )
             epoch = self.schedule.epoch_of[position] + 1
-            if last_of_epoch and (epoch % self.config.train.eval_every_epochs == 0 or position + 1 == len(self.schedule)):
+            if last_of_epoch and (
+                epoch % self.config.train.eval_every_epochs == 0 or position + 1 == len(self.schedule)
+            ):
                 if position + 1 == len(self.schedule) and self.fedcache:
                     self._flush()
                 metrics = self._report(epoch=epoch, step=position + 1, done=position + 1 == len(self.schedule))

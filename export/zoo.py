@@ -1,4 +1,4 @@
-"""The model zoo of heterogeneous device models: CIFAR-style ResNet-8/16/20, a small CNN and a MobileNetV3-small-like net.
+"""The zoo of heterogeneous device models: CIFAR ResNet-8/16/20, a small CNN and a MobileNetV3-small-like net.
 
 FedCache lets every device train its own architecture; all nets here take (N, C, H, W) images of any size
 >= 8x8 (global average pooling, no fixed flatten size) and use only ops that torch.export and the ONNX

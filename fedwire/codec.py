@@ -7,7 +7,6 @@ layout is specified in docs/protocol.md.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -15,8 +14,8 @@ import msgpack
 import numpy as np
 
 from fedwire.constants import (
+    DEVICE_ID_PATTERN,
     MAX_CLASSES,
-    MAX_DEVICE_ID_LEN,
     MAX_HASH_BYTES,
     MAX_IDS_PER_MESSAGE,
     MAX_MODEL_NAME_LEN,
@@ -41,9 +40,9 @@ from fedwire.messages import (
     UpdateFetch,
 )
 
-DEVICE_ID_PATTERN = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_DEVICE_ID_LEN}}}$")
 _U32 = np.dtype("<u4")
 _U16 = np.dtype("<u2")
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
 _LOGIT_DTYPES = {
     LogitEncoding.FLOAT32: np.dtype("<f4"),
     LogitEncoding.FLOAT16: np.dtype("<f2"),
@@ -68,6 +67,11 @@ def encode_logits(logits: np.ndarray, encoding: LogitEncoding) -> dict[str, Any]
     matrix = np.asarray(logits, dtype=np.float32)
     if matrix.ndim != 2:
         raise ValueError(f"logits must be 2-D, got shape {matrix.shape}")
+    if not np.all(np.isfinite(matrix)):
+        raise ValueError("logits hold NaN or infinite values")
+    if encoding is LogitEncoding.FLOAT16:
+        # float16 tops out at 65504; beyond it values would arrive as inf and the message be rejected.
+        matrix = np.clip(matrix, -_FLOAT16_MAX, _FLOAT16_MAX)
     packed: dict[str, Any] = {"e": encoding.value, "n": matrix.shape[0], "m": matrix.shape[1]}
     if encoding is LogitEncoding.INT8:
         scales = np.abs(matrix).max(axis=1) / 127.0 if matrix.size else np.zeros(0, np.float32)
@@ -127,10 +131,8 @@ def _field(raw: dict[str, Any], key: str, kind: type, where: str) -> Any:
     if key not in raw:
         raise ProtocolError(ErrorCode.BAD_SCHEMA, f"{where} lacks field '{key}'")
     value = raw[key]
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise ProtocolError(
-            ErrorCode.BAD_SCHEMA, f"{where}.{key} must be {kind.__name__}, got {type(value).__name__}"
-        )
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ProtocolError(ErrorCode.BAD_SCHEMA, f"{where}.{key} must be {kind.__name__}, got {type(value).__name__}")
     return value
 
 
@@ -166,12 +168,20 @@ def encode(message: Message) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
 
 
+def _unsigned(array: np.ndarray, dtype: np.dtype) -> bytes:
+    """Refuse values that would silently wrap around in the narrower wire type."""
+    values = np.asarray(array)
+    if values.size and (values.min() < 0 or values.max() > np.iinfo(dtype).max):
+        raise ValueError(f"values outside the range of {dtype}")
+    return values.astype(dtype).tobytes()
+
+
 def _u32(array: np.ndarray) -> bytes:
-    return np.asarray(array).astype(_U32).tobytes()
+    return _unsigned(array, _U32)
 
 
 def _u16(array: np.ndarray) -> bytes:
-    return np.asarray(array).astype(_U16).tobytes()
+    return _unsigned(array, _U16)
 
 
 _ENCODERS: dict[Kind, Callable[[Any], dict[str, Any]]] = {
@@ -225,12 +235,12 @@ def decode(payload: bytes) -> Message:
     if not isinstance(raw, dict):
         raise ProtocolError(ErrorCode.BAD_SCHEMA, "message must be a msgpack map")
     version = raw.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {version!r}, this side speaks {PROTOCOL_VERSION}")
     kind = _enum(Kind, _field(raw, "k", str, "message"), "message.k")
     device = _field(raw, "d", str, "message")
     if not DEVICE_ID_PATTERN.match(device):
-        raise ProtocolError(ErrorCode.BAD_SCHEMA, "device id must match [A-Za-z0-9_-]{1,64}")
+        raise ProtocolError(ErrorCode.BAD_SCHEMA, "device id must match [A-Za-z0-9][A-Za-z0-9_-]{0,63}")
     cid = _field(raw, "c", int, "message")
     if not 0 <= cid < 2**63:
         raise ProtocolError(ErrorCode.BAD_SCHEMA, "correlation id must be a non-negative 63-bit integer")
@@ -242,7 +252,9 @@ def _decode_hello(raw: dict[str, Any], device: str, cid: int, where: str) -> Hel
     if len(caps) > 64 or not all(isinstance(c, str) and len(c) <= 64 for c in caps):
         raise ProtocolError(ErrorCode.BAD_SCHEMA, f"{where}.caps must be at most 64 short strings")
     hash_kind = _enum(HashKind, _field(raw, "hash_kind", str, where), where + ".hash_kind")
-    hash_dim = _count(raw, "hash_dim", where, MAX_HASH_BYTES * 8)
+    # A register chunk carries at most MAX_HASH_BYTES per sample: 8 bits per byte, or 2 bytes per float16.
+    dim_limit = MAX_HASH_BYTES * 8 if hash_kind is HashKind.BINARY else MAX_HASH_BYTES // 2
+    hash_dim = _count(raw, "hash_dim", where, dim_limit)
     if hash_dim == 0 or (hash_kind is HashKind.BINARY and hash_dim % 8):
         raise ProtocolError(ErrorCode.BAD_SHAPE, f"{where}.hash_dim={hash_dim} is not a positive whole number of bytes")
     classes = _count(raw, "classes", where, MAX_CLASSES)
@@ -305,7 +317,9 @@ def _decode_knowledge(raw: dict[str, Any], device: str, cid: int, where: str) ->
     counts = _bytes_of(raw, "counts", where, _U16, ids.size)
     logits, encoding = _decode_logits(_field(raw, "logits", dict, where), where + ".logits")
     if logits.shape[0] != int(np.count_nonzero(counts)):
-        raise ProtocolError(ErrorCode.BAD_SHAPE, f"{where} has {logits.shape[0]} rows for {np.count_nonzero(counts)} teachers")
+        raise ProtocolError(
+            ErrorCode.BAD_SHAPE, f"{where} has {logits.shape[0]} rows for {np.count_nonzero(counts)} teachers"
+        )
     return Knowledge(
         device=device,
         cid=cid,

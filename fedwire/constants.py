@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 PROTOCOL_VERSION = 1
@@ -14,6 +15,8 @@ MAX_CLASSES = 1000
 MAX_HASH_BYTES = 4096
 MAX_DEVICE_ID_LEN = 64
 MAX_MODEL_NAME_LEN = 64
+# A leading underscore is reserved for the server's own topics (fedcache/v1/_server/status).
+DEVICE_ID_PATTERN = re.compile(rf"\A[A-Za-z0-9][A-Za-z0-9_-]{{0,{MAX_DEVICE_ID_LEN - 1}}}\Z")
 
 DEFAULT_NEIGHBOURS = 16
 DEFAULT_QOS = 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedwire.constants import REQUEST_KINDS, SERVER_SHARE_GROUP, TOPIC_ROOT, Kind
+from fedwire.constants import DEVICE_ID_PATTERN, REQUEST_KINDS, SERVER_SHARE_GROUP, TOPIC_ROOT, Kind
 
 
 def up_topic(device: str, kind: Kind) -> str:
@@ -26,6 +26,8 @@ def server_subscription(group: str = SERVER_SHARE_GROUP) -> str:
 
 
 ALL_METRICS = f"{TOPIC_ROOT}/+/metrics"
+# Retained "online"/"offline" (the latter as the server's MQTT will): clients can wait for the server.
+SERVER_STATUS = f"{TOPIC_ROOT}/_server/status"
 
 
 def parse_up_topic(topic: str) -> tuple[str, Kind] | None:
@@ -34,7 +36,7 @@ def parse_up_topic(topic: str) -> tuple[str, Kind] | None:
     if not topic.startswith(prefix):
         return None
     parts = topic[len(prefix) :].split("/")
-    if len(parts) != 3 or parts[1] != "up":
+    if len(parts) != 3 or parts[1] != "up" or not DEVICE_ID_PATTERN.match(parts[0]):
         return None
     try:
         kind = Kind(parts[2])

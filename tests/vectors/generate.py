@@ -1,17 +1,8 @@
-"""Write the FedCache wire test vectors (`<name>.bin` + `<name>.json`) for clients in other languages.
+"""Write the FedCache wire test vectors (`<name>.bin` + `<name>.json`, format in docs/protocol.md §14)."""
 
-Run `python tests/vectors/generate.py` from the repository root to (re)write every vector; the output
-is deterministic (no random numbers, only exactly rounded float arithmetic), and
-tests/test_protocol.py checks that the committed files equal what this script builds.
-`python tests/vectors/generate.py --annotate NAME` prints a msgpack diagnostic and an annotated hex
-dump of one vector (used for the worked example in docs/protocol.md).
-
-Valid vector JSON: {"name", "description", "kind", "fields", "wire"}. `fields` is the decoded message
-with the attribute names of fedwire.messages (arrays as lists, logits as decoded float32 values, plus
-`logits_shape` / `hashes_shape` so empty matrices keep their width); `wire` is the msgpack map itself
-with every bin value written as {"bin": "<hex>"}. Invalid vector JSON: {"name", "description", "error"}
-where `error` is the ErrorCode value a decoder must reject the bytes with.
-"""
+# Usage, from the repository root: `python tests/vectors/generate.py` rewrites every vector (output is
+# deterministic: no random numbers, only exactly rounded float arithmetic; tests/test_protocol.py checks
+# the committed files equal it); `--annotate NAME` prints a diagnostic and annotated hex dump of one.
 
 from __future__ import annotations
 
@@ -162,8 +153,8 @@ def valid_vectors() -> list[tuple[str, str, Message]]:
         ),
         (
             "knowledge_i8",
-            "knowledge for 2 ids as int8, reply to an update_fetch with applied=2 stale=0",
-            Knowledge("dev-01", 42, _u32([7, 9]), np.asarray([1, 2], np.uint16), _logits(2, 3, 9), I8, 2, 0),
+            "the reply to update_fetch_i8: 3 ids, id 9 without teacher, int8, applied=2 stale=0",
+            Knowledge("dev-01", 42, _u32([7, 9, 12]), np.asarray([16, 0, 3], np.uint16), _logits(2, 3, 9), I8, 2, 0),
         ),
         (
             "knowledge_f32",

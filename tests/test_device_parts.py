@@ -1,0 +1,71 @@
+"""The device's pieces without a broker: the FedCache loss, teacher cache, outbox, batch schedule, config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from edge.config import DeviceConfig, config_to_toml, load_config
+from edge.knowledge import BatchSchedule, Outbox, TeacherCache
+from edge.trainer import LossSettings, fedcache_loss
+
+
+def test_loss_is_ce_plus_scaled_kl_and_mask_removes_the_teacher() -> None:
+    torch.manual_seed(0)
+    student, teacher = torch.randn(8, 10), torch.randn(8, 10)
+    labels = torch.randint(0, 10, (8,))
+    settings = LossSettings(kd_alpha=1.5, temperature=3.0)
+    full = fedcache_loss(student, labels, teacher, torch.ones(8), settings)
+    kl = F.kl_div(F.log_softmax(student / 3, 1), F.softmax(teacher / 3, 1), reduction="batchmean")
+    assert full.item() == pytest.approx((F.cross_entropy(student, labels) + 1.5 * 9 * kl).item(), rel=1e-5)
+    none = fedcache_loss(student, labels, teacher, torch.zeros(8), settings)
+    assert none.item() == pytest.approx(F.cross_entropy(student, labels).item(), rel=1e-6)
+    same = fedcache_loss(student, labels, student.clone(), torch.ones(8), settings)
+    assert same.item() == pytest.approx(F.cross_entropy(student, labels).item(), abs=1e-5)
+
+
+def test_teacher_cache_keeps_only_rows_with_contributors() -> None:
+    cache = TeacherCache(samples=6, classes=3)
+    cache.store(
+        np.array([1, 2, 4], np.uint32), np.array([2, 0, 1], np.uint16), np.array([[1, 2, 3], [4, 5, 6]], np.float32)
+    )
+    logits, mask = cache.lookup(np.array([1, 2, 4]))
+    assert mask.tolist() == [True, False, True]
+    np.testing.assert_array_equal(logits[[0, 2]], [[1, 2, 3], [4, 5, 6]])
+    assert cache.coverage() == pytest.approx(2 / 6)
+
+
+def test_outbox_coalesces_by_sample_and_keeps_the_newest() -> None:
+    box = Outbox(samples=5, classes=2)
+    box.put(np.array([0, 3]), np.array([[1, 1], [2, 2]], np.float32))
+    box.put(np.array([3, 4]), np.array([[9, 9], [5, 5]], np.float32))
+    assert len(box) == 3
+    ids, logits = box.take(10)
+    assert ids.tolist() == [0, 3, 4]
+    np.testing.assert_array_equal(logits[1], [9, 9])
+    assert len(box) == 0
+
+
+def test_schedule_covers_every_sample_once_per_epoch() -> None:
+    schedule = BatchSchedule(samples=21, batch_size=8, epochs=2, seed=3)
+    assert len(schedule) == 6
+    for epoch in range(2):
+        ids = np.concatenate([b for b, e in zip(schedule.batches, schedule.epoch_of, strict=True) if e == epoch])
+        assert sorted(ids.tolist()) == list(range(21))
+    assert schedule.ids_between(0, 100).size == 21  # unique across the epoch boundary
+
+
+def test_config_round_trips_through_toml_and_rejects_typos(tmp_path: Path) -> None:
+    config = DeviceConfig(id="pi-07", broker="mqtt://10.0.0.2:1883")
+    path = tmp_path / "device.toml"
+    path.write_text(config_to_toml(config))
+    assert load_config(path) == config
+    path.write_text(config_to_toml(config).replace("epochs", "epochz"))
+    with pytest.raises(ValueError, match="epochz"):
+        load_config(path)
+    with pytest.raises(ValueError, match="device id"):
+        DeviceConfig(id="bad/id")
