@@ -28,6 +28,9 @@ def _add_trial_options(parser: argparse.ArgumentParser, *, epochs: int, devices:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hash-kind", default="bin", choices=[k.value for k in HashKind])
     parser.add_argument("--hash-dim", type=int, default=256, help="hash bits (bin) or float16 dimensions (f16)")
+    parser.add_argument(
+        "--encoder-kind", default="conv", choices=["conv", "pixel"], help="built-in hash encoder (see docs/encoder.md)"
+    )
     parser.add_argument("--logit-encoding", default="f16", choices=[e.value for e in LogitEncoding])
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
 
@@ -48,6 +51,7 @@ def _settings(args: argparse.Namespace, *, algorithm: str, out: Path) -> TrialSe
         seed=args.seed,
         hash_kind=HashKind(args.hash_kind),
         hash_dim=args.hash_dim,
+        encoder_kind=args.encoder_kind,
         logit_encoding=LogitEncoding(args.logit_encoding),
         timeout_s=args.timeout,
     )

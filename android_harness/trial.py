@@ -43,6 +43,7 @@ class TrialSettings:
     seed: int = 0
     hash_kind: HashKind = HashKind.BINARY
     hash_dim: int = 256
+    encoder_kind: str = "conv"
     logit_encoding: LogitEncoding = LogitEncoding.FLOAT16
     timeout_s: float = 3600.0
     extra_train: dict[str, Any] = field(default_factory=dict)
@@ -128,7 +129,9 @@ def _prepare_shared_artifacts(settings: TrialSettings) -> Path:
 
     dataset = load_dataset(settings.dataset)
     path = settings.out / "encoder.onnx"
-    export_encoder_onnx(path, input_shape=dataset.input_shape, dim=settings.hash_dim, seed=settings.seed)
+    export_encoder_onnx(
+        path, input_shape=dataset.input_shape, dim=settings.hash_dim, seed=settings.seed, kind=settings.encoder_kind
+    )
     return path
 
 

@@ -1,4 +1,4 @@
-"""Device-side knowledge state: the last teacher per local sample and the outbox of fresh logits."""
+"""Device-side knowledge state: the last teacher per local sample and the schedule of batches to prefetch for."""
 
 from __future__ import annotations
 
@@ -27,6 +27,17 @@ class TeacherCache:
             self._has[with_teacher] = True
             self.received += int(with_teacher.size)
 
+    def store_all(self, ids: np.ndarray, logits: np.ndarray) -> None:
+        """Restore teachers kept on disk (every row is a teacher)."""
+        self.store(ids, np.ones(len(ids), np.uint16), logits)
+        self.received = 0
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, logits) of every sample that has a teacher, for saving to disk."""
+        with self._lock:
+            ids = np.flatnonzero(self._has)
+            return ids, self._logits[ids].copy()
+
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(teacher logits, mask) for a batch; rows without a teacher are zero with mask False."""
         with self._lock:
@@ -36,27 +47,6 @@ class TeacherCache:
         """Fraction of local samples that have a teacher."""
         with self._lock:
             return float(self._has.mean()) if self._has.size else 0.0
-
-
-class Outbox:
-    """Fresh logits waiting to be uploaded, coalesced by sample: only the newest matters."""
-
-    def __init__(self, *, samples: int, classes: int) -> None:
-        self._logits = np.zeros((samples, classes), np.float32)
-        self._waiting = np.zeros(samples, bool)
-
-    def put(self, ids: np.ndarray, logits: np.ndarray) -> None:
-        self._logits[ids] = logits
-        self._waiting[ids] = True
-
-    def take(self, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        """Remove and return up to `limit` waiting samples and their logits."""
-        ids = np.flatnonzero(self._waiting)[:limit]
-        self._waiting[ids] = False
-        return ids.astype(np.uint32), self._logits[ids].copy()
-
-    def __len__(self) -> int:
-        return int(self._waiting.sum())
 
 
 class BatchSchedule:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import secrets
 import threading
 import time
@@ -24,18 +25,34 @@ log = logging.getLogger(__name__)
 REGISTRATION_KINDS = frozenset({Kind.HELLO, Kind.REGISTER})
 
 
+RECONNECT_MIN_S = 1.0
+RECONNECT_MAX_S = 30.0
+DEVICE_KEEPALIVE_S = 15
+
+
 @dataclass
 class _Pending:
     kind: Kind
     sent_at: float
+    packet_bytes: int
     future: Future[Reply]
+
+
+@dataclass(frozen=True)
+class Expired:
+    """A request whose reply never came: its cid and what it cost on the wire."""
+
+    cid: int
+    kind: Kind
+    packet_bytes: int
 
 
 class KnowledgeLink:
     """One persistent MQTT session per device.
 
     Replies are matched to requests by correlation id; replies nobody waits for (from before a
-    restart, or after a timeout) are dropped. Every Knowledge reply is also handed to `on_knowledge`.
+    restart, or after a timeout) are dropped. Every matched reply is also handed to `on_reply`
+    with the wire size of its request.
     """
 
     def __init__(
@@ -43,15 +60,19 @@ class KnowledgeLink:
         *,
         device_id: str,
         address: BrokerAddress,
-        on_reply: Callable[[Reply], None] | None = None,
+        on_reply: Callable[[Reply, int], None] | None = None,
     ) -> None:
         self.device_id = device_id
         self.address = address
         self.on_reply = on_reply
         self._client = make_client(client_id=f"fedcache-device-{device_id}")
         self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._jitter_reconnect()
         self._connected = threading.Event()
+        self._offline_since: float | None = time.monotonic()
+        self._offline_total_s = 0.0
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         # A random start keeps correlation ids of a restarted process apart from its previous life's.
@@ -63,13 +84,36 @@ class KnowledgeLink:
 
     # ------------------------------------------------------------ connection
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Connect (persistent session) and wait until the broker accepted us."""
-        connect_persistent(self._client, self.address)
+    def start(self, timeout: float | None = None) -> None:
+        """Connect (persistent session); paho keeps reconnecting with backoff until the broker is reachable.
+
+        With a timeout, wait that long for the first connection; without, return at once (a device
+        that boots offline trains anyway).
+        """
+        connect_persistent(self._client, self.address, keepalive=DEVICE_KEEPALIVE_S, asynchronous=True)
         self._client.loop_start()
-        if not self._connected.wait(timeout):
+        if timeout is not None and not self._connected.wait(timeout):
             self.stop()
             raise TimeoutError(f"no connection to broker {self.address.url} within {timeout} s")
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def offline_seconds(self) -> float:
+        """Total time without a broker connection since start."""
+        with self._lock:
+            current = time.monotonic() - self._offline_since if self._offline_since is not None else 0.0
+            return self._offline_total_s + current
+
+    def _jitter_reconnect(self) -> None:
+        """Exponential backoff with a random start, so devices cut off together do not return in lockstep."""
+        self._client.reconnect_delay_set(
+            min_delay=int(RECONNECT_MIN_S + random.random() * 2), max_delay=int(RECONNECT_MAX_S + random.random() * 10)
+        )
 
     def stop(self) -> None:
         self._client.disconnect()
@@ -80,8 +124,20 @@ class KnowledgeLink:
             log.error("broker refused connection: %s", reason)
             return
         client.subscribe(down_topic(self.device_id), qos=DEFAULT_QOS)
+        with self._lock:
+            if self._offline_since is not None:
+                self._offline_total_s += time.monotonic() - self._offline_since
+                self._offline_since = None
         self._connected.set()
-        log.info("connected to %s", self.address.url)
+        log.info("connected to %s (session present: %s)", self.address.url, getattr(_flags, "session_present", None))
+
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self._connected.clear()
+        with self._lock:
+            if self._offline_since is None:
+                self._offline_since = time.monotonic()
+        self._jitter_reconnect()
+        log.warning("disconnected from broker (%s); training goes on, updates wait in the outbox", reason)
 
     # ------------------------------------------------------------ requests
 
@@ -95,9 +151,12 @@ class KnowledgeLink:
         payload = encode(request)
         topic = up_topic(self.device_id, request.kind)
         future: Future[Reply] = Future()
+        packet_bytes = publish_packet_bytes(topic, len(payload))
         with self._lock:
-            self._pending[request.cid] = _Pending(kind=request.kind, sent_at=time.monotonic(), future=future)
-            self.bytes_up[request.kind.value] += publish_packet_bytes(topic, len(payload))
+            self._pending[request.cid] = _Pending(
+                kind=request.kind, sent_at=time.monotonic(), packet_bytes=packet_bytes, future=future
+            )
+            self.bytes_up[request.kind.value] += packet_bytes
         self._client.publish(topic, payload, qos=DEFAULT_QOS)
         return future
 
@@ -114,14 +173,22 @@ class KnowledgeLink:
         with self._lock:
             return len(self._pending)
 
-    def forget_older_than(self, seconds: float) -> int:
-        """Give up on replies that never came (a server restart may lose an unacknowledged request)."""
+    def forget_older_than(self, seconds: float) -> list[Expired]:
+        """Give up on replies that never came; a reply arriving later is dropped as stale."""
         cutoff = time.monotonic() - seconds
+        expired = []
         with self._lock:
-            stale = [cid for cid, pending in self._pending.items() if pending.sent_at < cutoff]
-            for cid in stale:
-                self._pending.pop(cid).future.cancel()
-        return len(stale)
+            for cid in [cid for cid, pending in self._pending.items() if pending.sent_at < cutoff]:
+                pending = self._pending.pop(cid)
+                pending.future.cancel()
+                expired.append(Expired(cid=cid, kind=pending.kind, packet_bytes=pending.packet_bytes))
+        return expired
+
+    def packet_bytes_of(self, cid: int) -> int:
+        """Wire size of a request still waiting for its reply (0 when unknown)."""
+        with self._lock:
+            pending = self._pending.get(cid)
+            return pending.packet_bytes if pending else 0
 
     def publish_metrics(self, metrics: dict[str, Any]) -> None:
         """Report metrics as JSON on the device's metrics topic (read by trials and dashboards)."""
@@ -137,7 +204,7 @@ class KnowledgeLink:
             return
         with self._lock:
             self.bytes_down[reply.kind.value] += publish_packet_bytes(message.topic, len(message.payload))
-            pending = self._pending.pop(reply.cid, None)
+            pending = self._pending.get(reply.cid)
             if pending is None:
                 self.dropped_replies += 1
             else:
@@ -148,7 +215,9 @@ class KnowledgeLink:
         if reply.kind is Kind.ERROR:
             log.warning("server rejected %s: %s %s", pending.kind, reply.code, reply.message)  # type: ignore[union-attr]
         if self.on_reply is not None:
-            self.on_reply(reply)
+            self.on_reply(reply, pending.packet_bytes)
+        with self._lock:
+            self._pending.pop(reply.cid, None)
         pending.future.set_result(reply)
 
     # ------------------------------------------------------------ accounting

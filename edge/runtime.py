@@ -1,9 +1,17 @@
-"""One device's life: load its shard, register its hashes once, then train asynchronously with prefetched knowledge."""
+"""One device's life: load its shard, register its hashes once, then train asynchronously with prefetched knowledge.
+
+Training never waits for the network: each batch uses the last teacher received for its samples,
+fresh logits go to a durable outbox (coalesced by sample) that is drained only when the server
+acknowledges them, and a checkpoint lets a killed device resume where it was.
+"""
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +21,14 @@ import torch
 from edge.config import DeviceConfig
 from edge.data import Shard, device_shard, load_dataset
 from edge.hashing import HashEncoder
-from edge.knowledge import BatchSchedule, Outbox, TeacherCache
+from edge.knowledge import BatchSchedule, TeacherCache
 from edge.link import KnowledgeLink
+from edge.state import Checkpoint, DeviceState
 from edge.trainer import LossSettings, TorchTrainer
 from export.encoder import export_encoder_onnx
 from export.zoo import build_model
 from fedwire import (
+    ErrorCode,
     ErrorReply,
     Fetch,
     Hello,
@@ -27,20 +37,34 @@ from fedwire import (
     Register,
     RegisterAck,
     Reply,
+    UpdateAck,
     UpdateFetch,
 )
+from fedwire.codec import as_received
 from fedwire.constants import MAX_IDS_PER_MESSAGE
 from fedwire.mqtt import BrokerAddress
 
 log = logging.getLogger(__name__)
 
 REGISTER_CHUNK = 2048
-HELLO_ATTEMPTS = 20
-FLUSH_TIMEOUT_S = 30.0
+HELLO_TIMEOUT_S = 10.0
+FLUSH_TIMEOUT_S = 60.0
+CHECKPOINT_EVERY_BATCHES = 200
+# Errors after which the server evidently lost (or never had) this device's registration.
+REREGISTER_CODES = frozenset({ErrorCode.UNKNOWN_DEVICE, ErrorCode.UNKNOWN_SAMPLE})
 
 
 class RegistrationError(RuntimeError):
     """The server refused this device's hello or registration."""
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """An update the server has not acknowledged yet, as the server will hold it."""
+
+    version: int
+    ids: np.ndarray
+    logits: np.ndarray
 
 
 class DeviceRuntime:
@@ -74,34 +98,73 @@ class DeviceRuntime:
             loss=LossSettings(kd_alpha=config.train.kd_alpha, temperature=config.train.temperature),
         )
         samples = len(self.shard.y_train)
+        self.state = DeviceState(config.state_path, classes=self.classes)
         self.teachers = TeacherCache(samples=samples, classes=self.classes)
-        self.outbox = Outbox(samples=samples, classes=self.classes)
+        self.teachers.store_all(*self.state.load_teachers())
         self.schedule = BatchSchedule(
             samples=samples, batch_size=config.train.batch_size, epochs=config.train.epochs, seed=config.train.seed
         )
+        self.position = 0
+        checkpoint = self.state.load_checkpoint()
+        if checkpoint is not None:
+            self.trainer.load_state_dict(checkpoint.trainer)
+            self.position = checkpoint.position
+            log.info("resuming at batch %d of %d from the checkpoint", self.position, len(self.schedule))
         self.link = KnowledgeLink(
             device_id=config.id, address=BrokerAddress.parse(config.broker), on_reply=self._on_reply
         )
-        self._version = 0
-        self._fetched_upto = 0
-        self._rejections = 0
+        self._replies: queue.SimpleQueue[tuple[Reply, int]] = queue.SimpleQueue()
+        self._in_flight: dict[int, _InFlight] = {}
+        self._fetched_upto = self.position
+        self._registered = threading.Event()
+        self._registration: threading.Thread | None = None
+        self._registration_error: Exception | None = None
+        self._hash_cache: tuple[np.ndarray, HashEncoder] | None = None
+        self.rejections = 0
+        self.wasted_bytes = 0
         self._started = time.monotonic()
 
-    # ------------------------------------------------------------ replies (paho's thread)
+    # ------------------------------------------------------------ replies
 
-    def _on_reply(self, reply: Reply) -> None:
+    def _on_reply(self, reply: Reply, request_bytes: int) -> None:
+        """paho's thread: keep teachers at once; leave durable bookkeeping to the training thread."""
         if isinstance(reply, Knowledge):
             self.teachers.store(reply.ids, reply.counts, reply.logits)
-        elif isinstance(reply, ErrorReply):
-            self._rejections += 1
+        self._replies.put((reply, request_bytes))
+
+    def _settle_replies(self) -> None:
+        """Drain acknowledged updates from the outbox; release what timed out so it is sent again."""
+        while True:
+            try:
+                reply, request_bytes = self._replies.get_nowait()
+            except queue.Empty:
+                break
+            sent = self._in_flight.pop(reply.cid, None)
+            if isinstance(reply, ErrorReply):
+                self.rejections += 1
+                if sent is not None:
+                    self.state.outbox_release(reply.cid)
+                    self.wasted_bytes += request_bytes
+                if reply.code in REREGISTER_CODES:
+                    self._registered.clear()
+            elif sent is not None and isinstance(reply, Knowledge | UpdateAck):
+                self.state.outbox_acknowledged(reply.cid, version=sent.version, sent=(sent.ids, sent.logits))
+                if reply.stale and sent.ids.size:
+                    self.wasted_bytes += request_bytes * reply.stale // sent.ids.size
+        for expired in self.link.forget_older_than(self.config.reply_timeout_s):
+            if self._in_flight.pop(expired.cid, None) is not None:
+                self.state.outbox_release(expired.cid)
+            self.wasted_bytes += expired.packet_bytes
 
     # ------------------------------------------------------------ registration
 
     def _hashes(self) -> tuple[np.ndarray, HashEncoder]:
-        cfg = self.config.hash
-        path = Path(cfg.encoder) if cfg.encoder else self._default_encoder_path()
-        encoder = HashEncoder(path, hash_kind=cfg.kind)
-        return encoder.encode(self.shard.x_train), encoder
+        if self._hash_cache is None:
+            cfg = self.config.hash
+            path = Path(cfg.encoder) if cfg.encoder else self._default_encoder_path()
+            encoder = HashEncoder(path, hash_kind=cfg.kind)
+            self._hash_cache = (encoder.encode(self.shard.x_train), encoder)
+        return self._hash_cache
 
     def _default_encoder_path(self) -> Path:
         """The built-in encoder is deterministic from (shape, dim, seed): every device builds the same file."""
@@ -114,11 +177,11 @@ class DeviceRuntime:
         return path
 
     def register(self) -> None:
-        """Hello, then send any registration chunks the server does not hold yet (idempotent, resumable)."""
+        """Hello until the server answers, then send the chunks it does not hold yet (resumable)."""
         hashes, encoder = self._hashes()
         samples = len(self.shard.y_train)
-        hello = None
-        for attempt in range(HELLO_ATTEMPTS):
+        while True:
+            self.link.wait_connected(timeout=60)
             request = Hello(
                 device=self.config.id,
                 cid=self.link.new_cid(),
@@ -130,72 +193,106 @@ class DeviceRuntime:
                 capabilities=("update_fetch", self.config.train.logit_encoding.value),
             )
             try:
-                hello = self.link.call(request, timeout=min(5.0 * (attempt + 1), self.config.reply_timeout_s))
+                hello = self.link.call(request, timeout=HELLO_TIMEOUT_S)
                 break
             except TimeoutError:
-                log.warning("no hello reply yet (attempt %d); is the server running?", attempt + 1)
-        if hello is None:
-            raise RegistrationError("the server never answered hello")
+                log.warning("no reply to hello yet; is the server running? retrying")
         if not isinstance(hello, HelloAck):
             raise RegistrationError(f"hello rejected: {hello}")
-        if hello.registered >= samples:
-            log.info("server already holds all %d samples; skipping registration", samples)
-            return
         labels = self.shard.y_train.astype(np.uint16)
-        for start in range(0, samples, REGISTER_CHUNK):
+        # Chunks go in id order and each is acknowledged before the next, so the server's count is a prefix.
+        start = min(hello.registered, samples)
+        if start:
+            log.info("server already holds %d of %d samples; resuming registration there", start, samples)
+        while start < samples:
             ids = np.arange(start, min(start + REGISTER_CHUNK, samples), dtype=np.uint32)
-            reply = self.link.call(
-                Register(
-                    device=self.config.id, cid=self.link.new_cid(), ids=ids, labels=labels[ids], hashes=hashes[ids]
-                ),
-                timeout=self.config.reply_timeout_s,
+            request = Register(
+                device=self.config.id, cid=self.link.new_cid(), ids=ids, labels=labels[ids], hashes=hashes[ids]
             )
+            try:
+                reply = self.link.call(request, timeout=self.config.reply_timeout_s)
+            except TimeoutError:
+                log.warning("registration chunk at %d timed out; sending it again", start)
+                continue
             if not isinstance(reply, RegisterAck):
                 raise RegistrationError(f"registration chunk rejected: {reply}")
+            start = int(ids[-1]) + 1
         log.info("registered %d samples (%d hash bytes each)", samples, hashes.shape[1])
+        self._registered.set()
 
-    # ------------------------------------------------------------ training
+    def _register_in_background(self) -> None:
+        try:
+            self.register()
+        except Exception as exc:  # surfaced on the training thread, which stops the device
+            self._registration_error = exc
+
+    def _ensure_registration(self) -> None:
+        """(Re-)register in the background so that training goes on meanwhile (CE only until then)."""
+        if self._registration_error is not None:
+            raise RegistrationError(str(self._registration_error)) from self._registration_error
+        if self._registered.is_set() or (self._registration is not None and self._registration.is_alive()):
+            return
+        self._registration = threading.Thread(target=self._register_in_background, name="registration", daemon=True)
+        self._registration.start()
+
+    # ------------------------------------------------------------ exchange
 
     def _next_version(self) -> int:
-        """Strictly increasing across restarts too: microseconds since the epoch, bumped if the clock stalls."""
-        self._version = max(self._version + 1, time.time_ns() // 1000)
-        return self._version
+        """Strictly increasing across restarts: microseconds since the epoch, never below the last one used."""
+        version = max(self.state.get("version") + 1, time.time_ns() // 1000)
+        self.state.put("version", version)
+        return version
 
     def _exchange(self, next_position: int) -> None:
         """Upload waiting logits and prefetch knowledge for the next batches, without ever waiting."""
         cfg = self.config.train
-        if self.link.outstanding() >= cfg.max_outstanding:
-            self.link.forget_older_than(self.config.reply_timeout_s)
+        self._settle_replies()
+        if not self._registered.is_set():
+            self._ensure_registration()
             return
-        fetch_ids = self.schedule.ids_between(self._fetched_upto, next_position + cfg.prefetch_batches)
-        self._fetched_upto = max(self._fetched_upto, min(next_position + cfg.prefetch_batches, len(self.schedule)))
-        ids, logits = self.outbox.take(MAX_IDS_PER_MESSAGE)
+        if not self.link.connected or self.link.outstanding() >= cfg.max_outstanding:
+            return
+        stop = min(next_position + cfg.prefetch_batches, len(self.schedule))
+        fetch_ids = self.schedule.ids_between(max(self._fetched_upto, next_position), stop)
+        cid = self.link.new_cid()
+        ids, logits = self.state.outbox_take(limit=MAX_IDS_PER_MESSAGE, cid=cid)
         if ids.size:
-            self.link.send(
-                UpdateFetch(
-                    device=self.config.id,
-                    cid=self.link.new_cid(),
-                    ids=ids,
-                    logits=logits,
-                    version=self._next_version(),
-                    fetch_ids=fetch_ids,
-                    encoding=cfg.logit_encoding,
-                )
+            version = self._next_version()
+            request = UpdateFetch(
+                device=self.config.id,
+                cid=cid,
+                ids=ids,
+                logits=logits,
+                version=version,
+                fetch_ids=fetch_ids,
+                encoding=cfg.logit_encoding,
             )
+            self._in_flight[cid] = _InFlight(version=version, ids=ids, logits=as_received(logits, cfg.logit_encoding))
+            self.link.send(request)
         elif fetch_ids.size:
-            self.link.send(
-                Fetch(device=self.config.id, cid=self.link.new_cid(), ids=fetch_ids, encoding=cfg.logit_encoding)
-            )
+            self.link.send(Fetch(device=self.config.id, cid=cid, ids=fetch_ids, encoding=cfg.logit_encoding))
+        self._fetched_upto = max(self._fetched_upto, stop)
 
-    def _flush(self) -> None:
-        """Send what is left in the outbox and wait (bounded) for the server to take it."""
+    def _flush(self) -> bool:
+        """Wait (bounded) until the server acknowledged everything in the outbox; True when it did."""
         deadline = time.monotonic() + FLUSH_TIMEOUT_S
-        while (len(self.outbox) or self.link.outstanding()) and time.monotonic() < deadline:
-            if len(self.outbox) and self.link.outstanding() < self.config.train.max_outstanding:
-                self._exchange(len(self.schedule))
-            time.sleep(0.01)
+        while time.monotonic() < deadline:
+            self._exchange(len(self.schedule))
+            if self.state.outbox_size() == 0 and not self._in_flight:
+                return True
+            time.sleep(0.02)
+        log.warning(
+            "%d updates still unacknowledged; they stay in the outbox for the next run", self.state.outbox_size()
+        )
+        return False
 
-    def _report(self, *, epoch: int, step: int, done: bool) -> dict[str, Any]:
+    # ------------------------------------------------------------ training
+
+    def _checkpoint(self) -> None:
+        self.state.save_checkpoint(Checkpoint(position=self.position, trainer=self.trainer.state_dict()))
+        self.state.save_teachers(*self.teachers.snapshot())
+
+    def _report(self, *, epoch: int, done: bool) -> dict[str, Any]:
         accuracy = self.trainer.accuracy(self.shard.x_test, self.shard.y_test)
         latencies = self.link.latencies_s
         metrics: dict[str, Any] = {
@@ -203,13 +300,17 @@ class DeviceRuntime:
             "algorithm": self.config.train.algorithm,
             "arch": self.config.train.arch,
             "epoch": epoch,
-            "step": step,
+            "step": self.position,
             "accuracy": accuracy,
             "time_s": time.monotonic() - self._started,
+            "wall_time": time.time(),
             "bytes": self.link.byte_totals(),
+            "wasted_bytes": self.wasted_bytes,
+            "offline_s": self.link.offline_seconds(),
+            "outbox": self.state.outbox_size(),
             "teacher_coverage": self.teachers.coverage(),
             "teachers_received": self.teachers.received,
-            "rejections": self._rejections,
+            "rejections": self.rejections,
             "latency_ms_p50": float(np.median(latencies) * 1000) if latencies else None,
             "train_samples": len(self.shard.y_train),
             "test_samples": len(self.shard.y_test),
@@ -217,53 +318,61 @@ class DeviceRuntime:
         }
         self.link.publish_metrics(metrics)
         log.info(
-            "epoch %d accuracy %.4f coverage %.2f up %d down %d",
+            "epoch %d accuracy %.4f coverage %.2f up %d down %d offline %.0fs outbox %d",
             epoch,
             accuracy,
             metrics["teacher_coverage"],
             metrics["bytes"]["up"],
             metrics["bytes"]["down"],
+            metrics["offline_s"],
+            metrics["outbox"],
         )
         return metrics
+
+    def _epoch_ends_at(self, position: int) -> bool:
+        """True when batch `position - 1` was the last of its epoch."""
+        return (
+            position == len(self.schedule) or self.schedule.epoch_of[position] != self.schedule.epoch_of[position - 1]
+        )
 
     def train(self) -> dict[str, Any]:
         """Asynchronous FedCache training: each batch uses whatever teacher has arrived, never waits."""
         x, y = self.shard.x_train, self.shard.y_train
-        metrics = self._report(epoch=0, step=0, done=False)
+        epoch_done = self.schedule.epoch_of[self.position - 1] + 1 if self.position else 0
+        metrics = self._report(epoch=epoch_done, done=self.position == len(self.schedule))
         if self.fedcache:
-            self._exchange(0)
-        for position, batch in enumerate(self.schedule.batches):
+            self._exchange(self.position)
+        while self.position < len(self.schedule):
+            batch = self.schedule.batches[self.position]
             teacher, mask = self.teachers.lookup(batch)
             if not self.fedcache:
                 mask[:] = False
             logits = self.trainer.step(x[batch], y[batch], teacher, mask)
+            self.position += 1
             if self.fedcache:
-                self.outbox.put(batch, logits)
-                self._exchange(position + 1)
-            last_of_epoch = (
-                position + 1 == len(self.schedule)
-                or self.schedule.epoch_of[position + 1] != self.schedule.epoch_of[position]
-            )
-            epoch = self.schedule.epoch_of[position] + 1
-            if last_of_epoch and (
-                epoch % self.config.train.eval_every_epochs == 0 or position + 1 == len(self.schedule)
-            ):
-                if position + 1 == len(self.schedule) and self.fedcache:
+                self.state.outbox_put(batch, logits)
+                self._exchange(self.position)
+            if self.position % CHECKPOINT_EVERY_BATCHES == 0:
+                self._checkpoint()
+            if self._epoch_ends_at(self.position):
+                epoch = self.schedule.epoch_of[self.position - 1] + 1
+                last = self.position == len(self.schedule)
+                if last and self.fedcache:
                     self._flush()
-                metrics = self._report(epoch=epoch, step=position + 1, done=position + 1 == len(self.schedule))
-        if not self.schedule.batches:
-            metrics = self._report(epoch=0, step=0, done=True)
+                self._checkpoint()
+                if epoch % self.config.train.eval_every_epochs == 0 or last:
+                    metrics = self._report(epoch=epoch, done=last)
         return metrics
 
     def run(self) -> dict[str, Any]:
-        """Connect, register (FedCache only), train, report; always closes the link."""
+        """Connect, register (FedCache only), train, report; always closes the link and the state."""
         torch.set_num_threads(1)
         self.link.start()
         try:
             if self.fedcache:
-                self.register()
-            self._started = time.monotonic()
+                self._ensure_registration()
             return self.train()
         finally:
             time.sleep(0.2)  # let the last metrics message leave before disconnecting
             self.link.stop()
+            self.state.close()

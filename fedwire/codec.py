@@ -84,6 +84,11 @@ def encode_logits(logits: np.ndarray, encoding: LogitEncoding) -> dict[str, Any]
     return packed
 
 
+def as_received(logits: np.ndarray, encoding: LogitEncoding) -> np.ndarray:
+    """The float32 values the other side decodes from `logits` sent with `encoding` (what the server stores)."""
+    return _decode_logits(encode_logits(logits, encoding), "logits")[0]
+
+
 def _decode_logits(raw: Any, where: str) -> tuple[np.ndarray, LogitEncoding]:
     if not isinstance(raw, dict):
         raise ProtocolError(ErrorCode.BAD_SCHEMA, f"{where} must be a map")

@@ -71,13 +71,22 @@ def session_properties(session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S) -> Prop
 
 
 def connect_persistent(
-    client: mqtt.Client, address: BrokerAddress, *, session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
+    client: mqtt.Client,
+    address: BrokerAddress,
+    *,
+    session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
+    keepalive: int = KEEPALIVE_S,
+    asynchronous: bool = False,
 ) -> None:
-    """Connect with clean_start=False on every connect, so queued replies survive disconnects and broker restarts."""
-    client.connect(
+    """Connect with clean_start=False on every connect, so queued replies survive disconnects and broker restarts.
+
+    `asynchronous` returns at once and lets paho's loop connect (and keep retrying) in the background.
+    """
+    connect = client.connect_async if asynchronous else client.connect
+    connect(
         address.host,
         address.port,
-        keepalive=KEEPALIVE_S,
+        keepalive=keepalive,
         clean_start=False,
         properties=session_properties(session_expiry_s),
     )

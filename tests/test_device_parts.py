@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from edge.config import DeviceConfig, config_to_toml, load_config
-from edge.knowledge import BatchSchedule, Outbox, TeacherCache
+from edge.knowledge import BatchSchedule, TeacherCache
 from edge.trainer import LossSettings, fedcache_loss
 
 
@@ -37,17 +37,6 @@ def test_teacher_cache_keeps_only_rows_with_contributors() -> None:
     assert mask.tolist() == [True, False, True]
     np.testing.assert_array_equal(logits[[0, 2]], [[1, 2, 3], [4, 5, 6]])
     assert cache.coverage() == pytest.approx(2 / 6)
-
-
-def test_outbox_coalesces_by_sample_and_keeps_the_newest() -> None:
-    box = Outbox(samples=5, classes=2)
-    box.put(np.array([0, 3]), np.array([[1, 1], [2, 2]], np.float32))
-    box.put(np.array([3, 4]), np.array([[9, 9], [5, 5]], np.float32))
-    assert len(box) == 3
-    ids, logits = box.take(10)
-    assert ids.tolist() == [0, 3, 4]
-    np.testing.assert_array_equal(logits[1], [9, 9])
-    assert len(box) == 0
 
 
 def test_schedule_covers_every_sample_once_per_epoch() -> None:
