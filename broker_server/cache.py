@@ -454,7 +454,7 @@ class KnowledgeCache:
 
     def refresh_relations(self, rows: np.ndarray | None = None) -> tuple[int, ...]:
         """Rebuild dirty classes (only those of `rows` when given); returns the classes rebuilt."""
-        if self._relations is None:
+        if self._relations is None or not self._relations.dirty:
             return ()
         labels = self._labels.view
         classes = None if rows is None else np.unique(labels[rows]).tolist()

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 256
 ACTIVE_WINDOW_S = 60.0
+# Gauges scan every sample and device: refresh them on a clock, not after every batch.
+GAUGE_REFRESH_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class CacheServer:
         self._stop = threading.Event()
         self._subscribed = threading.Event()
         self._last_seen: dict[str, float] = {}
+        self._gauges_at = 0.0
         self._client = make_client(client_id=client_id, manual_ack=True, max_inflight=1000)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
@@ -149,7 +152,9 @@ class CacheServer:
                 self.metrics.latency.labels(reply.kind.value).observe(now - item.arrived)
             if item.qos > 0:
                 self._client.ack(item.mid, item.qos)
-        self._refresh_gauges(now)
+        if now - self._gauges_at >= GAUGE_REFRESH_S:
+            self._gauges_at = now
+            self._refresh_gauges(now)
 
     def _handle_one(self, item: _Inbound) -> Reply | None:
         parsed = parse_up_topic(item.topic)

@@ -1,0 +1,61 @@
+"""Behaviour of the benchmarks' measuring functions (no timing): wire byte counts and relation recall."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.__main__ import available
+from bench.relations import drop_self, neighbour_recall, pair_distances
+from bench.wire import packet_bytes, training_messages
+from fedwire import LogitEncoding, encode, up_topic
+from fedwire.constants import Kind
+
+
+def _varint_len(value: int) -> int:
+    length = 1
+    while value >= 128:
+        value //= 128
+        length += 1
+    return length
+
+
+def test_wire_bytes_are_payload_plus_mqtt_publish_header() -> None:
+    """One update_fetch: fixed header + remaining-length varint + topic (2+len) + packet id + empty properties."""
+    update, reply = training_messages(batch=8, classes=10, encoding=LogitEncoding.FLOAT16, combined=True)
+    assert update.kind is Kind.UPDATE_FETCH and reply.kind is Kind.KNOWLEDGE
+    payload = len(encode(update))
+    topic = up_topic(update.device, update.kind).encode()
+    remaining = 2 + len(topic) + 2 + 1 + payload  # topic length prefix, topic, packet id, properties length 0
+    assert packet_bytes(update) == 1 + _varint_len(remaining) + remaining
+    assert remaining >= 128  # the varint takes two bytes here, so the arithmetic above is really exercised
+
+
+def test_recall_is_one_for_exact_and_below_one_for_a_broken_table() -> None:
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, size=(200, 32), dtype=np.uint8)
+    distances = np.bitwise_count(codes[:, None, :] ^ codes[None, :, :]).sum(axis=2)
+    found = np.argsort(distances, axis=1, kind="stable")[:, :17]
+    exact = drop_self(found, 16)
+    assert (exact != np.arange(200)[:, None]).all()
+    exact_dist = pair_distances(codes, exact, "hamming")
+    assert neighbour_recall(exact, exact) == 1.0
+    assert neighbour_recall(exact, exact, found_dist=exact_dist, exact_dist=exact_dist) == 1.0
+
+    broken = exact.copy()
+    broken[:, 8:] = np.roll(exact[:, 8:], 1, axis=0)  # half of every row now belongs to another sample
+    broken[::2, 0] = -1  # and some entries are missing
+    broken_dist = pair_distances(codes, broken, "hamming")
+    assert neighbour_recall(broken, exact) < 1.0
+    assert neighbour_recall(broken, exact, found_dist=broken_dist, exact_dist=exact_dist) < 1.0
+
+
+def test_recall_rejects_mismatched_tables() -> None:
+    with pytest.raises(ValueError):
+        neighbour_recall(np.zeros((3, 2), np.int64), np.zeros((4, 2), np.int64))
+
+
+def test_dispatcher_lists_the_benchmarks_with_a_main() -> None:
+    names = available()
+    assert {"relations", "serving", "wire"} <= set(names)
+    assert all(not name.startswith("_") for name in names)
