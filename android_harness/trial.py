@@ -18,10 +18,12 @@ import paho.mqtt.client as mqtt
 from tqdm import tqdm
 
 import broker_server
+from android_harness.faults import FaultDriver, FaultPlan, check_invariants
+from android_harness.netns import BRIDGE_ADDRESS, NetnsLab, netns_unavailable_reason
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_to_toml
 from fedwire import HashKind, LogitEncoding
 from fedwire.mosquitto import MosquittoBroker
-from fedwire.mqtt import BrokerAddress, make_client
+from fedwire.mqtt import BrokerAddress, connect_persistent, make_client
 from fedwire.topics import ALL_METRICS, SERVER_STATUS, device_of_metrics_topic
 
 log = logging.getLogger(__name__)
@@ -165,8 +167,22 @@ def _stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> No
             process.wait()
 
 
-def run_trial(settings: TrialSettings, *, progress: bool = True) -> dict[str, Any]:
-    """Run a trial end to end and return (and write) its report."""
+def _server_command(settings: TrialSettings, broker: BrokerAddress) -> list[str]:
+    server_main = Path(broker_server.__file__).parent / "main.py"
+    return [
+        sys.executable,
+        str(server_main),
+        "--broker",
+        broker.url,
+        "--data-dir",
+        str(settings.out / "server"),
+        "--metrics-port",
+        "0",
+    ]
+
+
+def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPlan | None = None) -> dict[str, Any]:
+    """Run a trial end to end (optionally under a fault plan) and return (and write) its report."""
     from android_harness.report import build_report, write_report
 
     settings.out.mkdir(parents=True, exist_ok=True)
@@ -175,57 +191,84 @@ def run_trial(settings: TrialSettings, *, progress: bool = True) -> dict[str, An
     encoder = _prepare_shared_artifacts(settings)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     processes: list[subprocess.Popen[bytes]] = []
-    server = None
+    server: list[subprocess.Popen[bytes]] = []
+    lab = None
+    if faults is not None and faults.touches_links:
+        reason = netns_unavailable_reason()
+        if reason is None:
+            lab = NetnsLab(devices=settings.devices).open()
+        else:
+            log.warning("network namespaces unavailable (%s): outages pause device processes instead", reason)
     started = time.monotonic()
-    with MosquittoBroker(data_dir=settings.out / "broker") as broker:
-        try:
-            if settings.algorithm == "fedcache":
-                server_main = Path(broker_server.__file__).parent / "main.py"
-                server = subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(server_main),
-                        "--broker",
-                        broker.address.url,
-                        "--data-dir",
-                        str(settings.out / "server"),
-                        "--metrics-port",
-                        "0",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=open(logs / "server.log", "wb"),  # noqa: SIM115 - the child owns it
-                    env=env,
-                )
-                _wait_for_server(broker.address, server)
-            configs = _device_configs(settings, broker.address, encoder)
-            collector = _Collector(devices=[c.id for c in configs], started=time.monotonic())
-            watcher = make_client(client_id=f"fedcache-trial-{os.getpid()}")
-            watcher.on_message = collector.on_message
-            watcher.on_connect = lambda c, *_: c.subscribe(ALL_METRICS, qos=1)
-            watcher.connect(broker.address.host, broker.address.port)
-            watcher.loop_start()
-            for config in configs:
-                path = Path(config.state_dir) / "device.toml"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(config_to_toml(config))
-                processes.append(
+    extra_binds = (BRIDGE_ADDRESS,) if lab is not None else ()
+    try:
+        with MosquittoBroker(data_dir=settings.out / "broker", extra_binds=extra_binds) as broker:
+
+            def start_server() -> None:
+                server.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "edge", "--config", str(path)],
+                        _server_command(settings, broker.address),
                         stdout=subprocess.DEVNULL,
-                        stderr=open(logs / f"{config.id}.log", "wb"),  # noqa: SIM115 - the child owns it
+                        stderr=open(logs / "server.log", "ab"),  # noqa: SIM115 - the child owns it
                         env=env,
                     )
                 )
-            _follow(settings, collector, processes, progress=progress)
-            watcher.disconnect()
-            watcher.loop_stop()
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-            if server is not None:
-                _stop_process(server)
+                _wait_for_server(broker.address, server[-1])
+
+            def kill_server() -> None:
+                server[-1].kill()
+                server[-1].wait()
+
+            driver = None
+            try:
+                if settings.algorithm == "fedcache":
+                    start_server()
+                device_broker = BrokerAddress(BRIDGE_ADDRESS, broker.port) if lab is not None else broker.address
+                configs = _device_configs(settings, device_broker, encoder)
+                collector = _Collector(devices=[c.id for c in configs], started=time.monotonic())
+                watcher = make_client(client_id=f"fedcache-trial-{os.getpid()}")
+                watcher.on_message = collector.on_message
+                watcher.on_connect = lambda c, *_: c.subscribe(ALL_METRICS, qos=1)
+                connect_persistent(watcher, broker.address, session_expiry_s=600)
+                watcher.loop_start()
+                for index, config in enumerate(configs):
+                    path = Path(config.state_dir) / "device.toml"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(config_to_toml(config))
+                    command = [sys.executable, "-m", "edge", "--config", str(path)]
+                    processes.append(
+                        subprocess.Popen(
+                            lab.command(index, command) if lab is not None else command,
+                            stdout=subprocess.DEVNULL,
+                            stderr=open(logs / f"{config.id}.log", "wb"),  # noqa: SIM115 - the child owns it
+                            env=env,
+                        )
+                    )
+                if faults is not None:
+                    driver = FaultDriver(
+                        plan=faults,
+                        devices=settings.devices,
+                        lab=lab,
+                        kill_server=kill_server,
+                        start_server=start_server,
+                        restart_broker=broker.restart,
+                    )
+                    driver.start()
+                _follow(settings, collector, processes, progress=progress, driver=driver)
+                watcher.disconnect()
+                watcher.loop_stop()
+            finally:
+                if driver is not None:
+                    driver.release_all(processes)
+                for process in processes:
+                    if process.poll() is None:
+                        process.kill()
+                        process.wait()
+                if server:
+                    _stop_process(server[-1])
+    finally:
+        if lab is not None:
+            lab.close()
     report = build_report(
         settings=asdict(settings),
         latest=collector.latest,
@@ -233,19 +276,48 @@ def run_trial(settings: TrialSettings, *, progress: bool = True) -> dict[str, An
         history=collector.history,
         wall_s=time.monotonic() - started,
     )
+    if driver is not None:
+        report["faults"] = driver.describe()
+        report["wasted_bytes"] = sum(m.get("wasted_bytes", 0) for m in collector.latest.values())
+        if settings.algorithm == "fedcache":
+            from edge.data import load_dataset
+
+            report["invariants"] = check_invariants(
+                server_state=settings.out / "server" / "state",
+                device_dirs={c.id: Path(c.state_dir) for c in configs},
+                classes=load_dataset(settings.dataset).classes,
+                latest=collector.latest,
+                curve=collector.curve,
+                fault_times=[e["t"] for e in driver.events if e["t"] is not None],
+                expect_offline_training=faults.offline_fraction > 0,
+            )
     write_report(report, settings.out)
     return report
 
 
 def _follow(
-    settings: TrialSettings, collector: _Collector, processes: list[subprocess.Popen[bytes]], *, progress: bool
+    settings: TrialSettings,
+    collector: _Collector,
+    processes: list[subprocess.Popen[bytes]],
+    *,
+    progress: bool,
+    driver: FaultDriver | None = None,
 ) -> None:
-    """Show progress until every device reports done; fail loudly if a device dies."""
+    """Show progress (and apply faults) until every device reports done; fail loudly if a device dies."""
     total = settings.devices * settings.epochs
     deadline = time.monotonic() + settings.timeout_s
     with tqdm(total=total, desc=f"{settings.algorithm} device-epochs", unit="ep", disable=not progress) as bar:
         while not collector.all_done():
             time.sleep(0.5)
+            if driver is not None:
+                with collector.lock:
+                    final_epoch = [
+                        i for i, d in enumerate(collector.devices)
+                        if collector.latest.get(d, {}).get("epoch", 0) >= settings.epochs - 1
+                    ]  # fmt: skip
+                for index in final_epoch:
+                    driver.exempt(index, processes)
+                driver.tick(time.monotonic() - collector.started, processes)
             done = collector.epochs_done()
             bar.update(done - bar.n)
             with collector.lock:

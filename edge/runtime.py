@@ -122,6 +122,7 @@ class DeviceRuntime:
         self._hash_cache: tuple[np.ndarray, HashEncoder] | None = None
         self.rejections = 0
         self.wasted_bytes = 0
+        self.offline_steps = 0
         self._started = time.monotonic()
 
     # ------------------------------------------------------------ replies
@@ -307,6 +308,7 @@ class DeviceRuntime:
             "bytes": self.link.byte_totals(),
             "wasted_bytes": self.wasted_bytes,
             "offline_s": self.link.offline_seconds(),
+            "offline_steps": self.offline_steps,
             "outbox": self.state.outbox_size(),
             "teacher_coverage": self.teachers.coverage(),
             "teachers_received": self.teachers.received,
@@ -349,6 +351,7 @@ class DeviceRuntime:
                 mask[:] = False
             logits = self.trainer.step(x[batch], y[batch], teacher, mask)
             self.position += 1
+            self.offline_steps += not self.link.connected
             if self.fedcache:
                 self.state.outbox_put(batch, logits)
                 self._exchange(self.position)

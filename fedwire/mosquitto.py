@@ -34,7 +34,9 @@ def mosquitto_binary() -> str:
     raise FileNotFoundError("mosquitto is not installed: run `make setup` (apt-get install -y mosquitto)")
 
 
-def render_config(*, port: int, bind: str, data_dir: Path, persistence: bool) -> str:
+def render_config(
+    *, port: int, bind: str, data_dir: Path, persistence: bool, extra_binds: tuple[str, ...] = ()
+) -> str:
     """mosquitto.conf text.
 
     - set_tcp_nodelay: without it request/reply runs at 12/s instead of ~2000/s.
@@ -43,6 +45,7 @@ def render_config(*, port: int, bind: str, data_dir: Path, persistence: bool) ->
     """
     lines = [
         f"listener {port} {bind}",
+        *(f"listener {port} {address}" for address in extra_binds),
         "allow_anonymous true",
         "set_tcp_nodelay true",
         "max_queued_messages 0",
@@ -64,11 +67,20 @@ def render_config(*, port: int, bind: str, data_dir: Path, persistence: bool) ->
 class MosquittoBroker:
     """A private Mosquitto process; use as a context manager or call start()/stop()."""
 
-    def __init__(self, *, data_dir: Path, port: int | None = None, bind: str = "127.0.0.1", persistence: bool = True):
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        port: int | None = None,
+        bind: str = "127.0.0.1",
+        persistence: bool = True,
+        extra_binds: tuple[str, ...] = (),
+    ):
         self.data_dir = Path(data_dir)
         self.port = port or free_port(bind if bind != "0.0.0.0" else "127.0.0.1")
         self.bind = bind
         self.persistence = persistence
+        self.extra_binds = extra_binds
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -84,7 +96,13 @@ class MosquittoBroker:
         """Write the config, start the broker and wait until it accepts connections."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(
-            render_config(port=self.port, bind=self.bind, data_dir=self.data_dir, persistence=self.persistence)
+            render_config(
+                port=self.port,
+                bind=self.bind,
+                data_dir=self.data_dir,
+                persistence=self.persistence,
+                extra_binds=self.extra_binds,
+            )
         )
         self.process = subprocess.Popen(
             [mosquitto_binary(), "-c", str(self.config_path)],

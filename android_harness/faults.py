@@ -1,0 +1,207 @@
+"""Fault injection for trials (outages, packet loss, server kill -9, broker restarts) and the invariants after."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from android_harness.netns import NetnsLab
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_HORIZON_S = 6 * 3600.0
+RECOVERY_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """What goes wrong during a trial; times are seconds since the devices started."""
+
+    offline_fraction: float = 0.0
+    mean_outage_s: float = 10.0
+    loss: float = 0.0
+    server_kill_at_s: tuple[float, ...] = ()
+    server_down_s: float = 5.0
+    broker_restart_at_s: tuple[float, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.offline_fraction < 1:
+            raise ValueError("offline_fraction must be in [0, 1)")
+        if not 0 <= self.loss < 1:
+            raise ValueError("loss must be in [0, 1)")
+
+    @property
+    def touches_links(self) -> bool:
+        return self.offline_fraction > 0 or self.loss > 0
+
+
+def outage_schedule(*, fraction: float, mean_outage_s: float, rng: np.random.Generator) -> list[tuple[float, float]]:
+    """Random (start, end) outages: exponential lengths whose long-run share of time is `fraction`."""
+    if fraction <= 0:
+        return []
+    mean_online = mean_outage_s * (1 - fraction) / fraction
+    outages, now = [], float(rng.exponential(mean_online))
+    while now < SCHEDULE_HORIZON_S:
+        length = float(rng.exponential(mean_outage_s))
+        outages.append((now, now + length))
+        now += length + float(rng.exponential(mean_online))
+    return outages
+
+
+@dataclass
+class FaultDriver:
+    """Applies a plan as time passes: call `tick(elapsed, ...)` from the trial's follow loop.
+
+    With namespaces a device's link is cut (`ip link set down`); without them (not root) the device
+    process is paused with SIGSTOP instead, which also pauses its training — the report says which.
+    """
+
+    plan: FaultPlan
+    devices: int
+    lab: NetnsLab | None
+    kill_server: Callable[[], None]
+    start_server: Callable[[], None]
+    restart_broker: Callable[[], None]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    _outages: list[list[tuple[float, float]]] = field(default_factory=list)
+    _down: set[int] = field(default_factory=set)
+    _exempt: set[int] = field(default_factory=set)
+    _server_kills: list[float] = field(default_factory=list)
+    _server_back_at: float | None = None
+    _broker_restarts: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        rng = np.random.default_rng(self.plan.seed)
+        self._outages = [
+            outage_schedule(fraction=self.plan.offline_fraction, mean_outage_s=self.plan.mean_outage_s, rng=rng)
+            for _ in range(self.devices)
+        ]
+        self._server_kills = sorted(self.plan.server_kill_at_s)
+        self._broker_restarts = sorted(self.plan.broker_restart_at_s)
+
+    @property
+    def mode(self) -> str:
+        return "netns" if self.lab is not None else "process-pause"
+
+    def start(self) -> None:
+        if self.lab is not None and self.plan.loss > 0:
+            for index in range(self.devices):
+                self.lab.lossy(index, self.plan.loss)
+
+    def exempt(self, index: int, processes: list[subprocess.Popen[bytes]]) -> None:
+        """No more outages for this device (it is in its final epoch, so its final flush can be checked)."""
+        if index not in self._exempt:
+            self._exempt.add(index)
+            if index in self._down:
+                self._set_link(index, up=True, processes=processes, elapsed=None)
+
+    def tick(self, elapsed: float, processes: list[subprocess.Popen[bytes]]) -> None:
+        for index, outages in enumerate(self._outages):
+            offline = index not in self._exempt and any(start <= elapsed < end for start, end in outages)
+            if offline != (index in self._down):
+                self._set_link(index, up=not offline, processes=processes, elapsed=elapsed)
+        if self._server_kills and elapsed >= self._server_kills[0]:
+            self._server_kills.pop(0)
+            self.kill_server()
+            self._server_back_at = elapsed + self.plan.server_down_s
+            self.events.append({"t": elapsed, "event": "server kill -9"})
+        if self._server_back_at is not None and elapsed >= self._server_back_at:
+            self._server_back_at = None
+            self.start_server()
+            self.events.append({"t": elapsed, "event": "server restarted"})
+        if self._broker_restarts and elapsed >= self._broker_restarts[0]:
+            self._broker_restarts.pop(0)
+            self.restart_broker()
+            self.events.append({"t": elapsed, "event": "broker restarted"})
+
+    def _set_link(
+        self, index: int, *, up: bool, processes: list[subprocess.Popen[bytes]], elapsed: float | None
+    ) -> None:
+        if self.lab is not None:
+            (self.lab.restore if up else self.lab.cut)(index)
+        elif processes[index].poll() is None:
+            os.kill(processes[index].pid, signal.SIGCONT if up else signal.SIGSTOP)
+        (self._down.discard if up else self._down.add)(index)
+        self.events.append({"t": elapsed, "event": "link up" if up else "link down", "device": index})
+
+    def release_all(self, processes: list[subprocess.Popen[bytes]]) -> None:
+        for index in list(self._down):
+            self._set_link(index, up=True, processes=processes, elapsed=None)
+        if self.lab is not None and self.plan.loss > 0:
+            for index in range(self.devices):
+                self.lab.clear_loss(index)
+
+    def describe(self) -> dict[str, Any]:
+        planned = [sum(min(e, 1e9) - s for s, e in o if s < 1e9) for o in self._outages]
+        return {
+            "plan": asdict(self.plan),
+            "mode": self.mode,
+            "events": self.events,
+            "devices_with_outages": sum(1 for p in planned if p > 0),
+        }
+
+
+# ---------------------------------------------------------------- invariants
+
+
+def check_invariants(
+    *, server_state: Path, device_dirs: dict[str, Path], classes: int, latest: dict[str, dict[str, Any]],
+    curve: list[list[float]], fault_times: list[float], expect_offline_training: bool,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """What must hold after faults: nothing acknowledged lost, the table equals a replay, training went on."""
+    from broker_server.handlers import CacheService
+    from edge.state import DeviceState
+
+    lost, mismatched, unflushed = 0, 0, []
+    acked_total = 0
+    with CacheService.open(server_state) as service:
+        cache = service.cache
+        for device, directory in device_dirs.items():
+            state = DeviceState(directory, classes=classes)
+            try:
+                ids, versions, logits = state.acked()
+                pending = state.outbox_size()
+            finally:
+                state.close()
+            acked_total += ids.size
+            if pending:
+                unflushed.append(device)
+            if not ids.size:
+                continue
+            rows = cache.rows_of(device, ids.astype(np.uint32))
+            held_versions = cache.versions[rows]
+            lost += int(np.count_nonzero(held_versions < versions))
+            if not pending:
+                same = (held_versions == versions) & np.all(cache.knowledge[rows] == logits, axis=1)
+                mismatched += int(np.count_nonzero(~same))
+                own = cache.rows_of(device, np.arange(int(cache.registered(device)), dtype=np.uint32))
+                mismatched += int(np.count_nonzero(cache.versions[own] >= 0)) - ids.size
+    done = all(m.get("done") for m in latest.values()) and len(latest) == len(device_dirs)
+    offline_steps = {d: m.get("offline_steps", 0) for d, m in latest.items()}
+    before = [maua for t, maua in curve if fault_times and t <= max(fault_times)]
+    final = curve[-1][1] if curve else 0.0
+    best_before = max(before) if before else float("nan")
+    results = {
+        "acknowledged_updates_present": {
+            "ok": lost == 0, "detail": f"{acked_total} acknowledged updates checked, {lost} missing or older"},
+        "table_equals_replay": {
+            "ok": mismatched == 0 and not unflushed,
+            "detail": f"{mismatched} rows differ from each device's newest acknowledged update; "
+            f"devices with unflushed outboxes: {unflushed or 'none'}"},
+        "devices_kept_training": {
+            "ok": done and (not expect_offline_training or any(v > 0 for v in offline_steps.values())),
+            "detail": f"all devices finished: {done}; batches trained while offline: {sum(offline_steps.values())}"},
+        "accuracy_recovered": {
+            "ok": not before or final >= max(before) - RECOVERY_TOLERANCE,
+            "detail": f"final MAUA {final:.4f} vs best before the last fault {best_before:.4f}"},
+    }  # fmt: skip
+    return results

@@ -1,0 +1,39 @@
+"""Fault injection on real processes: outages, server kill -9 and a broker restart; the invariants must hold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from android_harness.faults import FaultPlan, outage_schedule
+from android_harness.netns import netns_unavailable_reason
+from android_harness.trial import TrialSettings, run_trial
+
+
+def test_outage_schedule_has_the_requested_share_of_offline_time() -> None:
+    outages = outage_schedule(fraction=0.3, mean_outage_s=10, rng=np.random.default_rng(0))
+    horizon = outages[-1][1]
+    offline = sum(end - start for start, end in outages)
+    assert offline / horizon == pytest.approx(0.3, abs=0.03)
+    assert all(a[1] <= b[0] for a, b in zip(outages, outages[1:], strict=False))
+
+
+def test_nothing_acknowledged_is_lost_through_outages_server_kill_and_broker_restart(tmp_path: Path) -> None:
+    plan = FaultPlan(
+        offline_fraction=0.3, mean_outage_s=3, server_kill_at_s=(6,), server_down_s=3, broker_restart_at_s=(12,)
+    )
+    settings = TrialSettings(out=tmp_path, dataset="digits", devices=3, epochs=6, timeout_s=400)
+    report = run_trial(settings, progress=False, faults=plan)
+    events = [e["event"] for e in report["faults"]["events"]]
+    assert {"server kill -9", "server restarted", "broker restarted"} <= set(events)
+    assert "link down" in events
+    reason = netns_unavailable_reason()
+    # Without root the harness pauses processes instead of cutting links, and says so.
+    assert report["faults"]["mode"] == ("netns" if reason is None else "process-pause")
+    for name, result in report["invariants"].items():
+        assert result["ok"], f"{name}: {result['detail']}"
+    assert report["maua"] > 0.6
+    assert json.loads((tmp_path / "report.json").read_text())["invariants"] == report["invariants"]
