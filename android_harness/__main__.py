@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from android_harness.faults import FaultPlan
 from android_harness.trial import TrialSettings, run_trial
 from fedwire import HashKind, LogitEncoding
 
@@ -73,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_trial_options(trial, epochs=3, devices=20)
     trial.add_argument("--algorithm", default="fedcache", choices=["fedcache", "local"])
     trial.add_argument("--out", type=Path, required=True, help="directory for report.json, plots and logs")
+    faults = commands.add_parser("faults", help="a trial under injected faults, with invariants checked after")
+    _add_trial_options(faults, epochs=3, devices=20)
+    faults.add_argument("--out", type=Path, required=True)
+    faults.add_argument("--offline", type=float, default=0.3, help="share of time each device is cut off (0-1)")
+    faults.add_argument("--mean-outage", type=float, default=20.0, help="mean outage length in seconds")
+    faults.add_argument("--loss", type=float, default=0.0, help="probability each packet of a device is dropped")
+    faults.add_argument("--server-kill-at", type=float, nargs="*", default=[], help="seconds at which to kill -9")
+    faults.add_argument("--server-down", type=float, default=5.0, help="seconds before the killed server restarts")
+    faults.add_argument("--broker-restart-at", type=float, nargs="*", default=[], help="seconds of broker restarts")
     demo = commands.add_parser("demo", help="FedCache and the local (CE only) baseline on the same split")
     _add_trial_options(demo, epochs=3, devices=20)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -85,6 +95,28 @@ def main(argv: list[str] | None = None) -> int:
         print(_summary_line(report))
         print(f"report: {args.out / 'report.json'}  plot: {args.out / 'accuracy.png'}")
         return 0
+
+    if args.command == "faults":
+        plan = FaultPlan(
+            offline_fraction=args.offline,
+            mean_outage_s=args.mean_outage,
+            loss=args.loss,
+            server_kill_at_s=tuple(args.server_kill_at),
+            server_down_s=args.server_down,
+            broker_restart_at_s=tuple(args.broker_restart_at),
+            seed=args.seed,
+        )
+        report = run_trial(_settings(args, algorithm="fedcache", out=args.out), faults=plan)
+        print(_summary_line(report))
+        print(
+            f"faults: {report['faults']['mode']}, {len(report['faults']['events'])} events, "
+            f"wasted {report['wasted_bytes'] / 1024:.1f} KiB"
+        )
+        failed = 0
+        for name, result in report["invariants"].items():
+            failed += not result["ok"]
+            print(f"  {'PASS' if result['ok'] else 'FAIL'} {name}: {result['detail']}")
+        return 1 if failed else 0
 
     reports = {}
     for algorithm in ("fedcache", "local"):

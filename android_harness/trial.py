@@ -289,7 +289,7 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
                 latest=collector.latest,
                 curve=collector.curve,
                 fault_times=[e["t"] for e in driver.events if e["t"] is not None],
-                expect_offline_training=faults.offline_fraction > 0,
+                expect_offline_training=faults.offline_fraction > 0 and driver.mode == "netns",
             )
     write_report(report, settings.out)
     return report

@@ -10,7 +10,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,6 +165,9 @@ class KnowledgeLink:
         future = self.send(request)
         try:
             return future.result(timeout=timeout)
+        except CancelledError:
+            # Another thread gave up on it (forget_older_than): to the caller that is a timeout.
+            raise TimeoutError(f"{request.kind.value} {request.cid} expired without a reply") from None
         finally:
             with self._lock:
                 self._pending.pop(request.cid, None)

@@ -230,7 +230,7 @@ class DeviceRuntime:
     def _ensure_registration(self) -> None:
         """(Re-)register in the background so that training goes on meanwhile (CE only until then)."""
         if self._registration_error is not None:
-            raise RegistrationError(str(self._registration_error)) from self._registration_error
+            raise RegistrationError(repr(self._registration_error)) from self._registration_error
         if self._registered.is_set() or (self._registration is not None and self._registration.is_alive()):
             return
         self._registration = threading.Thread(target=self._register_in_background, name="registration", daemon=True)
