@@ -107,7 +107,7 @@ class DeviceRuntime:
         self.position = 0
         checkpoint = self.state.load_checkpoint()
         if checkpoint is not None:
-            self.trainer.load_state_dict(checkpoint.trainer)
+            self.trainer.restore_checkpoint_state(checkpoint.trainer)
             self.position = checkpoint.position
             log.info("resuming at batch %d of %d from the checkpoint", self.position, len(self.schedule))
         self.link = KnowledgeLink(
@@ -218,7 +218,8 @@ class DeviceRuntime:
             if not isinstance(reply, RegisterAck):
                 raise RegistrationError(f"registration chunk rejected: {reply}")
             start = int(ids[-1]) + 1
-        log.info("registered %d samples (%d hash bytes each)", samples, hashes.shape[1])
+        if hello.registered < samples:
+            log.info("registered %d samples (%d hash bytes each)", samples, hashes.shape[1])
         self._registered.set()
 
     def _register_in_background(self) -> None:
@@ -290,7 +291,7 @@ class DeviceRuntime:
     # ------------------------------------------------------------ training
 
     def _checkpoint(self) -> None:
-        self.state.save_checkpoint(Checkpoint(position=self.position, trainer=self.trainer.state_dict()))
+        self.state.save_checkpoint(Checkpoint(position=self.position, trainer=self.trainer.checkpoint_state()))
         self.state.save_teachers(*self.teachers.snapshot())
 
     def _report(self, *, epoch: int, done: bool) -> dict[str, Any]:

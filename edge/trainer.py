@@ -57,11 +57,11 @@ class TorchTrainer:
         self.loss_settings = loss
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
-    def state_dict(self) -> dict[str, Any]:
+    def checkpoint_state(self) -> dict[str, Any]:
         """Weights and optimiser state, for checkpoints a restarted device resumes from."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def restore_checkpoint_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
