@@ -34,7 +34,7 @@ def _start(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "edge", "--config", str(config_path)],
         stdout=subprocess.DEVNULL,
-        stderr=open(log, "ab"),  # noqa: SIM115 - the child owns it
+        stderr=open(log, "ab"),
         env=env,
     )
 
