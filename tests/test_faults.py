@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ def test_outage_schedule_has_the_requested_share_of_offline_time() -> None:
     horizon = outages[-1][1]
     offline = sum(end - start for start, end in outages)
     assert offline / horizon == pytest.approx(0.3, abs=0.03)
-    assert all(a[1] <= b[0] for a, b in zip(outages, outages[1:], strict=False))
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(outages))
 
 
 def test_nothing_acknowledged_is_lost_through_outages_server_kill_and_broker_restart(tmp_path: Path) -> None:
