@@ -50,6 +50,7 @@ REGISTER_CHUNK = 2048
 HELLO_TIMEOUT_S = 10.0
 FLUSH_TIMEOUT_S = 60.0
 CHECKPOINT_EVERY_BATCHES = 200
+REGISTRATION_HEAD_START_S = 120.0
 # Errors after which the server evidently lost (or never had) this device's registration.
 REREGISTER_CODES = frozenset({ErrorCode.UNKNOWN_DEVICE, ErrorCode.UNKNOWN_SAMPLE})
 
@@ -375,6 +376,10 @@ class DeviceRuntime:
         try:
             if self.fedcache:
                 self._ensure_registration()
+                # Knowledge needs a registration: give it a bounded head start, then train regardless
+                # (a device that boots offline trains with CE and registers when the link returns).
+                if not self._registered.wait(REGISTRATION_HEAD_START_S):
+                    log.warning("not registered after %.0f s; training with CE until it is", REGISTRATION_HEAD_START_S)
             return self.train()
         finally:
             time.sleep(0.2)  # let the last metrics message leave before disconnecting
