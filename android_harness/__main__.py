@@ -25,6 +25,11 @@ def _add_trial_options(parser: argparse.ArgumentParser, *, epochs: int, devices:
         help="comma-separated zoo architectures assigned to devices round-robin (heterogeneous when several): "
         + ", ".join(ARCH_CHOICES),
     )
+    parser.add_argument(
+        "--backends",
+        default="torch",
+        help="comma-separated training backends assigned round-robin: torch, executorch (the .pte program)",
+    )
     parser.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of the non-IID split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hash-kind", default="bin", choices=[k.value for k in HashKind])
@@ -41,8 +46,12 @@ def _settings(args: argparse.Namespace, *, algorithm: str, out: Path) -> TrialSe
     unknown = [a for a in archs if a not in ARCH_CHOICES]
     if unknown:
         raise SystemExit(f"unknown architectures {unknown}; choose from {ARCH_CHOICES}")
+    backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
+    if not set(backends) <= {"torch", "executorch"}:
+        raise SystemExit(f"unknown backends in {backends}; choose torch, executorch")
     return TrialSettings(
         out=out,
+        backends=backends,
         dataset=args.dataset,
         devices=args.devices,
         epochs=args.epochs,

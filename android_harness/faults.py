@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from android_harness.netns import NetnsLab
+from edge.state import Progress
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +25,13 @@ RECOVERY_TOLERANCE = 0.02
 
 @dataclass(frozen=True)
 class FaultPlan:
-    """What goes wrong during a trial; times are seconds since the devices started."""
+    """What goes wrong during a trial; times are seconds since every device began training (registered and
+    reported its first metrics), so a plan means the same on a fast machine and a loaded one."""
 
     offline_fraction: float = 0.0
     mean_outage_s: float = 10.0
+    # Scheduled outages on top of the random ones: (device index, start s, length s).
+    outages: tuple[tuple[int, float, float], ...] = ()
     loss: float = 0.0
     server_kill_at_s: tuple[float, ...] = ()
     server_down_s: float = 5.0
@@ -41,7 +46,7 @@ class FaultPlan:
 
     @property
     def touches_links(self) -> bool:
-        return self.offline_fraction > 0 or self.loss > 0
+        return self.offline_fraction > 0 or self.loss > 0 or bool(self.outages)
 
 
 def outage_schedule(*, fraction: float, mean_outage_s: float, rng: np.random.Generator) -> list[tuple[float, float]]:
@@ -71,13 +76,17 @@ class FaultDriver:
     kill_server: Callable[[], None]
     start_server: Callable[[], None]
     restart_broker: Callable[[], None]
+    progress_of: Callable[[int], Progress | None] = lambda _index: None
     events: list[dict[str, Any]] = field(default_factory=list)
+    outages_seen: list[dict[str, Any]] = field(default_factory=list)
+    _open_outage: dict[int, dict[str, Any]] = field(default_factory=dict)
     _outages: list[list[tuple[float, float]]] = field(default_factory=list)
     _down: set[int] = field(default_factory=set)
     _exempt: set[int] = field(default_factory=set)
     _server_kills: list[float] = field(default_factory=list)
     _server_back_at: float | None = None
     _broker_restarts: list[float] = field(default_factory=list)
+    _origin: float | None = None
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.plan.seed)
@@ -85,6 +94,10 @@ class FaultDriver:
             outage_schedule(fraction=self.plan.offline_fraction, mean_outage_s=self.plan.mean_outage_s, rng=rng)
             for _ in range(self.devices)
         ]
+        for index, start, length in self.plan.outages:
+            if not 0 <= index < self.devices:
+                raise ValueError(f"scheduled outage for device {index}, but the trial has {self.devices} devices")
+            self._outages[index] = sorted([*self._outages[index], (start, start + length)])
         self._server_kills = sorted(self.plan.server_kill_at_s)
         self._broker_restarts = sorted(self.plan.broker_restart_at_s)
 
@@ -104,21 +117,32 @@ class FaultDriver:
             if index in self._down:
                 self._set_link(index, up=True, processes=processes, elapsed=None)
 
+    def begin(self, elapsed: float) -> None:
+        """Start the plan's clock (the trial calls this once every device is training)."""
+        if self._origin is None:
+            self._origin = elapsed
+            self.events.append({"t": elapsed, "event": "fault plan started"})
+
     def tick(self, elapsed: float, processes: list[subprocess.Popen[bytes]]) -> None:
+        """Apply what the plan says for now; `elapsed` is the trial's clock, recorded in the events."""
+        if self._origin is None:
+            return
+        now = elapsed - self._origin
+        self._note_progress_after_cuts()
         for index, outages in enumerate(self._outages):
-            offline = index not in self._exempt and any(start <= elapsed < end for start, end in outages)
+            offline = index not in self._exempt and any(start <= now < end for start, end in outages)
             if offline != (index in self._down):
                 self._set_link(index, up=not offline, processes=processes, elapsed=elapsed)
-        if self._server_kills and elapsed >= self._server_kills[0]:
+        if self._server_kills and now >= self._server_kills[0]:
             self._server_kills.pop(0)
             self.kill_server()
-            self._server_back_at = elapsed + self.plan.server_down_s
+            self._server_back_at = now + self.plan.server_down_s
             self.events.append({"t": elapsed, "event": "server kill -9"})
-        if self._server_back_at is not None and elapsed >= self._server_back_at:
+        if self._server_back_at is not None and now >= self._server_back_at:
             self._server_back_at = None
             self.start_server()
             self.events.append({"t": elapsed, "event": "server restarted"})
-        if self._broker_restarts and elapsed >= self._broker_restarts[0]:
+        if self._broker_restarts and now >= self._broker_restarts[0]:
             self._broker_restarts.pop(0)
             self.restart_broker()
             self.events.append({"t": elapsed, "event": "broker restarted"})
@@ -132,6 +156,32 @@ class FaultDriver:
             os.kill(processes[index].pid, signal.SIGCONT if up else signal.SIGSTOP)
         (self._down.discard if up else self._down.add)(index)
         self.events.append({"t": elapsed, "event": "link up" if up else "link down", "device": index})
+        if up:
+            self._close_outage(index)
+        else:
+            self._open_outage[index] = {"device": index, "start": time.time(), "position_after_cut": None}
+
+    def _note_progress_after_cuts(self) -> None:
+        for index, outage in self._open_outage.items():
+            self._note_first_progress_after_cut(index, outage)
+
+    def _note_first_progress_after_cut(self, index: int, outage: dict[str, Any]) -> None:
+        """The first position the device wrote after its link was cut: no step before the cut is counted."""
+        if outage["position_after_cut"] is None:
+            seen = self.progress_of(index)
+            if seen is not None and seen.wall_time >= outage["start"]:
+                outage["position_after_cut"] = seen.position
+
+    def _close_outage(self, index: int) -> None:
+        """Steps the device trained between the cut and now, read from its progress beacon (no network needed)."""
+        outage = self._open_outage.pop(index, None)
+        if outage is None:
+            return
+        self._note_first_progress_after_cut(index, outage)
+        seen = self.progress_of(index)
+        after_cut = outage.pop("position_after_cut")
+        steps = seen.position - after_cut if seen is not None and after_cut is not None else 0
+        self.outages_seen.append({**outage, "end": time.time(), "steps_trained": steps})
 
     def release_all(self, processes: list[subprocess.Popen[bytes]]) -> None:
         for index in list(self._down):
@@ -147,6 +197,7 @@ class FaultDriver:
             "mode": self.mode,
             "events": self.events,
             "devices_with_outages": sum(1 for p in planned if p > 0),
+            "outages": self.outages_seen,
         }
 
 
@@ -156,6 +207,7 @@ class FaultDriver:
 def check_invariants(
     *, server_state: Path, device_dirs: dict[str, Path], classes: int, latest: dict[str, dict[str, Any]],
     curve: list[list[float]], fault_times: list[float], expect_offline_training: bool,
+    outages: list[dict[str, Any]],
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """What must hold after faults: nothing acknowledged lost, the table equals a replay, training went on."""
     from broker_server.handlers import CacheService
@@ -186,7 +238,9 @@ def check_invariants(
                 own = cache.rows_of(device, np.arange(int(cache.registered(device)), dtype=np.uint32))
                 mismatched += int(np.count_nonzero(cache.versions[own] >= 0)) - ids.size
     done = all(m.get("done") for m in latest.values()) and len(latest) == len(device_dirs)
-    offline_steps = {d: m.get("offline_steps", 0) for d, m in latest.items()}
+    # Measured from outside: steps each device wrote to its progress beacon while its link was cut.
+    steps_while_cut = sum(o["steps_trained"] for o in outages)
+    outages_with_training = sum(1 for o in outages if o["steps_trained"] > 0)
     before = [maua for t, maua in curve if fault_times and t <= max(fault_times)]
     final = curve[-1][1] if curve else 0.0
     best_before = max(before) if before else float("nan")
@@ -198,8 +252,9 @@ def check_invariants(
             "detail": f"{mismatched} rows differ from each device's newest acknowledged update; "
             f"devices with unflushed outboxes: {unflushed or 'none'}"},
         "devices_kept_training": {
-            "ok": done and (not expect_offline_training or any(v > 0 for v in offline_steps.values())),
-            "detail": f"all devices finished: {done}; batches trained while offline: {sum(offline_steps.values())}"},
+            "ok": done and (not expect_offline_training or steps_while_cut > 0),
+            "detail": f"all devices finished: {done}; batches trained while links were cut: {steps_while_cut} "
+            f"({outages_with_training} of {len(outages)} outages saw training)"},
         "accuracy_recovered": {
             "ok": not before or final >= max(before) - RECOVERY_TOLERANCE,
             "detail": f"final MAUA {final:.4f} vs best before the last fault {best_before:.4f}"},

@@ -21,6 +21,7 @@ import broker_server
 from android_harness.faults import FaultDriver, FaultPlan, check_invariants
 from android_harness.netns import BRIDGE_ADDRESS, NetnsLab, netns_unavailable_reason
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_to_toml
+from edge.state import read_progress
 from fedwire import HashKind, LogitEncoding
 from fedwire.mosquitto import MosquittoBroker
 from fedwire.mqtt import BrokerAddress, connect_persistent, make_client
@@ -41,6 +42,7 @@ class TrialSettings:
     epochs: int = 3
     algorithm: str = "fedcache"
     archs: tuple[str, ...] = ("cnn",)
+    backends: tuple[str, ...] = ("torch",)
     alpha: float = 1.0
     seed: int = 0
     hash_kind: HashKind = HashKind.BINARY
@@ -98,6 +100,8 @@ def _device_configs(settings: TrialSettings, broker: BrokerAddress, encoder: Pat
         train = TrainConfig(
             algorithm=settings.algorithm,
             arch=settings.archs[index % len(settings.archs)],
+            backend=settings.backends[index % len(settings.backends)],
+            artifacts_dir=str(settings.out / "artifacts"),
             epochs=settings.epochs,
             seed=settings.seed,
             logit_encoding=settings.logit_encoding,
@@ -130,6 +134,20 @@ def _prepare_shared_artifacts(settings: TrialSettings) -> Path:
     from export.encoder import export_encoder_onnx
 
     dataset = load_dataset(settings.dataset)
+    executorch_archs = {
+        settings.archs[i % len(settings.archs)]
+        for i in range(settings.devices)
+        if settings.backends[i % len(settings.backends)] == "executorch"
+    }
+    shape = ",".join(str(d) for d in dataset.input_shape)
+    for arch in sorted(executorch_archs):
+        # One export per architecture, shared by every ExecuTorch device (each would otherwise export its own).
+        subprocess.run(
+            [sys.executable, "-m", "export", "--arch", arch, "--classes", str(dataset.classes), "--input-shape", shape,
+             "--out", str(settings.out / "artifacts")],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
     path = settings.out / "encoder.onnx"
     export_encoder_onnx(
         path, input_shape=dataset.input_shape, dim=settings.hash_dim, seed=settings.seed, kind=settings.encoder_kind
@@ -252,6 +270,7 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
                         kill_server=kill_server,
                         start_server=start_server,
                         restart_broker=broker.restart,
+                        progress_of=lambda index: read_progress(Path(configs[index].state_dir)),
                     )
                     driver.start()
                 _follow(settings, collector, processes, progress=progress, driver=driver)
@@ -288,8 +307,12 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
                 classes=load_dataset(settings.dataset).classes,
                 latest=collector.latest,
                 curve=collector.curve,
-                fault_times=[e["t"] for e in driver.events if e["t"] is not None],
-                expect_offline_training=faults.offline_fraction > 0 and driver.mode == "netns",
+                fault_times=[
+                    e["t"] for e in driver.events if e["t"] is not None and e["event"] != "fault plan started"
+                ],
+                expect_offline_training=(faults.offline_fraction > 0 or bool(faults.outages))
+                and driver.mode == "netns",
+                outages=driver.outages_seen,
             )
     write_report(report, settings.out)
     return report
@@ -315,9 +338,13 @@ def _follow(
                         i for i, d in enumerate(collector.devices)
                         if collector.latest.get(d, {}).get("epoch", 0) >= settings.epochs - 1
                     ]  # fmt: skip
+                    training = len(collector.latest) == settings.devices
                 for index in final_epoch:
                     driver.exempt(index, processes)
-                driver.tick(time.monotonic() - collector.started, processes)
+                elapsed = time.monotonic() - collector.started
+                if training:
+                    driver.begin(elapsed)
+                driver.tick(elapsed, processes)
             done = collector.epochs_done()
             bar.update(done - bar.n)
             with collector.lock:

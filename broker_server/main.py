@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="port of the Prometheus /metrics endpoint on 127.0.0.1 (0 disables it)",
     )
     parser.add_argument("--client-id", default="fedcache-server-0", help="MQTT client id (one per server process)")
+    parser.add_argument(
+        "--keep-session",
+        action="store_true",
+        help="on a clean shutdown keep the MQTT session, so requests queue in the broker until this server (same "
+        "--client-id) is back; by default a stopping server leaves the shared subscription and ends its session, so "
+        "no request is routed to it while it is away (devices resend what goes unanswered)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
     return parser
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("shutting down")
     finally:
         if server is not None:
-            server.stop()
+            server.stop(leave_group=not args.keep_session)
         if service is not None:
             service.close()
         if broker is not None:

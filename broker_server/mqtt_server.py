@@ -17,7 +17,7 @@ from broker_server.metrics import ServerMetrics
 from fedwire import ErrorCode, ErrorReply, ProtocolError, Reply, decode, down_topic, encode, parse_up_topic
 from fedwire.constants import DEFAULT_QOS, SERVER_SHARE_GROUP
 from fedwire.messages import Request
-from fedwire.mqtt import BrokerAddress, connect_persistent, make_client
+from fedwire.mqtt import BrokerAddress, connect_persistent, end_session_properties, make_client
 from fedwire.topics import SERVER_STATUS, server_subscription
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,8 @@ MAX_BATCH = 256
 ACTIVE_WINDOW_S = 60.0
 # Gauges scan every sample and device: refresh them on a clock, not after every batch.
 GAUGE_REFRESH_S = 1.0
+DRAIN_IDLE_S = 0.3  # no request for this long after unsubscribing: everything sent to us has arrived
+DRAIN_LIMIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class CacheServer:
         self._inbox: queue.Queue[_Inbound] = queue.Queue()
         self._stop = threading.Event()
         self._subscribed = threading.Event()
+        self._busy = threading.Event()
         self._last_seen: dict[str, float] = {}
         self._gauges_at = 0.0
         self._client = make_client(client_id=client_id, manual_ack=True, max_inflight=1000)
@@ -93,14 +96,36 @@ class CacheServer:
         self._client.publish(SERVER_STATUS, b"online", qos=1, retain=True)
         log.info("serving on %s (shared subscription group %s)", self.address.url, self.share_group)
 
-    def stop(self) -> None:
-        """Finish the batch in hand, mark the server offline and disconnect."""
+    def stop(self, *, leave_group: bool = True) -> None:
+        """Shut down cleanly; with `leave_group`, first leave the shared subscription for good.
+
+        Mosquitto keeps routing a share group's messages to a member whose persistent session outlives its
+        connection (they queue there until the session expires), so a server that stops for good must
+        unsubscribe, answer what already reached it and end its session; devices resend anything unanswered.
+        `leave_group=False` keeps the session for a planned restart of a sole server under the same client id:
+        requests then queue in the broker until it is back (a kill -9 behaves the same way).
+        """
+        if leave_group:
+            self._client.unsubscribe(server_subscription(self.share_group))
+            self._drain(idle_s=DRAIN_IDLE_S, limit_s=DRAIN_LIMIT_S)
         self._stop.set()
         self._worker.join(timeout=10)
         info = self._client.publish(SERVER_STATUS, b"offline", qos=1, retain=True)
         info.wait_for_publish(timeout=2)
-        self._client.disconnect()
+        self._client.disconnect(properties=end_session_properties() if leave_group else None)
         self._client.loop_stop()
+
+    def _drain(self, *, idle_s: float, limit_s: float) -> None:
+        """Wait until the inbox stayed empty for `idle_s` (the worker answered everything), at most `limit_s`."""
+        deadline = time.monotonic() + limit_s
+        idle_since = time.monotonic()
+        while time.monotonic() < deadline:
+            if not self._inbox.empty() or self._busy.is_set():
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= idle_s:
+                return
+            time.sleep(0.02)
+        log.warning("stopping with %d requests unanswered; devices will resend them", self._inbox.qsize())
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
@@ -125,13 +150,17 @@ class CacheServer:
                 first = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
+            self._busy.set()
             batch = [first]
             while len(batch) < MAX_BATCH:
                 try:
                     batch.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            self._process(batch)
+            try:
+                self._process(batch)
+            finally:
+                self._busy.clear()
 
     def _process(self, batch: list[_Inbound]) -> None:
         replies = [self._handle_one(item) for item in batch]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +30,10 @@ class Trainer(Protocol):
     def accuracy(self, x: np.ndarray, y: np.ndarray) -> float: ...
 
     def state_dict(self) -> dict[str, np.ndarray]: ...
+
+    def checkpoint_state(self) -> dict[str, Any]: ...
+
+    def restore_checkpoint_state(self, state: dict[str, Any]) -> None: ...
 
 
 class TorchBackendTrainer(TorchTrainer):

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from edge.backends import BACKENDS
 from fedwire import DEVICE_ID_PATTERN, HashKind, LogitEncoding
 
 ALGORITHMS = ("fedcache", "local")
+EVAL_BACKENDS = ("executorch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class TrainConfig:
 
     algorithm: str = "fedcache"
     arch: str = "cnn"
+    backend: str = "torch"  # torch | executorch (the .pte training program)
+    eval_backend: str = "executorch"  # for executorch devices: executorch | onnxruntime
+    artifacts_dir: str = ""  # where exported programs live; empty: <state_dir>/artifacts
     epochs: int = 5
     batch_size: int = 8
     lr: float = 0.01
@@ -68,6 +73,10 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         if not DEVICE_ID_PATTERN.match(self.id):
             raise ValueError(f"device id {self.id!r} must match [A-Za-z0-9_-]{{1,64}}")
+        if self.train.backend not in BACKENDS:
+            raise ValueError(f"train.backend must be one of {BACKENDS}, got {self.train.backend!r}")
+        if self.train.eval_backend not in EVAL_BACKENDS:
+            raise ValueError(f"train.eval_backend must be one of {EVAL_BACKENDS}, got {self.train.eval_backend!r}")
         if self.train.algorithm not in ALGORITHMS:
             raise ValueError(f"train.algorithm must be one of {ALGORITHMS}, got {self.train.algorithm!r}")
         if not 0 <= self.data.index < self.data.num_devices:

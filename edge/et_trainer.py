@@ -169,6 +169,13 @@ class ExecuTorchTrainer:
                 raise ValueError(f"{name}: shape {tuple(source.shape)} != {tuple(target.shape)}")
             target.copy_(source)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Weights for a resumable checkpoint (ExecuTorch's SGD momentum buffers are not exposed: they restart)."""
+        return {"weights": self.state_dict()}
+
+    def restore_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["weights"])
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """The personalised weights in the zoo's state-dict names (copies), for export or upload."""
         state = {name: tensor.detach().numpy().copy() for name, tensor in self.parameters.items()}

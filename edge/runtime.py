@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge.backends import Trainer, make_trainer
 from edge.config import DeviceConfig
 from edge.data import Shard, device_shard, load_dataset
 from edge.hashing import HashEncoder
 from edge.knowledge import BatchSchedule, TeacherCache
 from edge.link import KnowledgeLink
-from edge.state import Checkpoint, DeviceState
-from edge.trainer import LossSettings, TorchTrainer
+from edge.state import Checkpoint, DeviceState, ProgressBeacon
+from edge.trainer import LossSettings
 from export.encoder import export_encoder_onnx
-from export.zoo import build_model
 from fedwire import (
     ErrorCode,
     ErrorReply,
@@ -85,18 +85,21 @@ class DeviceRuntime:
             index=config.data.index,
         )
         torch.manual_seed(config.train.seed * 1000 + config.data.index)
-        model = build_model(
-            config.train.arch,
+        train = config.train
+        self.trainer: Trainer = make_trainer(
+            backend=train.backend,
+            arch=train.arch,
             classes=self.classes,
             in_channels=self.input_shape[0],
-            seed=config.train.seed + config.data.index,
-        )
-        self.trainer = TorchTrainer(
-            model=model,
-            lr=config.train.lr,
-            momentum=config.train.momentum,
-            weight_decay=config.train.weight_decay,
-            loss=LossSettings(kd_alpha=config.train.kd_alpha, temperature=config.train.temperature),
+            seed=train.seed + config.data.index,
+            lr=train.lr,
+            momentum=train.momentum,
+            weight_decay=train.weight_decay,
+            loss=LossSettings(kd_alpha=train.kd_alpha, temperature=train.temperature),
+            artifacts_dir=Path(train.artifacts_dir) if train.artifacts_dir else config.state_path / "artifacts",
+            input_shape=self.input_shape,
+            batch_size=train.batch_size,
+            eval_backend=train.eval_backend,
         )
         samples = len(self.shard.y_train)
         self.state = DeviceState(config.state_path, classes=self.classes)
@@ -106,6 +109,7 @@ class DeviceRuntime:
             samples=samples, batch_size=config.train.batch_size, epochs=config.train.epochs, seed=config.train.seed
         )
         self.position = 0
+        self.progress = ProgressBeacon(config.state_path)
         checkpoint = self.state.load_checkpoint()
         if checkpoint is not None:
             self.trainer.restore_checkpoint_state(checkpoint.trainer)
@@ -354,6 +358,7 @@ class DeviceRuntime:
             logits = self.trainer.step(x[batch], y[batch], teacher, mask)
             self.position += 1
             self.offline_steps += not self.link.connected
+            self.progress.write(self.position, force=self.position == len(self.schedule))
             if self.fedcache:
                 self.state.outbox_put(batch, logits)
                 self._exchange(self.position)

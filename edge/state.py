@@ -6,8 +6,10 @@ beside an atomically replaced checkpoint file), so a killed device resumes where
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ import torch
 
 STATE_FILENAME = "device.sqlite3"
 CHECKPOINT_FILENAME = "checkpoint.pt"
+PROGRESS_FILENAME = "progress.json"
+PROGRESS_EVERY_S = 0.2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -24,6 +28,41 @@ CREATE TABLE IF NOT EXISTS outbox (sample INTEGER PRIMARY KEY, logits BLOB NOT N
 CREATE TABLE IF NOT EXISTS teachers (sample INTEGER PRIMARY KEY, logits BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS acked (sample INTEGER PRIMARY KEY, version INTEGER NOT NULL, logits BLOB NOT NULL);
 """
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far training is, as an observer outside the device (a test bench) can read it with no network."""
+
+    position: int
+    wall_time: float
+
+
+class ProgressBeacon:
+    """Writes `progress.json` (atomically, at most every PROGRESS_EVERY_S) so a bench can see training go on
+    while the device's link is cut: the device's own MQTT client only notices an outage after its keepalive."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / PROGRESS_FILENAME
+        self._last = 0.0
+
+    def write(self, position: int, *, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < PROGRESS_EVERY_S:
+            return
+        self._last = now
+        scratch = self.path.with_suffix(".tmp")
+        scratch.write_text(json.dumps({"position": position, "wall_time": now}))
+        os.replace(scratch, self.path)
+
+
+def read_progress(directory: Path) -> Progress | None:
+    """The device's last progress beacon, or None if it wrote none yet."""
+    try:
+        raw = json.loads((directory / PROGRESS_FILENAME).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return Progress(position=int(raw["position"]), wall_time=float(raw["wall_time"]))
 
 
 @dataclass(frozen=True)

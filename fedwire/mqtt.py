@@ -70,6 +70,13 @@ def session_properties(session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S) -> Prop
     return properties
 
 
+def end_session_properties() -> Properties:
+    """DISCONNECT properties that end the session now (MQTT 5 lets a client lower its expiry to 0 on the way out)."""
+    properties = Properties(PacketTypes.DISCONNECT)
+    properties.SessionExpiryInterval = 0
+    return properties
+
+
 def connect_persistent(
     client: mqtt.Client,
     address: BrokerAddress,

@@ -12,6 +12,8 @@ import pytest
 from fedwire.mosquitto import MosquittoBroker
 from fedwire.mqtt import BrokerAddress, make_client
 
+DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
@@ -19,31 +21,41 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
     """One private Mosquitto for the test session; asserts at the end that it dropped no message."""
     with MosquittoBroker(data_dir=tmp_path_factory.mktemp("mosquitto")) as running:
-        yield running
-        assert dropped_messages(running.address) == 0, "mosquitto dropped QoS 1 messages"
+        with DropWatch(running.address) as drops:
+            yield running
+            assert drops.counts, "mosquitto published no $SYS dropped-message count"
+            assert max(drops.counts) == 0, f"mosquitto dropped {max(drops.counts)} QoS 1 messages"
 
 
-def dropped_messages(address: BrokerAddress, timeout: float = 5.0) -> int:
-    """Mosquitto's own count of messages it dropped ($SYS/broker/publish/messages/dropped)."""
-    value: list[int] = []
-    got = threading.Event()
+class DropWatch:
+    """Follows Mosquitto's own count of dropped messages ($SYS/broker/publish/messages/dropped) from the start.
 
-    def on_message(_c: object, _u: object, message: object) -> None:
-        value.append(int(message.payload))  # type: ignore[attr-defined]
-        got.set()
+    Mosquitto publishes that count retained with a message expiry of about a minute and again only when it
+    changes, so a probe that subscribes late may find nothing: watch from the broker's first second instead.
+    """
 
-    client = make_client(client_id=f"sys-probe-{os.getpid()}")
-    client.on_message = on_message
-    client.on_connect = lambda c, *_: c.subscribe("$SYS/broker/publish/messages/dropped", qos=0)
-    client.connect(address.host, address.port)
-    client.loop_start()
-    try:
-        if not got.wait(timeout):
+    def __init__(self, address: BrokerAddress, timeout: float = 5.0) -> None:
+        self.counts: list[int] = []
+        self._first = threading.Event()
+        self._client = make_client(client_id=f"sys-drop-watch-{os.getpid()}")
+        self._client.on_message = self._on_message
+        self._client.on_connect = lambda c, *_: c.subscribe(DROPPED_TOPIC, qos=0)
+        self._client.connect(address.host, address.port)
+        self._timeout = timeout
+
+    def _on_message(self, _c: object, _u: object, message: object) -> None:
+        self.counts.append(int(message.payload))  # type: ignore[attr-defined]
+        self._first.set()
+
+    def __enter__(self) -> DropWatch:
+        self._client.loop_start()
+        if not self._first.wait(self._timeout):
             raise TimeoutError("mosquitto published no $SYS dropped-message count")
-        return value[-1]
-    finally:
-        client.disconnect()
-        client.loop_stop()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
 
 
 @pytest.fixture

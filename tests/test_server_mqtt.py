@@ -288,3 +288,36 @@ def test_acknowledged_updates_survive_kill_9(tmp_path: Path) -> None:
             dev.close()
             if process.poll() is None:
                 process.kill()
+
+
+def _serving(address: BrokerAddress, client_id: str) -> CacheServer:
+    running = CacheServer(service=CacheService.open(None, neighbours=4), address=address, client_id=client_id)
+    running.start()
+    return running
+
+
+def test_a_stopped_server_leaves_the_share_group_and_a_kept_session_queues(tmp_path: Path) -> None:
+    """Mosquitto routes share-group messages to offline persistent members: a server stopping for good must
+    leave, so every request reaches the one still serving; one stopping with its session kept gets its
+    requests queued and answers them when it is back under the same client id."""
+    with MosquittoBroker(data_dir=tmp_path / "broker") as own_broker:
+        address = own_broker.address
+        leaving, staying = _serving(address, "share-a"), _serving(address, "share-b")
+        leaving.stop()
+        dev = RawDevice(address, "carol")
+        try:
+            # Round-robin would send every other request into the stopped member's session: none may be lost.
+            for _ in range(6):
+                reply = dev.call(Fetch(device="carol", cid=dev.next_cid(), ids=np.arange(2, dtype=np.uint32)))
+                assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.UNKNOWN_DEVICE
+            staying.stop(leave_group=False)
+            cid = dev.next_cid()
+            dev.publish_raw("fetch", encode(Fetch(device="carol", cid=cid, ids=np.arange(2, dtype=np.uint32))))
+            with pytest.raises(queue.Empty):
+                dev.reply(timeout=1.0)
+            back = _serving(address, "share-b")
+            queued = dev.reply()
+            assert isinstance(queued, ErrorReply) and queued.cid == cid
+            back.stop()
+        finally:
+            dev.close()
