@@ -20,11 +20,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
     """One private Mosquitto for the test session; asserts at the end that it dropped no message."""
-    with MosquittoBroker(data_dir=tmp_path_factory.mktemp("mosquitto")) as running:
-        with DropWatch(running.address) as drops:
-            yield running
-            assert drops.counts, "mosquitto published no $SYS dropped-message count"
-            assert max(drops.counts) == 0, f"mosquitto dropped {max(drops.counts)} QoS 1 messages"
+    with MosquittoBroker(data_dir=tmp_path_factory.mktemp("mosquitto")) as running, DropWatch(running.address) as drops:
+        yield running
+        assert drops.counts, "mosquitto published no $SYS dropped-message count"
+        assert max(drops.counts) == 0, f"mosquitto dropped {max(drops.counts)} QoS 1 messages"
 
 
 class DropWatch:
