@@ -34,9 +34,7 @@ def mosquitto_binary() -> str:
     raise FileNotFoundError("mosquitto is not installed: run `make setup` (apt-get install -y mosquitto)")
 
 
-def render_config(
-    *, port: int, bind: str, data_dir: Path, persistence: bool, extra_binds: tuple[str, ...] = ()
-) -> str:
+def render_config(*, port: int, bind: str, data_dir: Path, persistence: bool, extra_binds: tuple[str, ...] = ()) -> str:
     """mosquitto.conf text.
 
     - set_tcp_nodelay: without it request/reply runs at 12/s instead of ~2000/s.
