@@ -9,14 +9,16 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from edge.files import write_atomic
 
 DATASETS = ("fashion-mnist", "digits")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -210,17 +212,10 @@ def _decode_fashion(key: str, path: Path) -> np.ndarray:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    """Write via a temp file in the same directory and rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """np.save through an atomic write, so processes reading the shared cache never see half a file."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_atomic(path, buffer.getvalue())
 
 
 @contextlib.contextmanager

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from edge.files import write_atomic
+
 STATE_FILENAME = "device.sqlite3"
 CHECKPOINT_FILENAME = "checkpoint.pt"
 PROGRESS_FILENAME = "progress.json"
@@ -51,9 +53,7 @@ class ProgressBeacon:
         if not force and now - self._last < PROGRESS_EVERY_S:
             return
         self._last = now
-        scratch = self.path.with_suffix(".tmp")
-        scratch.write_text(json.dumps({"position": position, "wall_time": now}))
-        os.replace(scratch, self.path)
+        write_atomic(self.path, json.dumps({"position": position, "wall_time": now}).encode())
 
 
 def read_progress(directory: Path) -> Progress | None:

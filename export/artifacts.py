@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge.files import write_atomic
 from edge.trainer import LossSettings
 from export.et_graph import TrainingGraphOptions
 from export.manifest import ArtifactRecord, locked, record_for, write_manifest
-from export.onnx_export import ONNX_OPSET, model_to_onnx_bytes, write_atomic
+from export.onnx_export import ONNX_OPSET, model_to_onnx_bytes
 from export.parity import DEFAULT_TRAINING_STEPS, INFERENCE_TOLERANCE, check
 from export.zoo import build_model
 

@@ -17,9 +17,7 @@ data 50/50 (worth about one point of neighbour-label agreement, see docs/encoder
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
+import io
 import warnings
 from pathlib import Path
 
@@ -27,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from edge.files import write_atomic
 
 ENCODER_KINDS = ("pixel", "conv")
 DEFAULT_ENCODER_KIND = "conv"
@@ -173,40 +173,31 @@ def export_encoder_onnx(
     path = Path(path)
     encoder = build_encoder(kind, input_shape=input_shape, dim=dim, seed=seed, calibration=calibration)
     example = torch.zeros(2, *encoder.input_shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                encoder,
-                (example,),
-                tmp,
-                dynamo=False,
-                opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            )
-        model = onnx.load(tmp)
-        metadata = {
-            "fedcache.encoder.format": str(ENCODER_FORMAT_VERSION),
-            "fedcache.encoder.kind": kind,
-            "fedcache.encoder.dim": str(dim),
-            "fedcache.encoder.seed": str(seed),
-            "fedcache.encoder.input_shape": ",".join(str(n) for n in encoder.input_shape),
-            "fedcache.encoder.calibrated": "1" if calibration is not None else "0",
-        }
-        onnx.helper.set_model_props(model, metadata)
-        onnx.checker.check_model(model)
-        onnx.save(model, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            encoder,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    metadata = {
+        "fedcache.encoder.format": str(ENCODER_FORMAT_VERSION),
+        "fedcache.encoder.kind": kind,
+        "fedcache.encoder.dim": str(dim),
+        "fedcache.encoder.seed": str(seed),
+        "fedcache.encoder.input_shape": ",".join(str(n) for n in encoder.input_shape),
+        "fedcache.encoder.calibrated": "1" if calibration is not None else "0",
+    }
+    onnx.helper.set_model_props(model, metadata)
+    onnx.checker.check_model(model)
+    write_atomic(path, model.SerializeToString())
     return path
 
 

@@ -9,17 +9,16 @@ into the initializers by name afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from edge.files import write_atomic
 
 ONNX_OPSET = 17
 INPUT_NAME = "images"
@@ -67,22 +66,6 @@ def model_to_onnx_bytes(model: nn.Module, *, input_shape: tuple[int, int, int], 
     return proto.SerializeToString()
 
 
-def write_atomic(path: Path, data: bytes) -> Path:
-    """Write a file by temp file + rename, so a reader never sees half an artifact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def export_model_onnx(
     model: nn.Module, path: Path, *, input_shape: tuple[int, int, int], opset: int = ONNX_OPSET
 ) -> Path:
@@ -90,4 +73,4 @@ def export_model_onnx(
     return write_atomic(path, model_to_onnx_bytes(model, input_shape=input_shape, opset=opset))
 
 
-__all__ = ["INPUT_NAME", "ONNX_OPSET", "OUTPUT_NAME", "export_model_onnx", "model_to_onnx_bytes", "write_atomic"]
+__all__ = ["INPUT_NAME", "ONNX_OPSET", "OUTPUT_NAME", "export_model_onnx", "model_to_onnx_bytes"]

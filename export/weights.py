@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.onnx_export import write_atomic
+from edge.files import write_atomic
 from export.zoo import build_model
 
 
