@@ -1,4 +1,4 @@
-"""`python -m android_harness trial|demo`: run local FedCache trials and write their reports."""
+"""`python -m android_harness trial|faults|scenario|demo`: run local FedCache trials and write their reports."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from android_harness.faults import FaultPlan
+from android_harness.flash import add_flash_parser, run_flash
+from android_harness.spec import SpecError, TrialSpec, load_spec
 from android_harness.trial import TrialSettings, run_trial
 from fedwire import HashKind, LogitEncoding
 
@@ -76,13 +78,74 @@ def _summary_line(report: dict) -> str:
     )
 
 
+SCENARIOS = Path(__file__).parent / "scenarios"
+
+
+def _scenario_path(name: str) -> Path:
+    """A shipped scenario by name (`steady`, `server_crash`, ...) or any trial file by path."""
+    path = Path(name)
+    if path.suffix == ".toml" and path.exists():
+        return path
+    shipped = SCENARIOS / f"{name.removesuffix('.toml')}.toml"
+    if shipped.exists():
+        return shipped
+    names = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
+    raise SystemExit(f"no scenario or trial file {name!r}; shipped scenarios: {', '.join(names)}")
+
+
+def _print_invariants(report: dict) -> int:
+    """One PASS/FAIL line per invariant and an overall line; returns how many failed."""
+    invariants = report.get("invariants", {})
+    failed = 0
+    for name, result in invariants.items():
+        failed += not result["ok"]
+        print(f"  {'PASS' if result['ok'] else 'FAIL'} {name}: {result['detail']}")
+    if invariants:
+        print(f"{'FAIL' if failed else 'PASS'}: {len(invariants) - failed} of {len(invariants)} invariants hold")
+    return failed
+
+
+def _run_spec(spec: TrialSpec, *, out: Path) -> int:
+    """Run a parsed trial file; exit status 1 when an invariant failed."""
+    if spec.description:
+        print(f"== {spec.source}: {spec.description}", file=sys.stderr)
+    report = run_trial(spec.settings, faults=spec.faults)
+    print(_summary_line(report))
+    if "faults" in report:
+        print(f"faults: {report['faults']['mode']}, {len(report['faults']['events'])} events")
+    failed = _print_invariants(report)
+    print(f"report: {out / 'report.html'}  (report.json, timeseries.csv and the PNG plots beside it)")
+    return 1 if failed else 0
+
+
+def _load(path: Path, *, out: Path) -> TrialSpec:
+    try:
+        return load_spec(path, out=out)
+    except SpecError as exc:
+        raise SystemExit(f"invalid trial file: {exc}") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m android_harness", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     trial = commands.add_parser("trial", help="run one local trial (broker, server, N device processes)")
     _add_trial_options(trial, epochs=3, devices=20)
-    trial.add_argument("--algorithm", default="fedcache", choices=["fedcache", "local"])
+    trial.add_argument(
+        "--algorithm",
+        default="fedcache",
+        choices=["fedcache", "local", "fd", "fedavg"],
+        help="fedcache; local (CE only, no network); fd (federated distillation of per-class logits); fedavg "
+        "(synchronous parameter averaging, one architecture only). `python -m bench comparison` runs them all",
+    )
     trial.add_argument("--out", type=Path, required=True, help="directory for report.json, plots and logs")
+    trial.add_argument(
+        "--spec", type=Path, help="a TOML trial file (docs/trials.md); the trial options above are then ignored"
+    )
+    scenario = commands.add_parser(
+        "scenario", help="run a bench scenario (a shipped trial file or a path) and check its invariants"
+    )
+    scenario.add_argument("name", help="steady, flaky_links, server_crash, broker_restart, late_joiners, or a .toml")
+    scenario.add_argument("--out", type=Path, help="report directory (default runs/scenario-<name>)")
     faults = commands.add_parser("faults", help="a trial under injected faults, with invariants checked after")
     _add_trial_options(faults, epochs=3, devices=20)
     faults.add_argument("--out", type=Path, required=True)
@@ -95,15 +158,28 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="FedCache and the local (CE only) baseline on the same split")
     _add_trial_options(demo, epochs=3, devices=20)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    add_flash_parser(commands)
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    if args.command == "flash":
+        return run_flash(args)
+
+    if args.command == "trial" and args.spec is not None:
+        return _run_spec(_load(args.spec, out=args.out), out=args.out)
+
+    if args.command == "scenario":
+        path = _scenario_path(args.name)
+        out = args.out or Path("runs") / f"scenario-{path.stem}"
+        return _run_spec(_load(path, out=out), out=out)
+
     if args.command == "trial":
         report = run_trial(_settings(args, algorithm=args.algorithm, out=args.out))
         print(_summary_line(report))
-        print(f"report: {args.out / 'report.json'}  plot: {args.out / 'accuracy.png'}")
-        return 0
+        failed = _print_invariants(report)
+        print(f"report: {args.out / 'report.json'}  page: {args.out / 'report.html'}  plots beside them")
+        return 1 if failed else 0
 
     if args.command == "faults":
         plan = FaultPlan(
@@ -121,11 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             f"faults: {report['faults']['mode']}, {len(report['faults']['events'])} events, "
             f"wasted {report['wasted_bytes'] / 1024:.1f} KiB"
         )
-        failed = 0
-        for name, result in report["invariants"].items():
-            failed += not result["ok"]
-            print(f"  {'PASS' if result['ok'] else 'FAIL'} {name}: {result['detail']}")
-        return 1 if failed else 0
+        return 1 if _print_invariants(report) else 0
 
     reports = {}
     for algorithm in ("fedcache", "local"):

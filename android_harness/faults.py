@@ -20,6 +20,8 @@ from edge.state import Progress
 log = logging.getLogger(__name__)
 
 SCHEDULE_HORIZON_S = 6 * 3600.0
+# One slot per device; None while a late joiner has not been launched yet.
+Processes = list[subprocess.Popen[bytes] | None]
 RECOVERY_TOLERANCE = 0.02
 
 
@@ -30,6 +32,8 @@ class FaultPlan:
 
     offline_fraction: float = 0.0
     mean_outage_s: float = 10.0
+    # Per-device share of time offline (device index -> fraction), overriding `offline_fraction` for that device.
+    offline_fractions: tuple[tuple[int, float], ...] = ()
     # Scheduled outages on top of the random ones: (device index, start s, length s).
     outages: tuple[tuple[int, float, float], ...] = ()
     loss: float = 0.0
@@ -41,12 +45,23 @@ class FaultPlan:
     def __post_init__(self) -> None:
         if not 0 <= self.offline_fraction < 1:
             raise ValueError("offline_fraction must be in [0, 1)")
+        if any(not 0 <= fraction < 1 for _, fraction in self.offline_fractions):
+            raise ValueError("every per-device offline fraction must be in [0, 1)")
         if not 0 <= self.loss < 1:
             raise ValueError("loss must be in [0, 1)")
 
     @property
     def touches_links(self) -> bool:
-        return self.offline_fraction > 0 or self.loss > 0 or bool(self.outages)
+        return self.has_outages or self.loss > 0
+
+    @property
+    def has_outages(self) -> bool:
+        """Whether any device is ever cut off (random or scheduled)."""
+        return self.offline_fraction > 0 or bool(self.outages) or any(f > 0 for _, f in self.offline_fractions)
+
+    def fraction_for(self, index: int) -> float:
+        """The share of time device `index` is offline: its own override, else the plan-wide fraction."""
+        return dict(self.offline_fractions).get(index, self.offline_fraction)
 
 
 def outage_schedule(*, fraction: float, mean_outage_s: float, rng: np.random.Generator) -> list[tuple[float, float]]:
@@ -91,8 +106,8 @@ class FaultDriver:
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.plan.seed)
         self._outages = [
-            outage_schedule(fraction=self.plan.offline_fraction, mean_outage_s=self.plan.mean_outage_s, rng=rng)
-            for _ in range(self.devices)
+            outage_schedule(fraction=self.plan.fraction_for(index), mean_outage_s=self.plan.mean_outage_s, rng=rng)
+            for index in range(self.devices)
         ]
         for index, start, length in self.plan.outages:
             if not 0 <= index < self.devices:
@@ -106,11 +121,9 @@ class FaultDriver:
         return "netns" if self.lab is not None else "process-pause"
 
     def start(self) -> None:
-        if self.lab is not None and self.plan.loss > 0:
-            for index in range(self.devices):
-                self.lab.lossy(index, self.plan.loss)
+        """Nothing is applied before the plan's clock starts (see `begin`); kept for callers that call it."""
 
-    def exempt(self, index: int, processes: list[subprocess.Popen[bytes]]) -> None:
+    def exempt(self, index: int, processes: Processes) -> None:
         """No more outages for this device (it is in its final epoch, so its final flush can be checked)."""
         if index not in self._exempt:
             self._exempt.add(index)
@@ -122,8 +135,13 @@ class FaultDriver:
         if self._origin is None:
             self._origin = elapsed
             self.events.append({"t": elapsed, "event": "fault plan started"})
+            # Packet loss starts with the clock, like every other fault: a lossy link from the first second
+            # stalls registration in TCP backoff for minutes, so the plan would start arbitrarily late.
+            if self.lab is not None and self.plan.loss > 0:
+                for index in range(self.devices):
+                    self.lab.lossy(index, self.plan.loss)
 
-    def tick(self, elapsed: float, processes: list[subprocess.Popen[bytes]]) -> None:
+    def tick(self, elapsed: float, processes: Processes) -> None:
         """Apply what the plan says for now; `elapsed` is the trial's clock, recorded in the events."""
         if self._origin is None:
             return
@@ -147,13 +165,13 @@ class FaultDriver:
             self.restart_broker()
             self.events.append({"t": elapsed, "event": "broker restarted"})
 
-    def _set_link(
-        self, index: int, *, up: bool, processes: list[subprocess.Popen[bytes]], elapsed: float | None
-    ) -> None:
+    def _set_link(self, index: int, *, up: bool, processes: Processes, elapsed: float | None) -> None:
+        process = processes[index] if index < len(processes) else None
         if self.lab is not None:
             (self.lab.restore if up else self.lab.cut)(index)
-        elif processes[index].poll() is None:
-            os.kill(processes[index].pid, signal.SIGCONT if up else signal.SIGSTOP)
+        elif process is not None and process.poll() is None:
+            # A late joiner not launched yet has no process to pause; the trial pauses it at launch if still down.
+            os.kill(process.pid, signal.SIGCONT if up else signal.SIGSTOP)
         (self._down.discard if up else self._down.add)(index)
         self.events.append({"t": elapsed, "event": "link up" if up else "link down", "device": index})
         if up:
@@ -183,7 +201,11 @@ class FaultDriver:
         steps = seen.position - after_cut if seen is not None and after_cut is not None else 0
         self.outages_seen.append({**outage, "end": time.time(), "steps_trained": steps})
 
-    def release_all(self, processes: list[subprocess.Popen[bytes]]) -> None:
+    def is_down(self, index: int) -> bool:
+        """Whether the plan has this device offline now (a late joiner launched now must start paused)."""
+        return index in self._down
+
+    def release_all(self, processes: Processes) -> None:
         for index in list(self._down):
             self._set_link(index, up=True, processes=processes, elapsed=None)
         if self.lab is not None and self.plan.loss > 0:
@@ -259,4 +281,33 @@ def check_invariants(
             "ok": not before or final >= max(before) - RECOVERY_TOLERANCE,
             "detail": f"final MAUA {final:.4f} vs best before the last fault {best_before:.4f}"},
     }  # fmt: skip
+    return results
+
+
+def check_knowledge_flow(
+    *, latest: dict[str, dict[str, Any]], late_joiners: tuple[str, ...]
+) -> dict[str, dict[str, Any]]:
+    """What a trial without faults (and one with late joiners) must show: teachers reached the devices.
+
+    A late joiner registers into a relation that already exists; it must still be served neighbours'
+    knowledge, read from the `teachers_received` / `teacher_coverage` each device reports.
+    """
+    untaught = sorted(d for d, m in latest.items() if not m.get("teachers_received"))
+    results = {
+        "teachers_reached_every_device": {
+            "ok": bool(latest) and not untaught,
+            "detail": f"{len(latest) - len(untaught)} of {len(latest)} devices received teachers; "
+            f"without: {untaught or 'none'}",
+        }
+    }
+    if late_joiners:
+        missing = [d for d in late_joiners if d not in latest]
+        unregistered = [d for d in late_joiners if latest.get(d, {}).get("bytes", {}).get("register_up", 0) <= 0]
+        untaught_late = [d for d in late_joiners if not latest.get(d, {}).get("teachers_received")]
+        coverage = {d: round(float(latest.get(d, {}).get("teacher_coverage", 0.0)), 3) for d in late_joiners}
+        results["late_joiners_registered_and_taught"] = {
+            "ok": not missing and not unregistered and not untaught_late,
+            "detail": f"late joiners {list(late_joiners)}: not reporting {missing or 'none'}, "
+            f"not registered {unregistered or 'none'}, no teachers {untaught_late or 'none'}; coverage {coverage}",
+        }
     return results

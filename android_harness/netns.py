@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -17,6 +18,19 @@ log = logging.getLogger(__name__)
 
 SUBNET_PREFIX = "10.203"
 BRIDGE_ADDRESS = f"{SUBNET_PREFIX}.0.1"
+# Second octets a lab may take when another lab on this host already holds 10.203.0.0/16.
+_SPARE_OCTETS = range(204, 255)
+
+
+def _free_subnet_prefix() -> str:
+    """SUBNET_PREFIX unless an address in it is already up on this host (another trial's lab): then the first
+    free 10.x/16 above it. Two bridges on one /16 steal each other's routes and devices never connect."""
+    shown = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    used = {int(m) for m in re.findall(r"inet 10\.(\d+)\.", shown)}
+    for octet in (int(SUBNET_PREFIX.split(".")[1]), *_SPARE_OCTETS):
+        if octet not in used:
+            return f"10.{octet}"
+    raise RuntimeError("no free 10.x.0.0/16 subnet for a device lab")
 
 
 def _run(*args: str) -> None:
@@ -46,6 +60,13 @@ class NetnsLab:
     devices: int
     tag: str = field(default_factory=lambda: f"{os.getpid() % 10000}")
     _made: list[str] = field(default_factory=list)
+    # 10.x of this lab's /16, chosen at open() (SUBNET_PREFIX unless another lab on the host holds it).
+    prefix: str = SUBNET_PREFIX
+
+    @property
+    def bridge_address(self) -> str:
+        """Where the broker listens for this lab's devices (BRIDGE_ADDRESS unless that was taken)."""
+        return f"{self.prefix}.0.1"
 
     @property
     def bridge(self) -> str:
@@ -58,14 +79,15 @@ class NetnsLab:
         return f"fc{self.tag}h{index}"
 
     def device_address(self, index: int) -> str:
-        return f"{SUBNET_PREFIX}.{1 + (index + 1) // 250}.{1 + (index + 1) % 250}"
+        return f"{self.prefix}.{1 + (index + 1) // 250}.{1 + (index + 1) % 250}"
 
     def open(self) -> NetnsLab:
         if self.devices > 2000:
             raise ValueError("at most 2000 namespaced devices")
+        self.prefix = _free_subnet_prefix()
         _run("ip", "link", "add", self.bridge, "type", "bridge")
         self._made.append("bridge")
-        _run("ip", "addr", "add", f"{BRIDGE_ADDRESS}/16", "dev", self.bridge)
+        _run("ip", "addr", "add", f"{self.bridge_address}/16", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
         for index in range(self.devices):
             ns, host, peer = self.namespace(index), self.host_veth(index), f"fc{self.tag}p{index}"
@@ -78,7 +100,7 @@ class NetnsLab:
             _run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{self.device_address(index)}/16", "dev", peer)
             _run("ip", "netns", "exec", ns, "ip", "link", "set", peer, "up")
             _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        log.info("made %d device namespaces on bridge %s (%s)", self.devices, self.bridge, BRIDGE_ADDRESS)
+        log.info("made %d device namespaces on bridge %s (%s)", self.devices, self.bridge, self.bridge_address)
         return self
 
     def command(self, index: int, argv: list[str]) -> list[str]:

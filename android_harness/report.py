@@ -1,15 +1,16 @@
-"""A trial's report: report.json with MAUA, its curve, bytes and per-device figures, plus a PNG plot."""
+"""A trial's report: report.json (MAUA, its curve, bytes, per-device figures), timeseries.csv, plots, report.html."""
 
 from __future__ import annotations
 
+import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from android_harness.plots import plot_accuracy, write_figures
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+__all__ = ["build_report", "plot_accuracy", "write_report", "write_timeseries"]
 
 
 def build_report(
@@ -61,28 +62,41 @@ def build_report(
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
-    """Write report.json and accuracy.png into the trial directory."""
+    """Write report.json, timeseries.csv, the PNG figures and report.html into the trial directory."""
+    from android_harness.html_report import write_html
+
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    plot_accuracy(report, out / "accuracy.png")
+    write_timeseries(report["history"], out / "timeseries.csv")
+    figures = write_figures(report, out)
+    write_html(report, figures=figures, path=out / "report.html")
 
 
-def plot_accuracy(report: dict[str, Any], path: Path) -> None:
-    """MAUA over time, with every device's own accuracy faintly behind it."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    by_device: dict[str, list[tuple[float, float]]] = {}
-    for entry in report["history"]:
-        by_device.setdefault(entry["device"], []).append((entry["trial_time_s"], entry["accuracy"]))
-    for points in by_device.values():
-        xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, color="grey", alpha=0.25, linewidth=0.8)
-    if report["maua_curve"]:
-        xs, ys = zip(*report["maua_curve"], strict=True)
-        ax.plot(xs, ys, color="tab:blue", linewidth=2, label=f"MAUA ({report['algorithm']})")
-    ax.set_xlabel("seconds since devices started")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{report['dataset']}: {len(report['devices'])} devices, final MAUA {report['maua']:.4f}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+# One row per metrics message: (column, how to read it from the message).
+TIMESERIES_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
+    ("trial_time_s", lambda m: round(m["trial_time_s"], 3)),
+    ("device", lambda m: m["device"]),
+    ("arch", lambda m: m.get("arch")),
+    ("epoch", lambda m: m["epoch"]),
+    ("step", lambda m: m.get("step")),
+    ("accuracy", lambda m: m["accuracy"]),
+    ("bytes_register_up", lambda m: m.get("bytes", {}).get("register_up", 0)),
+    ("bytes_up", lambda m: m.get("bytes", {}).get("up", 0)),
+    ("bytes_down", lambda m: m.get("bytes", {}).get("down", 0)),
+    ("wasted_bytes", lambda m: m.get("wasted_bytes", 0)),
+    ("offline_s", lambda m: m.get("offline_s", 0.0)),
+    ("offline_steps", lambda m: m.get("offline_steps", 0)),
+    ("outbox", lambda m: m.get("outbox", 0)),
+    ("teacher_coverage", lambda m: m.get("teacher_coverage", 0.0)),
+    ("teachers_received", lambda m: m.get("teachers_received", 0)),
+    ("latency_ms_p50", lambda m: m.get("latency_ms_p50")),
+    ("done", lambda m: int(bool(m.get("done")))),
+)
+
+
+def write_timeseries(history: list[dict[str, Any]], path: Path) -> None:
+    """timeseries.csv: every metrics message every device sent, in arrival order (for spreadsheets, pandas)."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([name for name, _ in TIMESERIES_COLUMNS])
+        for metrics in sorted(history, key=lambda m: m["trial_time_s"]):
+            writer.writerow(["" if (v := read(metrics)) is None else v for _, read in TIMESERIES_COLUMNS])

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ import paho.mqtt.client as mqtt
 from tqdm import tqdm
 
 import broker_server
-from android_harness.faults import FaultDriver, FaultPlan, check_invariants
-from android_harness.netns import BRIDGE_ADDRESS, NetnsLab, netns_unavailable_reason
+from android_harness.faults import FaultDriver, FaultPlan, Processes, check_invariants, check_knowledge_flow
+from android_harness.netns import NetnsLab, netns_unavailable_reason
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_to_toml
 from edge.state import read_progress
 from fedwire import HashKind, LogitEncoding
@@ -51,6 +52,44 @@ class TrialSettings:
     logit_encoding: LogitEncoding = LogitEncoding.FLOAT16
     timeout_s: float = 3600.0
     extra_train: dict[str, Any] = field(default_factory=dict)
+    # An existing broker (mqtt://host:port) instead of a private Mosquitto; no broker restarts then.
+    broker_url: str | None = None
+    # R for the server's relation (`--neighbours`); None keeps the server's default.
+    neighbours: int | None = None
+    # Per-device launch delay in seconds, counted from the moment every device with delay 0 is training
+    # (the same origin as a FaultPlan's clock); empty or 0 = launched with the others.
+    start_after_s: tuple[float, ...] = ()
+    # Devices in network namespaces: True = required (error when unavailable), False = never,
+    # None = when a fault plan touches links and namespaces are available (else processes are paused).
+    netns: bool | None = None
+
+    def start_delay(self, index: int) -> float:
+        return self.start_after_s[index] if index < len(self.start_after_s) else 0.0
+
+    @property
+    def late_joiners(self) -> tuple[int, ...]:
+        """Indices of the devices launched after the others began training."""
+        return tuple(i for i in range(self.devices) if self.start_delay(i) > 0)
+
+
+@dataclass(frozen=True)
+class _ExternalBroker:
+    """A broker the trial only connects to: it neither starts, stops nor restarts it."""
+
+    address: BrokerAddress
+
+    @property
+    def port(self) -> int:
+        return self.address.port
+
+    def __enter__(self) -> _ExternalBroker:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+    def restart(self) -> None:
+        raise RuntimeError(f"cannot restart the external broker {self.address.url}")
 
 
 @dataclass
@@ -130,7 +169,9 @@ def _device_configs(settings: TrialSettings, broker: BrokerAddress, encoder: Pat
 
 def _prepare_shared_artifacts(settings: TrialSettings) -> Path:
     """Decode the dataset into the shared cache and export the encoder once, not once per device."""
+    from edge.backends import has_training_program
     from edge.data import load_dataset
+    from edge.trainer import LossSettings
     from export.encoder import export_encoder_onnx
 
     dataset = load_dataset(settings.dataset)
@@ -139,15 +180,24 @@ def _prepare_shared_artifacts(settings: TrialSettings) -> Path:
         for i in range(settings.devices)
         if settings.backends[i % len(settings.backends)] == "executorch"
     }
+    loss = LossSettings(**{k: v for k, v in settings.extra_train.items() if k in ("kd_alpha", "temperature")})
+    batch = int(settings.extra_train.get("batch_size", TrainConfig.batch_size))
+    artifacts = settings.out / "artifacts"
     shape = ",".join(str(d) for d in dataset.input_shape)
     for arch in sorted(executorch_archs):
-        # One export per architecture, shared by every ExecuTorch device (each would otherwise export its own).
-        subprocess.run(
-            [sys.executable, "-m", "export", "--arch", arch, "--classes", str(dataset.classes), "--input-shape", shape,
-             "--out", str(settings.out / "artifacts")],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        # One export per architecture, shared by every ExecuTorch device (each would otherwise export its own),
+        # and none when the artifacts directory already holds a program for the devices' loss and batch.
+        found = has_training_program(
+            artifacts, arch=arch, classes=dataset.classes, input_shape=dataset.input_shape, loss=loss, batch_size=batch
+        )
+        if not found:
+            subprocess.run(
+                [sys.executable, "-m", "export", "--arch", arch, "--classes", str(dataset.classes),
+                 "--input-shape", shape, "--out", str(artifacts), "--kd-alpha", str(loss.kd_alpha),
+                 "--temperature", str(loss.temperature), "--batch", str(max(batch, 8))],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
     path = settings.out / "encoder.onnx"
     export_encoder_onnx(
         path, input_shape=dataset.input_shape, dim=settings.hash_dim, seed=settings.seed, kind=settings.encoder_kind
@@ -196,31 +246,55 @@ def _server_command(settings: TrialSettings, broker: BrokerAddress) -> list[str]
         str(settings.out / "server"),
         "--metrics-port",
         "0",
+        *(["--neighbours", str(settings.neighbours)] if settings.neighbours is not None else []),
+        # FedAvg rounds wait for every device of the trial, not only those that already said hello.
+        *(["--fedavg-participants", str(settings.devices)] if settings.algorithm == "fedavg" else []),
     ]
+
+
+def _open_lab(settings: TrialSettings, faults: FaultPlan | None) -> NetnsLab | None:
+    """Namespaces when required (target netns) or when faults touch links and they are available."""
+    wanted = settings.netns if settings.netns is not None else faults is not None and faults.touches_links
+    if not wanted:
+        return None
+    if settings.broker_url is not None:
+        raise ValueError("devices in network namespaces need the trial's private broker (no broker url)")
+    reason = netns_unavailable_reason()
+    if reason is None:
+        return NetnsLab(devices=settings.devices).open()
+    if settings.netns:
+        raise RuntimeError(f"target 'netns' needs network namespaces, unavailable here: {reason}")
+    log.warning("network namespaces unavailable (%s): outages pause device processes instead", reason)
+    return None
 
 
 def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPlan | None = None) -> dict[str, Any]:
     """Run a trial end to end (optionally under a fault plan) and return (and write) its report."""
     from android_harness.report import build_report, write_report
 
+    if settings.algorithm == "fedavg" and (len(set(settings.archs)) > 1 or set(settings.backends) != {"torch"}):
+        raise ValueError(
+            f"FedAvg averages one architecture's PyTorch weights: got archs {settings.archs}, backends "
+            f"{settings.backends}; use a single --archs and --backends torch (FedCache and FD allow heterogeneity)"
+        )
     settings.out.mkdir(parents=True, exist_ok=True)
     logs = settings.out / "logs"
     logs.mkdir(exist_ok=True)
     encoder = _prepare_shared_artifacts(settings)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    processes: list[subprocess.Popen[bytes]] = []
+    processes: Processes = [None] * settings.devices
     server: list[subprocess.Popen[bytes]] = []
-    lab = None
-    if faults is not None and faults.touches_links:
-        reason = netns_unavailable_reason()
-        if reason is None:
-            lab = NetnsLab(devices=settings.devices).open()
-        else:
-            log.warning("network namespaces unavailable (%s): outages pause device processes instead", reason)
+    launched_at: dict[str, float] = {}
+    lab = _open_lab(settings, faults)
     started = time.monotonic()
-    extra_binds = (BRIDGE_ADDRESS,) if lab is not None else ()
+    extra_binds = (lab.bridge_address,) if lab is not None else ()
+    broker_context: MosquittoBroker | _ExternalBroker = (
+        MosquittoBroker(data_dir=settings.out / "broker", extra_binds=extra_binds)
+        if settings.broker_url is None
+        else _ExternalBroker(BrokerAddress.parse(settings.broker_url))
+    )
     try:
-        with MosquittoBroker(data_dir=settings.out / "broker", extra_binds=extra_binds) as broker:
+        with broker_context as broker:
 
             def start_server() -> None:
                 server.append(
@@ -239,9 +313,9 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
 
             driver = None
             try:
-                if settings.algorithm == "fedcache":
+                if settings.algorithm != "local":  # FD and FedAvg go through the same server
                     start_server()
-                device_broker = BrokerAddress(BRIDGE_ADDRESS, broker.port) if lab is not None else broker.address
+                device_broker = BrokerAddress(lab.bridge_address, broker.port) if lab is not None else broker.address
                 configs = _device_configs(settings, device_broker, encoder)
                 collector = _Collector(devices=[c.id for c in configs], started=time.monotonic())
                 watcher = make_client(client_id=f"fedcache-trial-{os.getpid()}")
@@ -249,19 +323,26 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
                 watcher.on_connect = lambda c, *_: c.subscribe(ALL_METRICS, qos=1)
                 connect_persistent(watcher, broker.address, session_expiry_s=600)
                 watcher.loop_start()
-                for index, config in enumerate(configs):
+
+                def launch(index: int) -> None:
+                    config = configs[index]
                     path = Path(config.state_dir) / "device.toml"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(config_to_toml(config))
                     command = [sys.executable, "-m", "edge", "--config", str(path)]
-                    processes.append(
-                        subprocess.Popen(
-                            lab.command(index, command) if lab is not None else command,
-                            stdout=subprocess.DEVNULL,
-                            stderr=open(logs / f"{config.id}.log", "wb"),  # noqa: SIM115 - the child owns it
-                            env=env,
-                        )
+                    processes[index] = process = subprocess.Popen(
+                        lab.command(index, command) if lab is not None else command,
+                        stdout=subprocess.DEVNULL,
+                        stderr=open(logs / f"{config.id}.log", "wb"),  # noqa: SIM115 - the child owns it
+                        env=env,
                     )
+                    launched_at[config.id] = round(time.monotonic() - collector.started, 3)
+                    if driver is not None and driver.mode == "process-pause" and driver.is_down(index):
+                        os.kill(process.pid, signal.SIGSTOP)  # launched inside a scheduled outage
+
+                for index in range(settings.devices):
+                    if settings.start_delay(index) <= 0:
+                        launch(index)
                 if faults is not None:
                     driver = FaultDriver(
                         plan=faults,
@@ -273,14 +354,14 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
                         progress_of=lambda index: read_progress(Path(configs[index].state_dir)),
                     )
                     driver.start()
-                _follow(settings, collector, processes, progress=progress, driver=driver)
+                _follow(settings, collector, processes, progress=progress, driver=driver, launch=launch)
                 watcher.disconnect()
                 watcher.loop_stop()
             finally:
                 if driver is not None:
                     driver.release_all(processes)
                 for process in processes:
-                    if process.poll() is None:
+                    if process is not None and process.poll() is None:
                         process.kill()
                         process.wait()
                 if server:
@@ -295,25 +376,36 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
         history=collector.history,
         wall_s=time.monotonic() - started,
     )
+    report["launches"] = launched_at
+    late = tuple(configs[i].id for i in settings.late_joiners)
+    if late:
+        report["late_joiners"] = {configs[i].id: settings.start_delay(i) for i in settings.late_joiners}
     if driver is not None:
         report["faults"] = driver.describe()
         report["wasted_bytes"] = sum(m.get("wasted_bytes", 0) for m in collector.latest.values())
-        if settings.algorithm == "fedcache":
-            from edge.data import load_dataset
+    if settings.algorithm == "fedcache":
+        from edge.data import load_dataset
 
-            report["invariants"] = check_invariants(
-                server_state=settings.out / "server" / "state",
-                device_dirs={c.id: Path(c.state_dir) for c in configs},
-                classes=load_dataset(settings.dataset).classes,
-                latest=collector.latest,
-                curve=collector.curve,
-                fault_times=[
-                    e["t"] for e in driver.events if e["t"] is not None and e["event"] != "fault plan started"
-                ],
-                expect_offline_training=(faults.offline_fraction > 0 or bool(faults.outages))
-                and driver.mode == "netns",
-                outages=driver.outages_seen,
-            )
+        # Every fedcache trial gets the invariants that apply: the durability ones always, recovery and
+        # offline training only under a fault plan, knowledge flow when nothing else would show it.
+        invariants = check_invariants(
+            server_state=settings.out / "server" / "state",
+            device_dirs={c.id: Path(c.state_dir) for c in configs},
+            classes=load_dataset(settings.dataset).classes,
+            latest=collector.latest,
+            curve=collector.curve,
+            fault_times=[]
+            if driver is None
+            else [e["t"] for e in driver.events if e["t"] is not None and e["event"] != "fault plan started"],
+            expect_offline_training=faults is not None and faults.has_outages and driver is not None
+            and driver.mode == "netns",
+            outages=driver.outages_seen if driver is not None else [],
+        )  # fmt: skip
+        if driver is None:
+            invariants.pop("accuracy_recovered")
+        if driver is None or late:
+            invariants |= check_knowledge_flow(latest=collector.latest, late_joiners=late)
+        report["invariants"] = invariants
     write_report(report, settings.out)
     return report
 
@@ -321,39 +413,51 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
 def _follow(
     settings: TrialSettings,
     collector: _Collector,
-    processes: list[subprocess.Popen[bytes]],
+    processes: Processes,
     *,
     progress: bool,
     driver: FaultDriver | None = None,
+    launch: Callable[[int], None] | None = None,
 ) -> None:
-    """Show progress (and apply faults) until every device reports done; fail loudly if a device dies."""
+    """Show progress (apply faults, launch late joiners) until every device reports done; fail loudly if one dies.
+
+    The clock of faults and late joiners starts once every device launched at the start is training, so
+    late joiners do not hold back the fault plan (nor does the plan wait for devices not yet launched).
+    """
     total = settings.devices * settings.epochs
     deadline = time.monotonic() + settings.timeout_s
+    on_time = [d for i, d in enumerate(collector.devices) if settings.start_delay(i) <= 0]
+    origin: float | None = None
     with tqdm(total=total, desc=f"{settings.algorithm} device-epochs", unit="ep", disable=not progress) as bar:
         while not collector.all_done():
             time.sleep(0.5)
+            elapsed = time.monotonic() - collector.started
+            with collector.lock:
+                final_epoch = [
+                    i for i, d in enumerate(collector.devices)
+                    if collector.latest.get(d, {}).get("epoch", 0) >= settings.epochs - 1
+                ]  # fmt: skip
+                if origin is None and all(d in collector.latest for d in on_time):
+                    origin = elapsed
+            if origin is not None and launch is not None:
+                for index, process in enumerate(processes):
+                    if process is None and elapsed - origin >= settings.start_delay(index):
+                        launch(index)
             if driver is not None:
-                with collector.lock:
-                    final_epoch = [
-                        i for i, d in enumerate(collector.devices)
-                        if collector.latest.get(d, {}).get("epoch", 0) >= settings.epochs - 1
-                    ]  # fmt: skip
-                    training = len(collector.latest) == settings.devices
                 for index in final_epoch:
                     driver.exempt(index, processes)
-                elapsed = time.monotonic() - collector.started
-                if training:
-                    driver.begin(elapsed)
+                if origin is not None:
+                    driver.begin(origin)
                 driver.tick(elapsed, processes)
             done = collector.epochs_done()
             bar.update(done - bar.n)
             with collector.lock:
                 if len(collector.latest) == settings.devices:
                     bar.set_postfix(maua=f"{collector.maua():.4f}")
-            failed = [p for p in processes if p.poll() not in (None, 0)]
+            failed = [p for p in processes if p is not None and p.poll() not in (None, 0)]
             if failed:
                 raise RuntimeError(f"{len(failed)} device process(es) failed; see {settings.out / 'logs'}")
-            if all(p.poll() == 0 for p in processes):
+            if all(p is not None and p.poll() == 0 for p in processes):
                 time.sleep(1.0)  # the last metrics may still be in flight
                 if not collector.all_done():
                     raise RuntimeError("devices exited without reporting completion")

@@ -8,15 +8,24 @@ from types import TracebackType
 import numpy as np
 
 from broker_server.cache import CacheConfig, KnowledgeCache, Rejected, Teachers
+from broker_server.fd import FdAggregate
+from broker_server.fedavg import DEFAULT_ROUND_TIMEOUT_S, FedAvgRounds
 from broker_server.relations import EXACT_SEARCH_LIMIT
 from broker_server.store import StateStore, open_store
-from fedwire.constants import DEFAULT_NEIGHBOURS
+from fedwire.codec import model_part_bounds, model_parts
+from fedwire.constants import DEFAULT_NEIGHBOURS, ErrorCode
 from fedwire.messages import (
     ErrorReply,
+    FdGlobal,
+    FdUpdate,
     Fetch,
     Hello,
     HelloAck,
     Knowledge,
+    ModelAck,
+    ModelGet,
+    ModelPut,
+    ModelState,
     Register,
     RegisterAck,
     Reply,
@@ -36,9 +45,19 @@ class CacheService:
     Not thread-safe: the caller serialises handle() and commit().
     """
 
-    def __init__(self, *, cache: KnowledgeCache, store: StateStore) -> None:
+    def __init__(
+        self,
+        *,
+        cache: KnowledgeCache,
+        store: StateStore,
+        round_timeout_s: float = DEFAULT_ROUND_TIMEOUT_S,
+        min_participants: int = 0,
+    ) -> None:
         self.cache = cache
         self.store = store
+        # The comparison's baselines (docs/protocol.md §16) share hello and the deployment's class count.
+        self.fd = FdAggregate()
+        self.fedavg = FedAvgRounds(round_timeout_s=round_timeout_s, min_participants=min_participants)
 
     @classmethod
     def open(
@@ -48,6 +67,8 @@ class CacheService:
         neighbours: int = DEFAULT_NEIGHBOURS,
         exact_limit: int = EXACT_SEARCH_LIMIT,
         config: CacheConfig | None = None,
+        round_timeout_s: float = DEFAULT_ROUND_TIMEOUT_S,
+        min_participants: int = 0,
     ) -> CacheService:
         """Load what `data_dir` holds (in-memory when None) and build every class's relations."""
         store = open_store(data_dir)
@@ -59,7 +80,7 @@ class CacheService:
         except BaseException:
             store.close()
             raise
-        return cls(cache=cache, store=store)
+        return cls(cache=cache, store=store, round_timeout_s=round_timeout_s, min_participants=min_participants)
 
     def __enter__(self) -> CacheService:
         return self
@@ -85,6 +106,12 @@ class CacheService:
                     return self._update(request)
                 case UpdateFetch():
                     return self._update_fetch(request)
+                case FdUpdate():
+                    return self._fd_update(request)
+                case ModelPut():
+                    return self._model_put(request)
+                case ModelGet():
+                    return self._model_get(request)
         except Rejected as rejection:
             return ErrorReply(
                 device=request.device,
@@ -120,6 +147,8 @@ class CacheService:
         )
         if admission.changed:
             self.store.save_device(admission.record)
+        if "fedavg" in request.capabilities:
+            self.fedavg.join(request.device)
         return HelloAck(
             device=request.device,
             cid=request.cid,
@@ -163,6 +192,68 @@ class CacheService:
         applied, stale = self._apply(rows=rows, logits=request.logits, version=request.version)
         teachers = self.cache.fetch(fetch_rows)
         return self._knowledge(request, ids=request.fetch_ids, teachers=teachers, applied=applied, stale=stale)
+
+    def _fd_update(self, request: FdUpdate) -> FdGlobal:
+        self.cache.record(request.device)  # unknown_device before anything else
+        applied = self.fd.update(
+            device=request.device,
+            classes=self.cache.classes,
+            logits=request.logits,
+            counts=request.class_counts,
+            version=request.version,
+        )
+        teacher = self.fd.teacher_for(device=request.device, classes=self.cache.classes)
+        return FdGlobal(
+            device=request.device,
+            cid=request.cid,
+            logits=teacher.logits,
+            class_counts=teacher.counts,
+            encoding=request.encoding,
+            applied=int(applied),
+        )
+
+    def _model_put(self, request: ModelPut) -> ModelAck:
+        self.cache.record(request.device)
+        ack = self.fedavg.put(
+            device=request.device,
+            round_=request.round,
+            model=request.model,
+            samples=request.samples,
+            size=request.size,
+            part=request.part,
+            params=request.params,
+        )
+        return ModelAck(device=request.device, cid=request.cid, round=ack.open_round, accepted=int(ack.accepted))
+
+    def _model_get(self, request: ModelGet) -> ModelState:
+        self.cache.record(request.device)
+        model = self.fedavg.get(request.round)
+        if model is None:
+            empty = np.zeros(0, np.float32)
+            return ModelState(
+                device=request.device,
+                cid=request.cid,
+                round=self.fedavg.open_round,
+                ready=0,
+                participants=0,
+                size=0,
+                part=0,
+                params=empty,
+            )
+        size = int(model.params.size)
+        if request.part >= model_parts(size):
+            raise Rejected(ErrorCode.BAD_SHAPE, f"part {request.part} of a {size}-float model of {model_parts(size)}")
+        start, stop = model_part_bounds(size, request.part)
+        return ModelState(
+            device=request.device,
+            cid=request.cid,
+            round=model.round,
+            ready=1,
+            participants=model.participants,
+            size=size,
+            part=request.part,
+            params=model.params[start:stop],
+        )
 
     # ------------------------------------------------------------ helpers
 

@@ -64,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--neighbours", type=int, default=16, help="R: neighbours per sample in the relation")
     parser.add_argument(
+        "--round-timeout",
+        type=float,
+        default=120.0,
+        help="FedAvg baseline: seconds after a round's first complete model upload before it closes with whoever "
+        "arrived (it closes at once when every participant did)",
+    )
+    parser.add_argument(
+        "--fedavg-participants",
+        type=int,
+        default=0,
+        help="FedAvg baseline: a round also waits until this many devices uploaded (up to --round-timeout)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=int,
         default=DEFAULT_METRICS_PORT,
@@ -116,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     service = None
     server = None
     try:
-        service = CacheService.open(args.data_dir / "state", neighbours=args.neighbours)
+        service = CacheService.open(
+            args.data_dir / "state",
+            neighbours=args.neighbours,
+            round_timeout_s=args.round_timeout,
+            min_participants=args.fedavg_participants,
+        )
         metrics = ServerMetrics()
         if args.metrics_port:
             metrics.serve(args.metrics_port)

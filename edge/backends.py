@@ -83,6 +83,21 @@ def _find(
     return min(matches, key=lambda m: int(m.metadata.get("max_batch", 0)), default=None)
 
 
+def has_training_program(
+    artifacts_dir: Path,
+    *,
+    arch: str,
+    classes: int,
+    input_shape: tuple[int, int, int],
+    loss: LossSettings,
+    batch_size: int,
+) -> bool:
+    """True when `artifacts_dir` already holds an ExecuTorch training program these settings can run (so a trial
+    or a flash need not export one again: exporting with its parity checks takes tens of seconds)."""
+    query = {"arch": arch, "classes": classes, "in_channels": input_shape[0], "input_shape": input_shape}
+    return _find(Path(artifacts_dir), kind="executorch-training", loss=loss, batch_size=batch_size, **query) is not None
+
+
 def make_trainer(
     *,
     backend: str,
@@ -148,4 +163,11 @@ def make_trainer(
         )
 
 
-__all__ = ["BACKENDS", "ArtifactNotFoundError", "TorchBackendTrainer", "Trainer", "make_trainer"]
+__all__ = [
+    "BACKENDS",
+    "ArtifactNotFoundError",
+    "TorchBackendTrainer",
+    "Trainer",
+    "has_training_program",
+    "make_trainer",
+]

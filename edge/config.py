@@ -10,7 +10,8 @@ from typing import Any
 from edge.backends import BACKENDS
 from fedwire import DEVICE_ID_PATTERN, HashKind, LogitEncoding
 
-ALGORITHMS = ("fedcache", "local")
+# fd and fedavg are the comparison's baselines (edge/fd_client.py, edge/fedavg_client.py).
+ALGORITHMS = ("fedcache", "local", "fd", "fedavg")
 EVAL_BACKENDS = ("executorch", "onnxruntime")
 
 
@@ -23,6 +24,7 @@ class DataConfig:
     alpha: float = 1.0
     seed: int = 0
     index: int = 0
+    shard: str = ""  # a shard .npz written by edge.shard_file (a flashed bundle's); empty: derive it from the dataset
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class TrainConfig:
     max_outstanding: int = 8
     logit_encoding: LogitEncoding = LogitEncoding.FLOAT16
     eval_every_epochs: int = 1
+    fd_every_batches: int = 0  # FD: upload per-class logits every this many batches; 0 = once per epoch
 
 
 @dataclass(frozen=True)

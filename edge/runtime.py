@@ -19,11 +19,13 @@ import numpy as np
 import torch
 
 from edge.backends import Trainer, make_trainer
-from edge.config import DeviceConfig
+from edge.baseline import Baseline, make_baseline
+from edge.config import DataConfig, DeviceConfig
 from edge.data import Shard, device_shard, load_dataset
 from edge.hashing import HashEncoder
 from edge.knowledge import BatchSchedule, TeacherCache
 from edge.link import KnowledgeLink
+from edge.shard_file import load_shard
 from edge.state import Checkpoint, DeviceState, ProgressBeacon
 from edge.trainer import LossSettings
 from export.encoder import export_encoder_onnx
@@ -68,22 +70,23 @@ class _InFlight:
     logits: np.ndarray
 
 
+def _device_shard(data: DataConfig) -> Shard:
+    """This device's shard: read from the file a flashed bundle ships, else derived from the whole dataset."""
+    if data.shard:
+        return load_shard(Path(data.shard), dataset=data.dataset, index=data.index, num_devices=data.num_devices)
+    dataset = load_dataset(data.dataset)
+    return device_shard(dataset, num_devices=data.num_devices, alpha=data.alpha, seed=data.seed, index=data.index)
+
+
 class DeviceRuntime:
     """Runs one device end to end; `run()` returns its final summary."""
 
     def __init__(self, config: DeviceConfig) -> None:
         self.config = config
         self.fedcache = config.train.algorithm == "fedcache"
-        dataset = load_dataset(config.data.dataset)
-        self.classes = dataset.classes
-        self.input_shape = dataset.input_shape
-        self.shard: Shard = device_shard(
-            dataset,
-            num_devices=config.data.num_devices,
-            alpha=config.data.alpha,
-            seed=config.data.seed,
-            index=config.data.index,
-        )
+        self.shard: Shard = _device_shard(config.data)
+        self.classes = self.shard.classes
+        self.input_shape = self.shard.input_shape
         torch.manual_seed(config.train.seed * 1000 + config.data.index)
         train = config.train
         self.trainer: Trainer = make_trainer(
@@ -119,6 +122,10 @@ class DeviceRuntime:
             device_id=config.id, address=BrokerAddress.parse(config.broker), on_reply=self._on_reply
         )
         self._replies: queue.SimpleQueue[tuple[Reply, int]] = queue.SimpleQueue()
+        # The comparison's FD / FedAvg baselines hook into the same loop; None for FedCache and local.
+        self.baseline: Baseline | None = make_baseline(
+            config=config, link=self.link, trainer=self.trainer, labels=self.shard.y_train, classes=self.classes
+        )
         self._in_flight: dict[int, _InFlight] = {}
         self._fetched_upto = self.position
         self._registered = threading.Event()
@@ -136,7 +143,8 @@ class DeviceRuntime:
         """paho's thread: keep teachers at once; leave durable bookkeeping to the training thread."""
         if isinstance(reply, Knowledge):
             self.teachers.store(reply.ids, reply.counts, reply.logits)
-        self._replies.put((reply, request_bytes))
+        if self.fedcache:  # baselines settle their own replies
+            self._replies.put((reply, request_bytes))
 
     def _settle_replies(self) -> None:
         """Drain acknowledged updates from the outbox; release what timed out so it is sent again."""
@@ -316,7 +324,7 @@ class DeviceRuntime:
             "offline_s": self.link.offline_seconds(),
             "offline_steps": self.offline_steps,
             "outbox": self.state.outbox_size(),
-            "teacher_coverage": self.teachers.coverage(),
+            "teacher_coverage": self.baseline.coverage() if self.baseline else self.teachers.coverage(),
             "teachers_received": self.teachers.received,
             "rejections": self.rejections,
             "latency_ms_p50": float(np.median(latencies) * 1000) if latencies else None,
@@ -324,6 +332,8 @@ class DeviceRuntime:
             "test_samples": len(self.shard.y_test),
             "done": done,
         }
+        if self.baseline is not None:
+            metrics |= self.baseline.metrics()
         self.link.publish_metrics(metrics)
         log.info(
             "epoch %d accuracy %.4f coverage %.2f up %d down %d offline %.0fs outbox %d",
@@ -355,6 +365,8 @@ class DeviceRuntime:
             teacher, mask = self.teachers.lookup(batch)
             if not self.fedcache:
                 mask[:] = False
+            if self.baseline is not None:
+                teacher, mask = self.baseline.teacher(y[batch])
             logits = self.trainer.step(x[batch], y[batch], teacher, mask)
             self.position += 1
             self.offline_steps += not self.link.connected
@@ -362,6 +374,8 @@ class DeviceRuntime:
             if self.fedcache:
                 self.state.outbox_put(batch, logits)
                 self._exchange(self.position)
+            if self.baseline is not None:
+                self.baseline.after_step(labels=y[batch], logits=logits, position=self.position)
             if self.position % CHECKPOINT_EVERY_BATCHES == 0:
                 self._checkpoint()
             if self._epoch_ends_at(self.position):
@@ -369,6 +383,8 @@ class DeviceRuntime:
                 last = self.position == len(self.schedule)
                 if last and self.fedcache:
                     self._flush()
+                if self.baseline is not None:
+                    self.baseline.end_epoch(epoch=epoch, last=last)
                 self._checkpoint()
                 if epoch % self.config.train.eval_every_epochs == 0 or last:
                     metrics = self._report(epoch=epoch, done=last)
@@ -385,6 +401,8 @@ class DeviceRuntime:
                 # (a device that boots offline trains with CE and registers when the link returns).
                 if not self._registered.wait(REGISTRATION_HEAD_START_S):
                     log.warning("not registered after %.0f s; training with CE until it is", REGISTRATION_HEAD_START_S)
+            if self.baseline is not None:
+                self.baseline.start()
             return self.train()
         finally:
             time.sleep(0.2)  # let the last metrics message leave before disconnecting

@@ -18,8 +18,10 @@ from fedwire.constants import (
     MAX_CLASSES,
     MAX_HASH_BYTES,
     MAX_IDS_PER_MESSAGE,
+    MAX_MODEL_FLOATS,
     MAX_MODEL_NAME_LEN,
     MAX_PAYLOAD_BYTES,
+    MODEL_CHUNK_FLOATS,
     PROTOCOL_VERSION,
     ErrorCode,
     HashKind,
@@ -28,11 +30,17 @@ from fedwire.constants import (
 )
 from fedwire.messages import (
     ErrorReply,
+    FdGlobal,
+    FdUpdate,
     Fetch,
     Hello,
     HelloAck,
     Knowledge,
     Message,
+    ModelAck,
+    ModelGet,
+    ModelPut,
+    ModelState,
     Register,
     RegisterAck,
     Update,
@@ -42,6 +50,8 @@ from fedwire.messages import (
 
 _U32 = np.dtype("<u4")
 _U16 = np.dtype("<u2")
+_F32 = np.dtype("<f4")
+_MAX_ROUND = 2**32 - 1
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _LOGIT_DTYPES = {
     LogitEncoding.FLOAT32: np.dtype("<f4"),
@@ -189,6 +199,24 @@ def _u16(array: np.ndarray) -> bytes:
     return _unsigned(array, _U16)
 
 
+def _params(array: np.ndarray) -> bytes:
+    values = np.asarray(array, dtype=np.float32)
+    if not np.all(np.isfinite(values)):
+        raise ValueError("model parameters hold NaN or infinite values")
+    return values.astype(_F32).tobytes()
+
+
+def model_part_bounds(size: int, part: int) -> tuple[int, int]:
+    """[start, stop) of the floats that part `part` of a `size`-float model carries."""
+    start = part * MODEL_CHUNK_FLOATS
+    return start, min(start + MODEL_CHUNK_FLOATS, size)
+
+
+def model_parts(size: int) -> int:
+    """How many parts a model of `size` floats travels in (at least one)."""
+    return max(1, -(-size // MODEL_CHUNK_FLOATS))
+
+
 _ENCODERS: dict[Kind, Callable[[Any], dict[str, Any]]] = {
     Kind.HELLO: lambda m: {
         "model": m.model,
@@ -223,6 +251,34 @@ _ENCODERS: dict[Kind, Callable[[Any], dict[str, Any]]] = {
     },
     Kind.UPDATE_ACK: lambda m: {"applied": m.applied, "stale": m.stale},
     Kind.ERROR: lambda m: {"code": m.code.value, "msg": m.message, "re": m.request},
+    Kind.FD_UPDATE: lambda m: {
+        "logits": encode_logits(m.logits, m.encoding),
+        "counts": _unsigned(m.class_counts, _U32),
+        "ver": m.version,
+    },
+    Kind.FD_GLOBAL: lambda m: {
+        "logits": encode_logits(m.logits, m.encoding),
+        "counts": _unsigned(m.class_counts, _U32),
+        "applied": m.applied,
+    },
+    Kind.MODEL_PUT: lambda m: {
+        "round": m.round,
+        "model": m.model,
+        "samples": m.samples,
+        "size": m.size,
+        "part": m.part,
+        "params": _params(m.params),
+    },
+    Kind.MODEL_ACK: lambda m: {"round": m.round, "accepted": m.accepted},
+    Kind.MODEL_GET: lambda m: {"round": m.round, "part": m.part},
+    Kind.MODEL_STATE: lambda m: {
+        "round": m.round,
+        "ready": m.ready,
+        "participants": m.participants,
+        "size": m.size,
+        "part": m.part,
+        "params": _params(m.params),
+    },
 }
 
 
@@ -347,6 +403,79 @@ def _decode_error(raw: dict[str, Any], device: str, cid: int, where: str) -> Err
     )
 
 
+def _class_table(raw: dict[str, Any], where: str) -> tuple[np.ndarray, np.ndarray, LogitEncoding]:
+    """A (classes x classes) per-class logit table and its uint32 per-class counts."""
+    logits, encoding = _decode_logits(_field(raw, "logits", dict, where), where + ".logits")
+    rows, cols = logits.shape
+    if rows != cols or rows < 2:
+        raise ProtocolError(
+            ErrorCode.BAD_SHAPE, f"{where}.logits must be classes x classes (>= 2), got {rows} x {cols}"
+        )
+    counts = _bytes_of(raw, "counts", where, _U32, rows)
+    return logits, counts, encoding
+
+
+def _decode_fd_update(raw: dict[str, Any], device: str, cid: int, where: str) -> FdUpdate:
+    logits, counts, encoding = _class_table(raw, where)
+    version = _count(raw, "ver", where, 2**63 - 1)
+    return FdUpdate(device=device, cid=cid, logits=logits, class_counts=counts, version=version, encoding=encoding)
+
+
+def _decode_fd_global(raw: dict[str, Any], device: str, cid: int, where: str) -> FdGlobal:
+    logits, counts, encoding = _class_table(raw, where)
+    applied = _count(raw, "applied", where, 1)
+    return FdGlobal(device=device, cid=cid, logits=logits, class_counts=counts, encoding=encoding, applied=applied)
+
+
+def _model_part(raw: dict[str, Any], where: str, *, present: bool) -> tuple[int, int, np.ndarray]:
+    """(size, part, params) of a model part; `present` False means a reply without parameters."""
+    size = _count(raw, "size", where, MAX_MODEL_FLOATS)
+    part = _count(raw, "part", where, MAX_MODEL_FLOATS // MODEL_CHUNK_FLOATS)
+    if not present:
+        params = _bytes_of(raw, "params", where, _F32, 0)
+        return size, part, params.astype(np.float32)
+    if size == 0:
+        raise ProtocolError(ErrorCode.BAD_SHAPE, f"{where}.size must be at least 1")
+    if part >= model_parts(size):
+        raise ProtocolError(
+            ErrorCode.BAD_SHAPE, f"{where}.part={part} but a {size}-float model has {model_parts(size)}"
+        )
+    start, stop = model_part_bounds(size, part)
+    params = _bytes_of(raw, "params", where, _F32, stop - start).astype(np.float32)
+    if not np.all(np.isfinite(params)):
+        raise ProtocolError(ErrorCode.NON_FINITE, f"{where}.params holds NaN or infinite values")
+    return size, part, params
+
+
+def _decode_model_put(raw: dict[str, Any], device: str, cid: int, where: str) -> ModelPut:
+    size, part, params = _model_part(raw, where, present=True)
+    return ModelPut(
+        device=device,
+        cid=cid,
+        round=_count(raw, "round", where, _MAX_ROUND),
+        model=_text(raw, "model", where, MAX_MODEL_NAME_LEN),
+        samples=_count(raw, "samples", where, 2**32 - 1),
+        size=size,
+        part=part,
+        params=params,
+    )
+
+
+def _decode_model_state(raw: dict[str, Any], device: str, cid: int, where: str) -> ModelState:
+    ready = _count(raw, "ready", where, 1)
+    size, part, params = _model_part(raw, where, present=bool(ready))
+    return ModelState(
+        device=device,
+        cid=cid,
+        round=_count(raw, "round", where, _MAX_ROUND),
+        ready=ready,
+        participants=_count(raw, "participants", where, 2**32 - 1),
+        size=size,
+        part=part,
+        params=params,
+    )
+
+
 _DECODERS: dict[Kind, Callable[[dict[str, Any], str, int, str], Message]] = {
     Kind.HELLO: _decode_hello,
     Kind.REGISTER: _decode_register,
@@ -370,4 +499,17 @@ _DECODERS: dict[Kind, Callable[[dict[str, Any], str, int, str], Message]] = {
         stale=_count(raw, "stale", w, MAX_IDS_PER_MESSAGE),
     ),
     Kind.ERROR: _decode_error,
+    Kind.FD_UPDATE: _decode_fd_update,
+    Kind.FD_GLOBAL: _decode_fd_global,
+    Kind.MODEL_PUT: _decode_model_put,
+    Kind.MODEL_ACK: lambda raw, d, c, w: ModelAck(
+        device=d, cid=c, round=_count(raw, "round", w, _MAX_ROUND), accepted=_count(raw, "accepted", w, 1)
+    ),
+    Kind.MODEL_GET: lambda raw, d, c, w: ModelGet(
+        device=d,
+        cid=c,
+        round=_count(raw, "round", w, _MAX_ROUND),
+        part=_count(raw, "part", w, MAX_MODEL_FLOATS // MODEL_CHUNK_FLOATS),
+    ),
+    Kind.MODEL_STATE: _decode_model_state,
 }

@@ -15,6 +15,10 @@ MAX_CLASSES = 1000
 MAX_HASH_BYTES = 4096
 MAX_DEVICE_ID_LEN = 64
 MAX_MODEL_NAME_LEN = 64
+# FedAvg baseline: a model travels as one flat float32 vector, cut into parts of MODEL_CHUNK_FLOATS
+# (the last part shorter), so one part (1 MiB of float32) always fits MAX_PAYLOAD_BYTES with room to spare.
+MODEL_CHUNK_FLOATS = 1 << 18
+MAX_MODEL_FLOATS = 1 << 28
 # A leading underscore is reserved for the server's own topics (fedcache/v1/_server/status).
 DEVICE_ID_PATTERN = re.compile(rf"\A[A-Za-z0-9][A-Za-z0-9_-]{{0,{MAX_DEVICE_ID_LEN - 1}}}\Z")
 
@@ -32,15 +36,44 @@ class Kind(StrEnum):
     FETCH = "fetch"
     UPDATE = "update"
     UPDATE_FETCH = "update_fetch"
+    # Baselines of the comparison (docs/protocol.md §16): federated distillation and FedAvg.
+    FD_UPDATE = "fd_update"
+    MODEL_PUT = "model_put"
+    MODEL_GET = "model_get"
     HELLO_ACK = "hello_ack"
     REGISTER_ACK = "register_ack"
     KNOWLEDGE = "knowledge"
     UPDATE_ACK = "update_ack"
     ERROR = "error"
+    FD_GLOBAL = "fd_global"
+    MODEL_ACK = "model_ack"
+    MODEL_STATE = "model_state"
 
 
-REQUEST_KINDS = frozenset({Kind.HELLO, Kind.REGISTER, Kind.FETCH, Kind.UPDATE, Kind.UPDATE_FETCH})
-REPLY_KINDS = frozenset({Kind.HELLO_ACK, Kind.REGISTER_ACK, Kind.KNOWLEDGE, Kind.UPDATE_ACK, Kind.ERROR})
+REQUEST_KINDS = frozenset(
+    {
+        Kind.HELLO,
+        Kind.REGISTER,
+        Kind.FETCH,
+        Kind.UPDATE,
+        Kind.UPDATE_FETCH,
+        Kind.FD_UPDATE,
+        Kind.MODEL_PUT,
+        Kind.MODEL_GET,
+    }
+)
+REPLY_KINDS = frozenset(
+    {
+        Kind.HELLO_ACK,
+        Kind.REGISTER_ACK,
+        Kind.KNOWLEDGE,
+        Kind.UPDATE_ACK,
+        Kind.ERROR,
+        Kind.FD_GLOBAL,
+        Kind.MODEL_ACK,
+        Kind.MODEL_STATE,
+    }
+)
 
 
 class HashKind(StrEnum):
@@ -74,3 +107,4 @@ class ErrorCode(StrEnum):
     CLASS_MISMATCH = "class_mismatch"
     HASH_MISMATCH = "hash_mismatch"
     INTERNAL = "internal"
+    MODEL_MISMATCH = "model_mismatch"  # FedAvg baseline: another architecture than the one averaged

@@ -143,6 +143,104 @@ class ErrorReply:
     kind: Kind = field(default=Kind.ERROR, init=False)
 
 
-Request = Hello | Register | Fetch | Update | UpdateFetch
-Reply = HelloAck | RegisterAck | Knowledge | UpdateAck | ErrorReply
+# ---------------------------------------------------------------- baselines of the comparison (protocol §16)
+
+
+@dataclass(frozen=True, eq=False)
+class FdUpdate:
+    """Federated distillation: the device's per-class mean logits since its last upload, with sample counts.
+
+    Row c of `logits` is the mean of the device's logits over its samples of class c; rows of classes
+    with count 0 carry no information (zeros by convention). An empty window (all counts 0) only asks
+    for the current global teacher.
+    """
+
+    device: str
+    cid: int
+    logits: np.ndarray  # float32 (classes, classes)
+    class_counts: np.ndarray  # uint32 (classes,)
+    version: int
+    encoding: LogitEncoding = LogitEncoding.FLOAT16
+    kind: Kind = field(default=Kind.FD_UPDATE, init=False)
+
+
+@dataclass(frozen=True, eq=False)
+class FdGlobal:
+    """The global per-class teacher for one device: other devices' per-class means, weighted by their counts.
+
+    `class_counts[c]` is how many samples of class c (of the other devices) went into row c; 0 means no
+    teacher for that class yet. `applied` is 1 when the request's window was newer than what the server held.
+    """
+
+    device: str
+    cid: int
+    logits: np.ndarray  # float32 (classes, classes)
+    class_counts: np.ndarray  # uint32 (classes,)
+    encoding: LogitEncoding = LogitEncoding.FLOAT16
+    applied: int = 0
+    kind: Kind = field(default=Kind.FD_GLOBAL, init=False)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelPut:
+    """FedAvg: one part of a device's model after a round, as a flat float32 vector.
+
+    Part p covers floats [p * MODEL_CHUNK_FLOATS, min((p + 1) * MODEL_CHUNK_FLOATS, size)); `samples`
+    is the device's training-set size, the weight of its model in the average.
+    """
+
+    device: str
+    cid: int
+    round: int
+    model: str
+    samples: int
+    size: int
+    part: int
+    params: np.ndarray  # float32 (length of this part,)
+    kind: Kind = field(default=Kind.MODEL_PUT, init=False)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelAck:
+    """A model part was received; `accepted` 0 means its round had already closed (a straggler)."""
+
+    device: str
+    cid: int
+    round: int  # the server's open round after this part
+    accepted: int
+    kind: Kind = field(default=Kind.MODEL_ACK, init=False)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelGet:
+    """FedAvg: ask for one part of the global model of `round` (or of a later round, if one closed since)."""
+
+    device: str
+    cid: int
+    round: int
+    part: int
+    kind: Kind = field(default=Kind.MODEL_GET, init=False)
+
+
+@dataclass(frozen=True, eq=False)
+class ModelState:
+    """One part of the global model, or `ready` 0 (no params) while the requested round is still open.
+
+    When ready, `round` is the round the global model closes (>= the requested one) and `participants`
+    how many devices' models were averaged; when not ready, `round` is the server's open round.
+    """
+
+    device: str
+    cid: int
+    round: int
+    ready: int
+    participants: int
+    size: int
+    part: int
+    params: np.ndarray  # float32 (length of this part,), empty when not ready
+    kind: Kind = field(default=Kind.MODEL_STATE, init=False)
+
+
+Request = Hello | Register | Fetch | Update | UpdateFetch | FdUpdate | ModelPut | ModelGet
+Reply = HelloAck | RegisterAck | Knowledge | UpdateAck | ErrorReply | FdGlobal | ModelAck | ModelState
 Message = Request | Reply

@@ -8,6 +8,11 @@ command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
 # The fault-injection bench cuts and degrades device links in network namespaces.
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
+# Device targets: flashing over ssh (and its test's private sshd) needs the OpenSSH client and server.
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+# Trial reports (report.html) are checked by rendering them in a headless browser.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

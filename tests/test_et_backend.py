@@ -124,3 +124,27 @@ def test_mixed_backends_share_one_knowledge_cache(artifacts: Path, digits: tuple
 def test_missing_program_is_reported_without_an_input_shape(tmp_path: Path) -> None:
     with pytest.raises(ArtifactNotFoundError, match="python -m export"):
         make_trainer(backend="executorch", arch="cnn", seed=0, loss=LossSettings(), artifacts_dir=tmp_path, **SETTINGS)
+
+
+def test_a_trial_mixes_torch_and_executorch_devices_through_the_cache_server(artifacts: Path, tmp_path: Path) -> None:
+    """A real trial (Mosquitto, cache server, device processes): a torch resnet8 and an ExecuTorch cnn device."""
+    import shutil
+
+    from android_harness.trial import TrialSettings, run_trial
+
+    # The cnn program exported by the tests above serves (the trial exports only what its directory lacks).
+    shutil.copytree(artifacts, tmp_path / "artifacts")
+    exported_before = sorted(p.name for p in (tmp_path / "artifacts").glob("*.train.pte"))
+    assert any(name.startswith("cnn-c10-1x8x8") for name in exported_before)
+    settings = TrialSettings(
+        out=tmp_path, dataset="digits", devices=2, epochs=3, archs=("resnet8", "cnn"), backends=("torch", "executorch")
+    )
+    report = run_trial(settings, progress=False)
+    configs = {
+        d.name: (tmp_path / "devices" / d.name / "device.toml").read_text() for d in (tmp_path / "devices").iterdir()
+    }
+    assert 'backend = "executorch"' in configs["dev001"] and 'backend = "torch"' in configs["dev000"]
+    for device in report["devices"]:
+        assert device["teacher_coverage"] > 0.5, device  # knowledge reached both backends through the server
+        assert device["accuracy"] > 0.6, device
+    assert sorted(p.name for p in (tmp_path / "artifacts").glob("*.train.pte")) == exported_before

@@ -20,6 +20,8 @@ from fedwire import (
     PROTOCOL_VERSION,
     ErrorCode,
     ErrorReply,
+    FdGlobal,
+    FdUpdate,
     Fetch,
     HashKind,
     Hello,
@@ -28,6 +30,10 @@ from fedwire import (
     Knowledge,
     LogitEncoding,
     Message,
+    ModelAck,
+    ModelGet,
+    ModelPut,
+    ModelState,
     ProtocolError,
     Register,
     RegisterAck,
@@ -59,6 +65,12 @@ CLASSES: dict[Kind, type] = {
     Kind.KNOWLEDGE: Knowledge,
     Kind.UPDATE_ACK: UpdateAck,
     Kind.ERROR: ErrorReply,
+    Kind.FD_UPDATE: FdUpdate,
+    Kind.FD_GLOBAL: FdGlobal,
+    Kind.MODEL_PUT: ModelPut,
+    Kind.MODEL_ACK: ModelAck,
+    Kind.MODEL_GET: ModelGet,
+    Kind.MODEL_STATE: ModelState,
 }
 
 
@@ -102,6 +114,11 @@ def _examples() -> list[Message]:
         UpdateAck("dev-1", 7, 2, 1),
         ErrorReply("dev-1", 8, ErrorCode.UNKNOWN_SAMPLE, "id 9 is not registered", "fetch"),
         ErrorReply("dev-1", 0, ErrorCode.BAD_ENCODING, "not a msgpack document"),
+        ModelPut("dev-1", 20, 3, "cnn", 400, 5, 0, np.arange(5, dtype=np.float32) - 2.5),
+        ModelAck("dev-1", 21, 4, 1),
+        ModelGet("dev-1", 22, 3, 0),
+        ModelState("dev-1", 23, 3, 1, 4, 5, 0, np.arange(5, dtype=np.float32)),
+        ModelState("dev-1", 24, 5, 0, 0, 0, 0, np.zeros(0, np.float32)),
     ]
     for encoding in LogitEncoding:
         examples += [
@@ -112,6 +129,8 @@ def _examples() -> list[Message]:
                 "dev-1", 13, _u32([3, 1, 7]), np.asarray([2, 0, 1], np.uint16), _matrix(2, 10, 3), encoding, 1, 1
             ),
             Knowledge("dev-1", 14, _u32([3]), np.zeros(1, np.uint16), np.zeros((0, 10), np.float32), encoding),
+            FdUpdate("dev-1", 15, _matrix(3, 3, 4), np.asarray([5, 0, 70000], np.uint32), 9, encoding),
+            FdGlobal("dev-1", 16, _matrix(3, 3, 5), np.asarray([0, 2, 1], np.uint32), encoding, 1),
         ]
     return examples
 
@@ -535,7 +554,16 @@ def _message_from(meaning: dict[str, Any]) -> Message:
     """Build the message a valid vector's JSON describes (independent of the generator)."""
     fields = dict(meaning["fields"])
     fields.pop("kind", None)
-    arrays = {"ids": "<u4", "fetch_ids": "<u4", "labels": "<u2", "counts": "<u2", "hashes": "u1", "logits": "<f4"}
+    arrays = {
+        "ids": "<u4",
+        "fetch_ids": "<u4",
+        "labels": "<u2",
+        "counts": "<u2",
+        "class_counts": "<u4",
+        "hashes": "u1",
+        "logits": "<f4",
+        "params": "<f4",
+    }
     for name, dtype in arrays.items():
         if name in fields:
             array = np.asarray(fields.pop(name), dtype=dtype)

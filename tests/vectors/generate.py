@@ -24,6 +24,8 @@ from fedwire import (  # noqa: E402
     MAX_PAYLOAD_BYTES,
     ErrorCode,
     ErrorReply,
+    FdGlobal,
+    FdUpdate,
     Fetch,
     HashKind,
     Hello,
@@ -31,6 +33,10 @@ from fedwire import (  # noqa: E402
     Knowledge,
     LogitEncoding,
     Message,
+    ModelAck,
+    ModelGet,
+    ModelPut,
+    ModelState,
     Register,
     RegisterAck,
     Update,
@@ -166,7 +172,36 @@ def valid_vectors() -> list[tuple[str, str, Message]]:
             "knowledge where no id has a teacher: zero logit rows, m still 10",
             Knowledge("phone-a1", 9, _u32([1, 2]), np.zeros(2, np.uint16), np.zeros((0, 10), np.float32), F16, 0, 2),
         ),
-    ]
+        (
+            "fd_update_f16",
+            "federated distillation: per-class mean logits of 3 classes as float16, class 1 without samples",
+            FdUpdate("phone-a1", 10, np.vstack([_logits(1, 3, 11), np.zeros((1, 3)), _logits(1, 3, 12)]),
+                     np.asarray([12, 0, 70000], np.uint32), 5, F16),
+        ),
+        (
+            "fd_global_i8",
+            "the leave-one-out global per-class teacher, int8; class 2 has no teacher (count 0, zero row)",
+            FdGlobal("phone-a1", 10, np.vstack([_logits(2, 3, 13), np.zeros((1, 3))]),
+                     np.asarray([40, 7, 0], np.uint32), I8, 1),
+        ),
+        (
+            "model_put",
+            "FedAvg: part 0 of a 4-float model for round 2, weight 300 samples",
+            ModelPut("phone-a1", 11, 2, "cnn", 300, 4, 0, np.asarray([0.5, -1.25, 3.0, 0.0], np.float32)),
+        ),
+        ("model_ack", "FedAvg: the part was accepted; round 2 still open", ModelAck("phone-a1", 11, 2, 1)),
+        ("model_get", "FedAvg: ask for part 0 of round 2's global model", ModelGet("phone-a1", 12, 2, 0)),
+        (
+            "model_state",
+            "FedAvg: part 0 of round 2's global model, the average of 3 devices",
+            ModelState("phone-a1", 12, 2, 1, 3, 4, 0, np.asarray([0.25, -1.0, 2.5, 0.125], np.float32)),
+        ),
+        (
+            "model_state_pending",
+            "FedAvg: round 2 is still open (ready 0, no params)",
+            ModelState("phone-a1", 13, 2, 0, 0, 0, 0, np.zeros(0, np.float32)),
+        ),
+    ]  # fmt: skip
     for i, code in enumerate(ErrorCode):
         request = "" if code in (ErrorCode.TOO_LARGE, ErrorCode.BAD_ENCODING) else "update_fetch"
         cid = 0 if not request else 100 + i

@@ -1,0 +1,242 @@
+"""The paper's comparison over the wire: FedCache (and its variants), FD, FedAvg and local training, MAUA vs bytes.
+
+Every method runs as a real trial (`android_harness.trial.run_trial`: a private Mosquitto, the server,
+one process per device) on the same Dirichlet split, and bytes are the MQTT PUBLISH packet bytes each
+device's link counts, so the methods are compared on the same footing. Registration (hello + hashes)
+is a one-off cost and is shown apart; "bytes to target" counts training traffic only (uplink +
+downlink of all devices) until the MAUA curve first reaches the target.
+
+Setting: the paper's FashionMNIST experiment (Dirichlet alpha = 1.0) scaled to a 2-core CPU box:
+20 devices instead of the paper's larger population, the zoo's small CNN for every device instead of
+ResNets, and 10 local epochs instead of hundreds of rounds on a GPU (`--epochs` to change). `--quick`
+is a smoke-sized run: sklearn digits, 4 devices, 2 epochs (about two minutes).
+
+    python -m bench comparison [--quick] [--epochs N] [--devices N] [--target MAUA] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench._report import machine_line, markdown_table
+from fedwire import HashKind, LogitEncoding
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison: an algorithm and the trial options that make it a variant."""
+
+    name: str
+    algorithm: str
+    logit_encoding: LogitEncoding = LogitEncoding.FLOAT16
+    hash_kind: HashKind = HashKind.BINARY
+    extra_train: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS = (
+    Method("fedcache", "fedcache"),
+    Method("fedcache logits i8", "fedcache", logit_encoding=LogitEncoding.INT8),
+    Method("fedcache logits f32", "fedcache", logit_encoding=LogitEncoding.FLOAT32),
+    Method("fedcache hash f16", "fedcache", hash_kind=HashKind.FLOAT16),
+    Method("fd", "fd"),
+    Method("fedavg", "fedavg"),
+    Method("local", "local"),
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the table needs of one trial."""
+
+    method: str
+    maua: float
+    training_bytes: int
+    register_bytes: int
+    wall_s: float
+    curve: list[tuple[int, float]]  # (cumulative training bytes of all devices, MAUA) in time order
+
+
+def bytes_curve(history: list[dict[str, Any]], devices: int) -> list[tuple[int, float]]:
+    """MAUA against cumulative training bytes, one point per metrics message once every device has reported.
+
+    Each device's metrics carry its running byte totals, so the sum of the latest totals is what the
+    whole federation has sent and received up to that moment (registration excluded).
+    """
+    latest: dict[str, dict[str, Any]] = {}
+    points: list[tuple[int, float]] = []
+    for metrics in sorted(history, key=lambda m: m["trial_time_s"]):
+        latest[metrics["device"]] = metrics
+        if len(latest) == devices:
+            spent = sum(m["bytes"]["up"] + m["bytes"]["down"] for m in latest.values())
+            points.append((spent, sum(m["accuracy"] for m in latest.values()) / devices))
+    return points
+
+
+def bytes_to_target(curve: list[tuple[int, float]], target: float) -> int | None:
+    """Training bytes spent when MAUA first reached `target`, or None if it never did."""
+    return next((spent for spent, maua in curve if maua >= target), None)
+
+
+def outcome_of(method: str, report: dict[str, Any]) -> Outcome:
+    """Reduce a trial report (report.json's shape) to the comparison's figures."""
+    devices = len(report["devices"])
+    return Outcome(
+        method=method,
+        maua=report["maua"],
+        training_bytes=report["bytes"]["up"] + report["bytes"]["down"],
+        register_bytes=report["bytes"]["register_up"],
+        wall_s=report["wall_s"],
+        curve=bytes_curve(report["history"], devices),
+    )
+
+
+def default_target(outcomes: list[Outcome]) -> float:
+    """The lowest final MAUA among the methods that communicate: every one of them reaches it."""
+    communicating = [o.maua for o in outcomes if o.training_bytes > 0]
+    return min(communicating) if communicating else 0.0
+
+
+def comparison_rows(outcomes: list[Outcome], *, target: float, devices: int, epochs: int) -> list[list[object]]:
+    """The table's rows; speed-up is against the method that needed the most bytes to reach the target."""
+    reached = {o.method: bytes_to_target(o.curve, target) for o in outcomes if o.training_bytes > 0}
+    costliest = max((b for b in reached.values() if b), default=None)
+    rows: list[list[object]] = []
+    for o in outcomes:
+        spent = reached.get(o.method)
+        speedup = f"{costliest / spent:.1f}x" if costliest and spent else "-"
+        rows.append(
+            [
+                o.method,
+                f"{o.maua:.4f}",
+                _kib(o.training_bytes),
+                _kib(o.training_bytes / max(devices * epochs, 1)),
+                _kib(o.register_bytes),
+                "no traffic" if o.training_bytes == 0 else (_kib(spent) if spent is not None else "not reached"),
+                speedup,
+                f"{o.wall_s:.0f}",
+            ]
+        )
+    return rows
+
+
+def _kib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1024:,.1f}"
+
+
+HEADERS = (
+    "method",
+    "MAUA",
+    "training KiB (up+down, all devices)",
+    "KiB per device per epoch",
+    "registration KiB (apart)",
+    "KiB to target MAUA",
+    "speed-up vs costliest",
+    "wall s",
+)
+
+
+def plot(outcomes: list[Outcome], *, target: float, path: Path) -> None:
+    """MAUA against cumulative training bytes for every method (log x); local, with no traffic, as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for o in outcomes:
+        if o.training_bytes == 0:
+            axes.axhline(o.maua, linestyle=":", color="grey", label=f"{o.method} (no traffic)")
+            continue
+        points = [(b, m) for b, m in o.curve if b > 0]
+        if points:
+            axes.plot([b / 1024 for b, _ in points], [m for _, m in points], marker=".", label=o.method)
+    axes.axhline(target, linestyle="--", linewidth=0.8, color="black", label=f"target MAUA {target:.3f}")
+    axes.set_xscale("log")
+    axes.set_xlabel("cumulative training bytes of all devices (KiB, MQTT PUBLISH; registration excluded)")
+    axes.set_ylabel("MAUA")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench comparison", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="digits, 4 devices, 2 epochs (a smoke-sized run)")
+    parser.add_argument("--dataset", choices=["fashion-mnist", "digits"], help="default fashion-mnist (quick: digits)")
+    parser.add_argument("--devices", type=int, help="default 20 (quick: 4)")
+    parser.add_argument("--epochs", type=int, help="default 10 (quick: 2)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (the paper's 1.0)")
+    parser.add_argument("--target", type=float, help="target MAUA (default: the lowest final MAUA of the methods)")
+    parser.add_argument("--methods", help="comma-separated subset of: " + ", ".join(m.name for m in METHODS))
+    parser.add_argument("--out", type=Path, help="default runs/comparison (quick: runs/comparison-quick)")
+    parser.add_argument("--timeout", type=float, default=7200.0, help="per-trial limit in seconds")
+    args = parser.parse_args(argv)
+
+    from android_harness.trial import TrialSettings, run_trial
+
+    dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
+    devices = args.devices or (4 if args.quick else 20)
+    epochs = args.epochs or (2 if args.quick else 10)
+    out = args.out or Path("runs/comparison-quick" if args.quick else "runs/comparison")
+    chosen = METHODS
+    if args.methods:
+        names = [n.strip() for n in args.methods.split(",")]
+        unknown = set(names) - {m.name for m in METHODS}
+        if unknown:
+            parser.error(f"unknown methods {sorted(unknown)}")
+        chosen = tuple(m for m in METHODS if m.name in names)
+    print(f"# comparison: {dataset}, {devices} devices, Dirichlet alpha {args.alpha}, {epochs} epochs, cnn")
+    print(f"machine: {machine_line()}", flush=True)
+    outcomes = []
+    for method in chosen:
+        print(f"== {method.name}", file=sys.stderr, flush=True)
+        settings = TrialSettings(
+            out=out / method.name.replace(" ", "-"),
+            dataset=dataset,
+            devices=devices,
+            epochs=epochs,
+            algorithm=method.algorithm,
+            alpha=args.alpha,
+            logit_encoding=method.logit_encoding,
+            hash_kind=method.hash_kind,
+            extra_train=dict(method.extra_train),
+            timeout_s=args.timeout,
+        )
+        outcomes.append(outcome_of(method.name, run_trial(settings, progress=False)))
+    target = args.target if args.target is not None else default_target(outcomes)
+    print(f"\ntarget MAUA {target:.4f}; bytes are MQTT PUBLISH packet bytes counted by each device's link\n")
+    print(markdown_table(HEADERS, comparison_rows(outcomes, target=target, devices=devices, epochs=epochs)))
+    out.mkdir(parents=True, exist_ok=True)
+    plot(outcomes, target=target, path=out / "comparison.png")
+    summary = {
+        "dataset": dataset,
+        "devices": devices,
+        "epochs": epochs,
+        "alpha": args.alpha,
+        "target": target,
+        "methods": {
+            o.method: {
+                "maua": o.maua,
+                "training_bytes": o.training_bytes,
+                "register_bytes": o.register_bytes,
+                "bytes_to_target": bytes_to_target(o.curve, target),
+                "wall_s": o.wall_s,
+                "curve": o.curve,
+            }
+            for o in outcomes
+        },
+    }
+    (out / "comparison.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nplot: {out / 'comparison.png'}  figures: {out / 'comparison.json'}  trial reports: {out}/<method>/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
