@@ -151,6 +151,7 @@ class KnowledgeCache:
         self.exact_limit = exact_limit
         self._config: CacheConfig | None = None
         self._relations: RelationTable | None = None
+        self._rebuilt_unsaved: set[int] = set()
         self._devices: dict[str, DeviceRecord] = {}
         self._records: list[DeviceRecord] = []
         # Per device index: its local ids sorted, and the global row of each.
@@ -458,7 +459,33 @@ class KnowledgeCache:
             return ()
         labels = self._labels.view
         classes = None if rows is None else np.unique(labels[rows]).tolist()
-        return self._relations.refresh(labels=labels, hashes=self._hashes.view, classes=classes)
+        rebuilt = self._relations.refresh(labels=labels, hashes=self._hashes.view, classes=classes)
+        self._rebuilt_unsaved.update(rebuilt)
+        return rebuilt
+
+    def take_rebuilt_relations(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Classes rebuilt since the last call, as (rows, neighbour rows), for the store to keep."""
+        if self._relations is None:
+            return {}
+        labels = self._labels.view
+        # A class that gained rows since its rebuild is dirty again: it is saved after its next rebuild.
+        current = self._rebuilt_unsaved - self._relations.dirty
+        taken = {label: self._relations.relation_of(label=label, labels=labels) for label in sorted(current)}
+        self._rebuilt_unsaved.clear()
+        return taken
+
+    def restore_relations(self, stored: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[int, ...]:
+        """Take the stored relations that still match their classes' rows; returns the classes restored."""
+        if self._relations is None:
+            return ()
+        labels = self._labels.view
+        restored = [
+            label
+            for label, (rows, table) in sorted(stored.items())
+            if label in self._relations.dirty
+            and self._relations.restore(label=label, rows=rows, labels=labels, table=table)
+        ]
+        return tuple(restored)
 
     def fetch(self, rows: np.ndarray) -> Teachers:
         """Mean latest logits of each row's neighbours that hold knowledge, plus how many contributed.

@@ -76,7 +76,10 @@ class CacheService:
             cache = KnowledgeCache.from_state(
                 store.load(), config=config, neighbours=neighbours, exact_limit=exact_limit
             )
+            cache.restore_relations(store.load_relations())
             cache.refresh_relations()
+            _stage_relations(store, cache)
+            store.commit()
         except BaseException:
             store.close()
             raise
@@ -123,7 +126,8 @@ class CacheService:
         raise TypeError(f"not a request: {type(request).__name__}")
 
     def commit(self) -> None:
-        """Make every write staged by handle() durable."""
+        """Make every write staged by handle() durable, with the relations rebuilt since the last commit."""
+        _stage_relations(self.store, self.cache)
         self.store.commit()
 
     def stats(self) -> dict[str, float]:
@@ -288,3 +292,9 @@ class CacheService:
             applied=applied,
             stale=stale,
         )
+
+
+def _stage_relations(store: StateStore, cache: KnowledgeCache) -> None:
+    """Stage every relation the cache rebuilt since the last call, so a restart reuses it."""
+    for label, (rows, neighbour_rows) in cache.take_rebuilt_relations().items():
+        store.save_relation(label=label, rows=rows, neighbour_rows=neighbour_rows)

@@ -163,6 +163,25 @@ class RelationTable:
         """(len(rows), R) global neighbour rows of the given rows."""
         return self._table[rows]
 
+    def restore(self, *, label: int, rows: np.ndarray, labels: np.ndarray, table: np.ndarray) -> bool:
+        """Reuse a stored relation of one class instead of rebuilding it; True when it was taken.
+
+        A class's relation depends only on the hashes of its rows, and rows are append-only with immutable
+        hashes, so a stored relation over exactly the class's current rows (same R) is still exact.
+        """
+        current = np.flatnonzero(labels == label)
+        if table.shape != (current.size, self.neighbours) or not np.array_equal(rows, current):
+            return False
+        self._grow(labels.shape[0])
+        self._table[current] = table
+        self._dirty.discard(label)
+        return True
+
+    def relation_of(self, *, label: int, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One class's rows and their (rows, R) neighbour rows, as a store keeps them."""
+        rows = np.flatnonzero(labels == label)
+        return rows, self._table[rows].copy()
+
     def _grow(self, size: int) -> None:
         """Extend to `size` rows with amortised doubling, new rows holding no neighbours."""
         if size > self._table.shape[0]:

@@ -16,6 +16,12 @@ STORE_FILENAME = "fedcache.sqlite3"
 SCHEMA_VERSION = 1
 SQLITE_BUSY_TIMEOUT_MS = 5000
 _LOGIT_DTYPE = np.dtype("<f4")
+_ROW_DTYPE = np.dtype("<i4")  # rows and neighbour rows of stored relations (-1: no neighbour)
+_UPSERT_RELATION = """
+INSERT INTO relations (label, neighbours, rows, neighbour_rows) VALUES (?, ?, ?, ?)
+ON CONFLICT(label) DO UPDATE SET neighbours = excluded.neighbours, rows = excluded.rows,
+    neighbour_rows = excluded.neighbour_rows
+"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -39,6 +45,12 @@ CREATE TABLE IF NOT EXISTS knowledge (
     row INTEGER PRIMARY KEY,
     version INTEGER NOT NULL,
     logits BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS relations (
+    label INTEGER PRIMARY KEY,
+    neighbours INTEGER NOT NULL,
+    rows BLOB NOT NULL,
+    neighbour_rows BLOB NOT NULL
 );
 """
 _UPSERT_DEVICE = """
@@ -111,6 +123,18 @@ class StateStore(ABC):
         """Stage logits for rows; a row keeps whichever version is newest."""
 
     @abstractmethod
+    def save_relation(self, *, label: int, rows: np.ndarray, neighbour_rows: np.ndarray) -> None:
+        """Stage one class's relation (its rows, ascending, and their R neighbour rows), replacing the stored one.
+
+        Relations are derived data, but rebuilding them takes minutes at a million samples: a restart that
+        finds them stored for exactly the current rows of a class serves at once.
+        """
+
+    @abstractmethod
+    def load_relations(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Committed relations by class: (rows, neighbour rows)."""
+
+    @abstractmethod
     def commit(self) -> None:
         """Make everything staged durable at once."""
 
@@ -157,9 +181,17 @@ class MemoryStore(StateStore):
         self._staged_devices: list[DeviceRecord] = []
         self._staged_samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self._staged_knowledge: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._relations: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._staged_relations: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def save_device(self, record: DeviceRecord) -> None:
         self._staged_devices.append(record)
+
+    def save_relation(self, *, label: int, rows: np.ndarray, neighbour_rows: np.ndarray) -> None:
+        self._staged_relations[int(label)] = (np.array(rows, dtype=np.int64), np.array(neighbour_rows, np.int64))
+
+    def load_relations(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        return {label: (rows.copy(), table.copy()) for label, (rows, table) in self._relations.items()}
 
     def save_samples(
         self,
@@ -194,6 +226,7 @@ class MemoryStore(StateStore):
         for record in self._staged_devices:
             self._devices[record.index] = record
         self._samples.extend(self._staged_samples)
+        self._relations.update(self._staged_relations)
         if self._staged_knowledge:
             old_rows, old_logits, old_versions = self._knowledge
             if old_rows.size == 0:
@@ -206,7 +239,7 @@ class MemoryStore(StateStore):
         self._discard_staged()
 
     def load(self) -> StoredState:
-        if self._staged_devices or self._staged_samples or self._staged_knowledge:
+        if self._staged_devices or self._staged_samples or self._staged_knowledge or self._staged_relations:
             raise RuntimeError("load() with staged writes: commit() or close() first")
         devices = tuple(self._devices[index] for index in sorted(self._devices))
         if not self._samples:
@@ -237,6 +270,7 @@ class MemoryStore(StateStore):
         self._staged_devices = []
         self._staged_samples = []
         self._staged_knowledge = []
+        self._staged_relations = {}
 
 
 def _row_blobs(matrix: np.ndarray) -> list[bytes]:
@@ -333,6 +367,31 @@ class SqliteStore(StateStore):
                 strict=True,
             ),
         )
+
+    def save_relation(self, *, label: int, rows: np.ndarray, neighbour_rows: np.ndarray) -> None:
+        self._begin()
+        table = np.asarray(neighbour_rows)
+        self._conn.execute(
+            _UPSERT_RELATION,
+            (
+                int(label),
+                int(table.shape[1]),
+                np.asarray(rows, dtype=_ROW_DTYPE).tobytes(),
+                np.ascontiguousarray(table, dtype=_ROW_DTYPE).tobytes(),
+            ),
+        )
+
+    def load_relations(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        relations = {}
+        for label, neighbours, rows, table in self._conn.execute(
+            "SELECT label, neighbours, rows, neighbour_rows FROM relations"
+        ):
+            row_array = np.frombuffer(rows, dtype=_ROW_DTYPE).astype(np.int64)
+            flat = np.frombuffer(table, dtype=_ROW_DTYPE).astype(np.int64)
+            if neighbours <= 0 or flat.size != row_array.size * neighbours:
+                raise ValueError(f"stored relation of class {label} is corrupt")
+            relations[int(label)] = (row_array, flat.reshape(row_array.size, neighbours))
+        return relations
 
     def commit(self) -> None:
         if self._conn.in_transaction:
