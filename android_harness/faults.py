@@ -118,7 +118,10 @@ class FaultDriver:
 
     @property
     def mode(self) -> str:
-        return "netns" if self.lab is not None else "process-pause"
+        """How link faults are applied: cut links in namespaces, paused processes without them, or not at all."""
+        if self.lab is not None:
+            return "netns"
+        return "process-pause" if self.plan.touches_links else "no link faults"
 
     def start(self) -> None:
         """Nothing is applied before the plan's clock starts (see `begin`); kept for callers that call it."""
