@@ -34,6 +34,7 @@ import numpy as np
 
 from bench._report import machine_line, markdown_table
 from bench.relations import DEMO_EF, DEMO_EF_CONSTRUCTION, DEMO_M
+from edge.config import TrainConfig
 from fedwire.constants import DEFAULT_NEIGHBOURS
 
 SEED = 0
@@ -50,12 +51,12 @@ class Recipe:
     arch: str = "cnn"
     alpha: float = 1.0
     seed: int = SEED
-    batch_size: int = 8
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    kd_alpha: float = 1.5
-    temperature: float = 3.0
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
+    momentum: float = TrainConfig.momentum
+    weight_decay: float = TrainConfig.weight_decay
+    kd_alpha: float = TrainConfig.kd_alpha
+    temperature: float = TrainConfig.temperature
     hash_dim: int = 256
     encoder_kind: str = "conv"
     neighbours: int = DEFAULT_NEIGHBOURS

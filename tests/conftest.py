@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from broker_server.handlers import CacheService
+from broker_server.mqtt_server import CacheServer
 from fedwire.mosquitto import MosquittoBroker
 from fedwire.mqtt import BrokerAddress, make_client
 
@@ -55,6 +58,17 @@ class DropWatch:
     def __exit__(self, *_exc: object) -> None:
         self._client.disconnect()
         self._client.loop_stop()
+
+
+@pytest.fixture
+def server(broker: MosquittoBroker) -> Iterator[CacheServer]:
+    """A cache server with in-memory state on the session's broker; stopping it leaves the share group."""
+    service = CacheService.open(None)
+    running = CacheServer(service=service, address=broker.address, client_id=f"test-server-{time.time_ns()}")
+    running.start()
+    yield running
+    running.stop()
+    service.close()
 
 
 @pytest.fixture

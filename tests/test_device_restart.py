@@ -7,26 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from broker_server.handlers import CacheService
 from broker_server.mqtt_server import CacheServer
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_to_toml
 from edge.state import DeviceState
 from fedwire.mosquitto import MosquittoBroker
-
-
-@pytest.fixture
-def server(broker: MosquittoBroker) -> Iterator[CacheServer]:
-    service = CacheService.open(None)
-    running = CacheServer(service=service, address=broker.address, client_id=f"restart-server-{time.time_ns()}")
-    running.start()
-    yield running
-    running.stop()
-    service.close()
 
 
 def _start(config_path: Path, log: Path) -> subprocess.Popen[bytes]:

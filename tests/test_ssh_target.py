@@ -17,7 +17,6 @@ import pytest
 
 from android_harness.bundle import build_bundle
 from android_harness.targets import InstallOptions, SshTarget, make_target
-from broker_server.handlers import CacheService
 from broker_server.mqtt_server import CacheServer
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig
 from fedwire.mosquitto import MosquittoBroker, free_port
@@ -93,16 +92,6 @@ def _device_config(broker: MosquittoBroker) -> DeviceConfig:
         train=TrainConfig(arch="cnn", backend="torch", epochs=EPOCHS),
         hash=HashConfig(dim=64),
     )
-
-
-@pytest.fixture
-def server(broker: MosquittoBroker) -> Iterator[CacheServer]:
-    service = CacheService.open(None)
-    running = CacheServer(service=service, address=broker.address, client_id=f"ssh-server-{time.time_ns()}")
-    running.start()
-    yield running
-    running.stop()
-    service.close()
 
 
 def _target(sshd: Sshd, root: Path) -> SshTarget:
