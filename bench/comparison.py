@@ -78,8 +78,11 @@ def bytes_curve(history: list[dict[str, Any]], devices: int) -> list[tuple[int, 
 
 
 def bytes_to_target(curve: list[tuple[int, float]], target: float) -> int | None:
-    """Training bytes spent when MAUA first reached `target`, or None if it never did."""
-    return next((spent for spent, maua in curve if maua >= target), None)
+    """Training bytes spent when MAUA first reached `target`, or None if it never did.
+
+    MAUA sums the same accuracies in another order here than in the report, so equality is met within 1e-9.
+    """
+    return next((spent for spent, maua in curve if maua >= target - 1e-9), None)
 
 
 def outcome_of(method: str, report: dict[str, Any]) -> Outcome:

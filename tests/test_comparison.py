@@ -56,3 +56,11 @@ def test_rows_give_speed_up_against_the_costliest_method_and_plot_is_written(tmp
     path = tmp_path / "comparison.png"
     plot(outcomes, target=target, path=path)
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_method_reaches_its_own_final_maua_despite_summation_order() -> None:
+    from bench.comparison import bytes_to_target
+
+    curve = [(100, 0.25), (300, 0.5338871087705184)]
+    assert bytes_to_target(curve, 0.5338871087705185) == 300  # the report summed the same accuracies in another order
+    assert bytes_to_target(curve, 0.54) is None
