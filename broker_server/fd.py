@@ -1,8 +1,9 @@
 """Federated distillation (FD) baseline on the server: per-class mean logits per device, and their global mean.
 
 Each device uploads, per class, the mean of its logits over the samples of that class it trained
-since its last upload, with the sample counts. The server keeps each device's latest window and
-answers with the leave-one-out global: for device d, class c,
+since its last upload, with the sample counts. The server keeps, per device and class, the newest window
+that saw the class (a window that did not see a class leaves its previous mean) and answers with the
+leave-one-out global: for device d, class c,
 `sum_{e != d} counts_e[c] * mean_e[c] / sum_{e != d} counts_e[c]`, so a device never distils from
 its own knowledge (as in Jeong et al., 2018). Running sums make that one subtraction, not a loop.
 State is in memory only: after a restart devices repopulate it with their next uploads.
@@ -65,10 +66,16 @@ class FdAggregate:
         if old is not None and version <= old.version:
             return False
         weights = counts.astype(np.int64)
-        window = _Window(version=version, sums=logits.astype(np.float64) * weights[:, None], counts=weights)
+        sums = logits.astype(np.float64) * weights[:, None]
         if old is not None:
+            # Per class, the newest window that saw the class replaces the older one; a class this window did
+            # not see keeps the device's previous mean (an end-of-epoch window may hold few classes, or none).
+            seen = weights > 0
+            sums = np.where(seen[:, None], sums, old.sums)
+            weights = np.where(seen, weights, old.counts)
             self._sums -= old.sums
             self._counts -= old.counts
+        window = _Window(version=version, sums=sums, counts=weights)
         self._sums += window.sums
         self._counts += window.counts
         self._windows[device] = window

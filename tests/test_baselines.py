@@ -165,6 +165,20 @@ def test_fd_keeps_only_the_newest_window_per_device() -> None:
     np.testing.assert_array_equal(teacher.counts, [1, 1])
 
 
+def test_fd_window_without_a_class_keeps_the_devices_previous_mean_for_it() -> None:
+    """An end-of-epoch window may see few classes or none: it must not erase what the device taught before."""
+    fd = FdAggregate()
+    full, partial, empty = _fd([3, 2], seed=1, version=1), _fd([0, 4], seed=2, version=2), _fd([0, 0], seed=3)
+    assert fd.update(device="a", classes=2, logits=full.logits, counts=full.class_counts, version=1)
+    assert fd.update(device="a", classes=2, logits=partial.logits, counts=partial.class_counts, version=2)
+    teacher = fd.teacher_for(device="b", classes=2)
+    np.testing.assert_allclose(teacher.logits[0], full.logits[0], rtol=1e-6)  # class 0: the older window
+    np.testing.assert_allclose(teacher.logits[1], partial.logits[1], rtol=1e-6)  # class 1: the newer one
+    np.testing.assert_array_equal(teacher.counts, [3, 4])
+    assert fd.update(device="a", classes=2, logits=empty.logits, counts=empty.class_counts, version=3)
+    np.testing.assert_array_equal(fd.teacher_for(device="b", classes=2).counts, [3, 4])
+
+
 # ---------------------------------------------------------------- FedAvg rounds
 
 
