@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Iterator
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from android_harness.targets import InstallOptions
 from broker_server.handlers import CacheService
 from broker_server.mqtt_server import CacheServer
 from fedwire.mosquitto import MosquittoBroker
@@ -69,6 +72,13 @@ def server(broker: MosquittoBroker) -> Iterator[CacheServer]:
     yield running
     running.stop()
     service.close()
+
+
+@pytest.fixture
+def reuse_install() -> InstallOptions:
+    """How target tests make a device venv: fresh, with the bundle's wheel installed --no-deps into it, and torch
+    & co. borrowed from this venv's site-packages (a .pth after the venv's own), so no test downloads wheels."""
+    return InstallOptions(python=sys.executable, reuse_site_packages=sysconfig.get_paths()["purelib"], no_deps=True)
 
 
 @pytest.fixture

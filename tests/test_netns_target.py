@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -34,15 +33,14 @@ def _reaches(target: NetnsTarget, port: int) -> bool:
     return done.stdout.strip() == "0"
 
 
-def test_netns_device_boots_cut_off_and_trains_after_restore(tmp_path: Path) -> None:
+def test_netns_device_boots_cut_off_and_trains_after_restore(tmp_path: Path, reuse_install: InstallOptions) -> None:
     config = DeviceConfig(
         id="ns-dev",
         data=DataConfig(dataset="digits", num_devices=2, index=1),
         train=TrainConfig(arch="cnn", epochs=2),
         hash=HashConfig(dim=64),
     )
-    install = InstallOptions(python=sys.executable, reuse_site_packages=sysconfig.get_paths()["purelib"], no_deps=True)
-    target = NetnsTarget(tmp_path / "dev", install=install)  # makes the bridge the broker listens on
+    target = NetnsTarget(tmp_path / "dev", install=reuse_install)  # makes the bridge the broker listens on
     try:
         _run_cut_then_restored(target, config, tmp_path)
     finally:

@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import sysconfig
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -94,9 +92,8 @@ def _device_config(broker: MosquittoBroker) -> DeviceConfig:
     )
 
 
-def _target(sshd: Sshd, root: Path) -> SshTarget:
+def _target(sshd: Sshd, root: Path, install: InstallOptions) -> SshTarget:
     """The device venv imports torch & co. from this venv's site-packages but gets the bundle's wheel itself."""
-    install = InstallOptions(python=sys.executable, reuse_site_packages=sysconfig.get_paths()["purelib"], no_deps=True)
     target = make_target(
         f"ssh://{sshd.user}@127.0.0.1:{sshd.port}{root}", key=sshd.key, ssh_options=SSH_OPTIONS, install=install
     )
@@ -105,11 +102,11 @@ def _target(sshd: Sshd, root: Path) -> SshTarget:
 
 
 def test_device_flashed_over_ssh_trains_from_its_bundle_alone(
-    tmp_path: Path, sshd: Sshd, broker: MosquittoBroker, server: CacheServer
+    tmp_path: Path, sshd: Sshd, broker: MosquittoBroker, server: CacheServer, reuse_install: InstallOptions
 ) -> None:
     flashed = build_bundle(_device_config(broker), tmp_path / "bundle")
     root = tmp_path / "pi-home" / "fedcache"  # a fresh directory outside the repository
-    target = _target(sshd, root)
+    target = _target(sshd, root, reuse_install)
     assert not target.status().installed
 
     target.flash(flashed)

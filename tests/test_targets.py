@@ -54,7 +54,7 @@ def test_adb_flash_plan_pushes_verifies_and_maps_the_broker(tmp_path: Path) -> N
         AdbTarget(serial="S1").flash(bundle)
 
 
-def test_local_target_installs_starts_and_stops_by_pid(tmp_path: Path) -> None:
+def test_local_target_installs_starts_and_stops_by_pid(tmp_path: Path, reuse_install: InstallOptions) -> None:
     config = DeviceConfig(
         id="local-dev",
         broker="mqtt://127.0.0.1:1",  # nothing listens: the device keeps retrying until stopped
@@ -63,8 +63,7 @@ def test_local_target_installs_starts_and_stops_by_pid(tmp_path: Path) -> None:
         hash=HashConfig(dim=64),
     )
     bundle = build_bundle(config, tmp_path / "bundle")
-    install = InstallOptions(python=sys.executable, reuse_site_packages=sysconfig.get_paths()["purelib"], no_deps=True)
-    target = LocalProcessTarget(tmp_path / "device", install=install)
+    target = LocalProcessTarget(tmp_path / "device", install=reuse_install)
     target.flash(bundle)
     pid = target.start()
     assert target.status().running and target.status().pid == pid
