@@ -12,7 +12,7 @@ from android_harness.faults import FaultPlan
 from android_harness.flash import add_flash_parser, run_flash
 from android_harness.spec import SpecError, TrialSpec, load_spec
 from android_harness.trial import TrialSettings, run_trial
-from fedwire import HashKind, LogitEncoding
+from fedwire import HashKind, LogitEncoding, TeacherForm
 
 ARCH_CHOICES = ("resnet8", "resnet16", "resnet20", "cnn", "mobilenet")
 
@@ -40,6 +40,12 @@ def _add_trial_options(parser: argparse.ArgumentParser, *, epochs: int, devices:
         "--encoder-kind", default="conv", choices=["conv", "pixel"], help="built-in hash encoder (see docs/encoder.md)"
     )
     parser.add_argument("--logit-encoding", default="f16", choices=[e.value for e in LogitEncoding])
+    parser.add_argument(
+        "--teacher",
+        default="mean",
+        choices=[t.value for t in TeacherForm],
+        help="fedcache: the server's mean of the R neighbours' logits (default) or every neighbour's row (raw)",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
 
 
@@ -65,6 +71,7 @@ def _settings(args: argparse.Namespace, *, algorithm: str, out: Path) -> TrialSe
         hash_dim=args.hash_dim,
         encoder_kind=args.encoder_kind,
         logit_encoding=LogitEncoding(args.logit_encoding),
+        extra_train={} if args.teacher == "mean" else {"teacher_form": TeacherForm(args.teacher)},
         timeout_s=args.timeout,
     )
 

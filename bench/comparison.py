@@ -6,12 +6,16 @@ device's link counts, so the methods are compared on the same footing. Registrat
 is a one-off cost and is shown apart; "bytes to target" counts training traffic only (uplink +
 downlink of all devices) until the MAUA curve first reaches the target.
 
-Setting: the paper's FashionMNIST experiment (Dirichlet alpha = 1.0) scaled to a 2-core CPU box:
-20 devices instead of the paper's larger population, the zoo's small CNN for every device instead of
-ResNets, and 10 local epochs instead of hundreds of rounds on a GPU (`--epochs` to change). `--quick`
-is a smoke-sized run: sklearn digits, 4 devices, 2 epochs (about two minutes).
+Settings (`--setting`): the paper's FashionMNIST experiment (Dirichlet alpha = 1.0) with every device
+on ResNet-20 (`homogeneous`) or on ResNet-8/16/20 in turn (`heterogeneous`; FedAvg, which averages one
+architecture's weights, is shown as not applicable there), or the zoo's small CNN (`cnn`, the
+default: the fastest). Scaled to a 2-core CPU box: 20 devices, the paper's full-width models and
+full device shards, but a few local epochs (`--epochs`) instead of hundreds of rounds on a GPU.
+`--quick` is a smoke-sized run: sklearn digits, 4 devices, 2 epochs (about two minutes).
+`--reuse` keeps every method whose report in `--out` was made with the same settings, so a long run
+can be resumed or extended by one method.
 
-    python -m bench comparison [--quick] [--epochs N] [--devices N] [--target MAUA] [--out DIR]
+    python -m bench comparison [--quick] [--setting S] [--epochs N] [--methods M,..] [--reuse] [--out DIR]
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench._report import machine_line, markdown_table
-from fedwire import HashKind, LogitEncoding
+from fedwire import HashKind, LogitEncoding, TeacherForm
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,19 @@ class Method:
     extra_train: dict[str, Any] = field(default_factory=dict)
 
 
+SETTINGS: dict[str, tuple[str, ...]] = {
+    "cnn": ("cnn",),
+    "homogeneous": ("resnet20",),
+    "heterogeneous": ("resnet8", "resnet16", "resnet20"),
+}
+
 METHODS = (
     Method("fedcache", "fedcache"),
     Method("fedcache logits i8", "fedcache", logit_encoding=LogitEncoding.INT8),
     Method("fedcache logits f32", "fedcache", logit_encoding=LogitEncoding.FLOAT32),
     Method("fedcache hash f16", "fedcache", hash_kind=HashKind.FLOAT16),
+    # Every neighbour's logits down, averaged on the device: what the server-side mean saves.
+    Method("fedcache raw R", "fedcache", extra_train={"teacher_form": TeacherForm.RAW}),
     Method("fd", "fd"),
     Method("fedavg", "fedavg"),
     Method("local", "local"),
@@ -59,6 +71,7 @@ class Outcome:
     register_bytes: int
     wall_s: float
     curve: list[tuple[int, float]]  # (cumulative training bytes of all devices, MAUA) in time order
+    maua_by_arch: dict[str, float] = field(default_factory=dict)
 
 
 def bytes_curve(history: list[dict[str, Any]], devices: int) -> list[tuple[int, float]]:
@@ -95,7 +108,32 @@ def outcome_of(method: str, report: dict[str, Any]) -> Outcome:
         register_bytes=report["bytes"]["register_up"],
         wall_s=report["wall_s"],
         curve=bytes_curve(report["history"], devices),
+        maua_by_arch=maua_by_arch(report["devices"]),
     )
+
+
+def maua_by_arch(devices: list[dict[str, Any]]) -> dict[str, float]:
+    """MAUA over the devices of each architecture (the heterogeneous setting's per-model view)."""
+    accuracies: dict[str, list[float]] = {}
+    for device in devices:
+        accuracies.setdefault(device["arch"], []).append(device["accuracy"])
+    return {arch: sum(values) / len(values) for arch, values in sorted(accuracies.items())}
+
+
+def applicable(method: Method, archs: tuple[str, ...]) -> bool:
+    """FedAvg averages one architecture's weights: it has no meaning among different models."""
+    return method.algorithm != "fedavg" or len(set(archs)) == 1
+
+
+def reusable_report(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished trial report made with exactly these settings (except where it was written), else None."""
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    ignored = {"out", "timeout_s"}
+    recorded = {k: v for k, v in report.get("settings", {}).items() if k not in ignored}
+    wanted = json.loads(json.dumps({k: v for k, v in settings.items() if k not in ignored}, default=str))
+    return report if recorded == wanted else None
 
 
 def default_target(outcomes: list[Outcome]) -> float:
@@ -104,8 +142,14 @@ def default_target(outcomes: list[Outcome]) -> float:
     return min(communicating) if communicating else 0.0
 
 
-def comparison_rows(outcomes: list[Outcome], *, target: float, devices: int, epochs: int) -> list[list[object]]:
-    """The table's rows; speed-up is against the method that needed the most bytes to reach the target."""
+def comparison_rows(
+    outcomes: list[Outcome], *, target: float, devices: int, epochs: int, archs: tuple[str, ...] = ()
+) -> list[list[object]]:
+    """The table's rows; speed-up is against the method that needed the most bytes to reach the target.
+
+    With several architectures, one MAUA column per architecture follows the overall MAUA.
+    """
+    per_arch = sorted(set(archs)) if len(set(archs)) > 1 else []
     reached = {o.method: bytes_to_target(o.curve, target) for o in outcomes if o.training_bytes > 0}
     costliest = max((b for b in reached.values() if b), default=None)
     rows: list[list[object]] = []
@@ -116,6 +160,7 @@ def comparison_rows(outcomes: list[Outcome], *, target: float, devices: int, epo
             [
                 o.method,
                 f"{o.maua:.4f}",
+                *(f"{o.maua_by_arch[a]:.4f}" if a in o.maua_by_arch else "-" for a in per_arch),
                 _kib(o.training_bytes),
                 _kib(o.training_bytes / max(devices * epochs, 1)),
                 _kib(o.register_bytes),
@@ -129,6 +174,12 @@ def comparison_rows(outcomes: list[Outcome], *, target: float, devices: int, epo
 
 def _kib(value: float | None) -> str:
     return "-" if value is None else f"{value / 1024:,.1f}"
+
+
+def headers(archs: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The table's columns (one MAUA column per architecture when the models differ)."""
+    per_arch = [f"MAUA {a}" for a in sorted(set(archs))] if len(set(archs)) > 1 else []
+    return (HEADERS[0], HEADERS[1], *per_arch, *HEADERS[2:])
 
 
 HEADERS = (
@@ -173,12 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench comparison", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits, 4 devices, 2 epochs (a smoke-sized run)")
     parser.add_argument("--dataset", choices=["fashion-mnist", "digits"], help="default fashion-mnist (quick: digits)")
+    parser.add_argument(
+        "--setting", choices=sorted(SETTINGS), default="cnn",
+        help="models: cnn (default), homogeneous (ResNet-20) or heterogeneous (ResNet-8/16/20 in turn)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--archs", help="comma-separated architectures, devices take them in turn (overrides --setting)"
+    )
     parser.add_argument("--devices", type=int, help="default 20 (quick: 4)")
     parser.add_argument("--epochs", type=int, help="default 10 (quick: 2)")
     parser.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration (the paper's 1.0)")
     parser.add_argument("--target", type=float, help="target MAUA (default: the lowest final MAUA of the methods)")
     parser.add_argument("--methods", help="comma-separated subset of: " + ", ".join(m.name for m in METHODS))
-    parser.add_argument("--out", type=Path, help="default runs/comparison (quick: runs/comparison-quick)")
+    parser.add_argument("--reuse", action="store_true", help="keep methods whose report in --out has these settings")
+    parser.add_argument("--out", type=Path, help="default runs/comparison[-SETTING] (quick: runs/comparison-quick)")
     parser.add_argument("--timeout", type=float, default=7200.0, help="per-trial limit in seconds")
     args = parser.parse_args(argv)
 
@@ -187,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     dataset = args.dataset or ("digits" if args.quick else "fashion-mnist")
     devices = args.devices or (4 if args.quick else 20)
     epochs = args.epochs or (2 if args.quick else 10)
-    out = args.out or Path("runs/comparison-quick" if args.quick else "runs/comparison")
+    archs = tuple(a.strip() for a in args.archs.split(",")) if args.archs else SETTINGS[args.setting]
+    default_out = "runs/comparison" + ("" if args.setting == "cnn" else f"-{args.setting}")
+    out = args.out or Path("runs/comparison-quick" if args.quick else default_out)
     chosen = METHODS
     if args.methods:
         names = [n.strip() for n in args.methods.split(",")]
@@ -195,27 +256,36 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown methods {sorted(unknown)}")
         chosen = tuple(m for m in METHODS if m.name in names)
-    print(f"# comparison: {dataset}, {devices} devices, Dirichlet alpha {args.alpha}, {epochs} epochs, cnn")
+    skipped = [m.name for m in chosen if not applicable(m, archs)]
+    chosen = tuple(m for m in chosen if applicable(m, archs))
+    print(
+        f"# comparison: {dataset}, {devices} devices, Dirichlet alpha {args.alpha}, {epochs} epochs, {','.join(archs)}"
+    )
     print(f"machine: {machine_line()}", flush=True)
     outcomes = []
     for method in chosen:
-        print(f"== {method.name}", file=sys.stderr, flush=True)
         settings = TrialSettings(
             out=out / method.name.replace(" ", "-"),
             dataset=dataset,
             devices=devices,
             epochs=epochs,
             algorithm=method.algorithm,
+            archs=archs,
             alpha=args.alpha,
             logit_encoding=method.logit_encoding,
             hash_kind=method.hash_kind,
             extra_train=dict(method.extra_train),
             timeout_s=args.timeout,
         )
-        outcomes.append(outcome_of(method.name, run_trial(settings, progress=False)))
+        report = reusable_report(settings.out / "report.json", asdict(settings)) if args.reuse else None
+        print(f"== {method.name}" + (" (reused)" if report is not None else ""), file=sys.stderr, flush=True)
+        outcomes.append(outcome_of(method.name, report if report is not None else run_trial(settings, progress=False)))
     target = args.target if args.target is not None else default_target(outcomes)
     print(f"\ntarget MAUA {target:.4f}; bytes are MQTT PUBLISH packet bytes counted by each device's link\n")
-    print(markdown_table(HEADERS, comparison_rows(outcomes, target=target, devices=devices, epochs=epochs)))
+    rows = comparison_rows(outcomes, target=target, devices=devices, epochs=epochs, archs=archs)
+    print(markdown_table(headers(archs), rows))
+    for name in skipped:
+        print(f"\n{name}: not applicable, it averages one architecture's weights and the devices run {set(archs)}")
     out.mkdir(parents=True, exist_ok=True)
     plot(outcomes, target=target, path=out / "comparison.png")
     summary = {
@@ -223,10 +293,13 @@ def main(argv: list[str] | None = None) -> int:
         "devices": devices,
         "epochs": epochs,
         "alpha": args.alpha,
+        "archs": list(archs),
         "target": target,
+        "not_applicable": skipped,
         "methods": {
             o.method: {
                 "maua": o.maua,
+                "maua_by_arch": o.maua_by_arch,
                 "training_bytes": o.training_bytes,
                 "register_bytes": o.register_bytes,
                 "bytes_to_target": bytes_to_target(o.curve, target),

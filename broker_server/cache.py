@@ -62,10 +62,13 @@ class Registration:
 
 @dataclass(frozen=True, eq=False)
 class Teachers:
-    """Neighbour knowledge of some rows: contributor counts and the mean logits of rows with count > 0."""
+    """Neighbour knowledge of some rows: contributor counts and the mean logits of rows with count > 0.
+
+    With `raw`, `logits` holds every contributing neighbour's row instead, `counts[i]` of them per row in order.
+    """
 
     counts: np.ndarray  # uint16 (n,)
-    logits: np.ndarray  # float32 (count_nonzero(counts), classes)
+    logits: np.ndarray  # float32 (count_nonzero(counts), classes); raw: (counts.sum(), classes)
 
 
 @dataclass(frozen=True)
@@ -487,11 +490,11 @@ class KnowledgeCache:
         ]
         return tuple(restored)
 
-    def fetch(self, rows: np.ndarray) -> Teachers:
+    def fetch(self, rows: np.ndarray, *, raw: bool = False) -> Teachers:
         """Mean latest logits of each row's neighbours that hold knowledge, plus how many contributed.
 
         One gather over the neighbour table and a masked mean; rows whose classes gained samples are
-        re-related first.
+        re-related first. `raw` skips the mean and returns each contributing neighbour's logits.
         """
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0 or self._relations is None:
@@ -502,6 +505,8 @@ class KnowledgeCache:
         safe = np.where(present, neighbours, 0)
         contributing = present & (self._versions.view[safe] >= 0)
         counts = contributing.sum(axis=1)
+        if raw:  # boolean indexing walks row by row: each row's contributors, in neighbour order
+            return Teachers(counts=counts.astype(np.uint16), logits=self._knowledge.view[safe[contributing]].copy())
         teach = np.flatnonzero(counts)
         return Teachers(
             counts=counts.astype(np.uint16),

@@ -13,7 +13,7 @@ from broker_server.fedavg import DEFAULT_ROUND_TIMEOUT_S, FedAvgRounds
 from broker_server.relations import EXACT_SEARCH_LIMIT
 from broker_server.store import StateStore, open_store
 from fedwire.codec import model_part_bounds, model_parts
-from fedwire.constants import DEFAULT_NEIGHBOURS, ErrorCode
+from fedwire.constants import DEFAULT_NEIGHBOURS, MAX_PAYLOAD_BYTES, ErrorCode, TeacherForm
 from fedwire.messages import (
     ErrorReply,
     FdGlobal,
@@ -34,6 +34,10 @@ from fedwire.messages import (
     UpdateAck,
     UpdateFetch,
 )
+
+# A raw reply (every neighbour's row) must fit one message whatever the encoding: at most float32 values plus
+# int8's per-row scale, for R rows per requested id, within half the payload limit (the rest is envelope).
+RAW_REPLY_BUDGET_BYTES = MAX_PAYLOAD_BYTES // 2
 
 
 class CacheService:
@@ -182,7 +186,8 @@ class CacheService:
 
     def _fetch(self, request: Fetch) -> Knowledge:
         rows = self.cache.rows_of(request.device, request.ids)
-        return self._knowledge(request, ids=request.ids, teachers=self.cache.fetch(rows))
+        raw = self._wants_raw(request, request.ids.size)
+        return self._knowledge(request, ids=request.ids, teachers=self.cache.fetch(rows, raw=raw))
 
     def _update(self, request: Update) -> UpdateAck:
         rows = self.cache.rows_of(request.device, request.ids)
@@ -193,8 +198,9 @@ class CacheService:
         # Validate both halves before applying anything, so a bad fetch id cannot leave the update applied.
         rows = self.cache.rows_of(request.device, request.ids)
         fetch_rows = self.cache.rows_of(request.device, request.fetch_ids)
+        raw = self._wants_raw(request, request.fetch_ids.size)
         applied, stale = self._apply(rows=rows, logits=request.logits, version=request.version)
-        teachers = self.cache.fetch(fetch_rows)
+        teachers = self.cache.fetch(fetch_rows, raw=raw)
         return self._knowledge(request, ids=request.fetch_ids, teachers=teachers, applied=applied, stale=stale)
 
     def _fd_update(self, request: FdUpdate) -> FdGlobal:
@@ -261,6 +267,19 @@ class CacheService:
 
     # ------------------------------------------------------------ helpers
 
+    def _wants_raw(self, request: Fetch | UpdateFetch, ids: int) -> bool:
+        """Whether to send each neighbour's row; refused when R rows per id could overflow one reply."""
+        if request.teacher is TeacherForm.MEAN:
+            return False
+        worst = ids * self.cache.neighbours * (self.cache.classes * 4 + 4)
+        if worst > RAW_REPLY_BUDGET_BYTES:
+            raise Rejected(
+                ErrorCode.TOO_LARGE,
+                f"a raw reply for {ids} ids could carry {worst} bytes of logits (budget {RAW_REPLY_BUDGET_BYTES}): "
+                "fetch fewer ids per message or ask for the mean",
+            )
+        return True
+
     def _apply(self, *, rows: np.ndarray, logits: np.ndarray, version: int) -> tuple[int, int]:
         """Apply an update in memory and stage the rows that changed; returns (applied, stale)."""
         applied = self.cache.apply_update(rows=rows, logits=logits, version=version)
@@ -291,6 +310,7 @@ class CacheService:
             encoding=request.encoding,
             applied=applied,
             stale=stale,
+            teacher=request.teacher,
         )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.backends import BACKENDS
-from fedwire import DEVICE_ID_PATTERN, HashKind, LogitEncoding
+from fedwire import DEVICE_ID_PATTERN, HashKind, LogitEncoding, TeacherForm
 
 # fd and fedavg are the comparison's baselines (edge/fd_client.py, edge/fedavg_client.py).
 ALGORITHMS = ("fedcache", "local", "fd", "fedavg")
@@ -47,6 +47,8 @@ class TrainConfig:
     prefetch_batches: int = 4
     max_outstanding: int = 8
     logit_encoding: LogitEncoding = LogitEncoding.FLOAT16
+    # FedCache's teacher: the server's mean of the R neighbours (default) or every neighbour's row, averaged here
+    teacher_form: TeacherForm = TeacherForm.MEAN
     eval_every_epochs: int = 1
     fd_every_batches: int = 0  # FD: upload per-class logits every this many batches; 0 = once per epoch
 
@@ -93,7 +95,7 @@ class DeviceConfig:
 
 
 _SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "hash": HashConfig}
-_ENUM_FIELDS: dict[str, type] = {"logit_encoding": LogitEncoding, "kind": HashKind}
+_ENUM_FIELDS: dict[str, type] = {"logit_encoding": LogitEncoding, "teacher_form": TeacherForm, "kind": HashKind}
 
 
 def _section(cls: type, raw: dict[str, Any], name: str) -> Any:

@@ -142,7 +142,7 @@ class DeviceRuntime:
     def _on_reply(self, reply: Reply, request_bytes: int) -> None:
         """paho's thread: keep teachers at once; leave durable bookkeeping to the training thread."""
         if isinstance(reply, Knowledge):
-            self.teachers.store(reply.ids, reply.counts, reply.logits)
+            self.teachers.store(reply.ids, reply.counts, reply.teacher_means())
         if self.fedcache:  # baselines settle their own replies
             self._replies.put((reply, request_bytes))
 
@@ -281,11 +281,15 @@ class DeviceRuntime:
                 version=version,
                 fetch_ids=fetch_ids,
                 encoding=cfg.logit_encoding,
+                teacher=cfg.teacher_form,
             )
             self._in_flight[cid] = _InFlight(version=version, ids=ids, logits=as_received(logits, cfg.logit_encoding))
             self.link.send(request)
         elif fetch_ids.size:
-            self.link.send(Fetch(device=self.config.id, cid=cid, ids=fetch_ids, encoding=cfg.logit_encoding))
+            fetch = Fetch(
+                device=self.config.id, cid=cid, ids=fetch_ids, encoding=cfg.logit_encoding, teacher=cfg.teacher_form
+            )
+            self.link.send(fetch)
         self._fetched_upto = max(self._fetched_upto, stop)
 
     def _flush(self) -> bool:

@@ -9,6 +9,7 @@ from fedwire.constants import (
     HashKind,
     Kind,
     LogitEncoding,
+    TeacherForm,
 )
 from fedwire.messages import (
     ErrorReply,
@@ -59,6 +60,7 @@ __all__ = [
     "RegisterAck",
     "Reply",
     "Request",
+    "TeacherForm",
     "Update",
     "UpdateAck",
     "UpdateFetch",

@@ -27,6 +27,7 @@ from fedwire.constants import (
     HashKind,
     Kind,
     LogitEncoding,
+    TeacherForm,
 )
 from fedwire.messages import (
     ErrorReply,
@@ -217,6 +218,17 @@ def model_parts(size: int) -> int:
     return max(1, -(-size // MODEL_CHUNK_FLOATS))
 
 
+def _teacher_form(form: TeacherForm) -> dict[str, str]:
+    """The optional "teach" key: absent for the default (server-side mean), so those messages stay as they were."""
+    return {} if form is TeacherForm.MEAN else {"teach": form.value}
+
+
+def _decode_teacher_form(raw: dict[str, Any], where: str) -> TeacherForm:
+    if "teach" not in raw:
+        return TeacherForm.MEAN
+    return _enum(TeacherForm, _field(raw, "teach", str, where), where + ".teach")
+
+
 _ENCODERS: dict[Kind, Callable[[Any], dict[str, Any]]] = {
     Kind.HELLO: lambda m: {
         "model": m.model,
@@ -232,13 +244,14 @@ _ENCODERS: dict[Kind, Callable[[Any], dict[str, Any]]] = {
         "hash_bytes": int(m.hashes.shape[1]),
         "hashes": np.ascontiguousarray(m.hashes, dtype=np.uint8).tobytes(),
     },
-    Kind.FETCH: lambda m: {"ids": _u32(m.ids), "enc": m.encoding.value},
+    Kind.FETCH: lambda m: {"ids": _u32(m.ids), "enc": m.encoding.value, **_teacher_form(m.teacher)},
     Kind.UPDATE: lambda m: {"ids": _u32(m.ids), "ver": m.version, "logits": encode_logits(m.logits, m.encoding)},
     Kind.UPDATE_FETCH: lambda m: {
         "ids": _u32(m.ids),
         "ver": m.version,
         "logits": encode_logits(m.logits, m.encoding),
         "fetch_ids": _u32(m.fetch_ids),
+        **_teacher_form(m.teacher),
     },
     Kind.HELLO_ACK: lambda m: {"registered": m.registered, "r": m.neighbours},
     Kind.REGISTER_ACK: lambda m: {"accepted": m.accepted, "registered": m.registered},
@@ -248,6 +261,7 @@ _ENCODERS: dict[Kind, Callable[[Any], dict[str, Any]]] = {
         "logits": encode_logits(m.logits, m.encoding),
         "applied": m.applied,
         "stale": m.stale,
+        **_teacher_form(m.teacher),
     },
     Kind.UPDATE_ACK: lambda m: {"applied": m.applied, "stale": m.stale},
     Kind.ERROR: lambda m: {"code": m.code.value, "msg": m.message, "re": m.request},
@@ -343,7 +357,8 @@ def _decode_register(raw: dict[str, Any], device: str, cid: int, where: str) -> 
 
 def _decode_fetch(raw: dict[str, Any], device: str, cid: int, where: str) -> Fetch:
     encoding = _enum(LogitEncoding, _field(raw, "enc", str, where), where + ".enc")
-    return Fetch(device=device, cid=cid, ids=_ids(raw, "ids", where), encoding=encoding)
+    teacher = _decode_teacher_form(raw, where)
+    return Fetch(device=device, cid=cid, ids=_ids(raw, "ids", where), encoding=encoding, teacher=teacher)
 
 
 def _update_parts(raw: dict[str, Any], where: str) -> tuple[np.ndarray, np.ndarray, int, LogitEncoding]:
@@ -370,6 +385,7 @@ def _decode_update_fetch(raw: dict[str, Any], device: str, cid: int, where: str)
         version=version,
         fetch_ids=_ids(raw, "fetch_ids", where),
         encoding=encoding,
+        teacher=_decode_teacher_form(raw, where),
     )
 
 
@@ -377,9 +393,13 @@ def _decode_knowledge(raw: dict[str, Any], device: str, cid: int, where: str) ->
     ids = _ids(raw, "ids", where)
     counts = _bytes_of(raw, "counts", where, _U16, ids.size)
     logits, encoding = _decode_logits(_field(raw, "logits", dict, where), where + ".logits")
-    if logits.shape[0] != int(np.count_nonzero(counts)):
+    teacher = _decode_teacher_form(raw, where)
+    # A mean reply has one row per id with a teacher; a raw one a row per contributing neighbour.
+    rows = int(np.count_nonzero(counts)) if teacher is TeacherForm.MEAN else int(counts.sum(dtype=np.int64))
+    if logits.shape[0] != rows:
         raise ProtocolError(
-            ErrorCode.BAD_SHAPE, f"{where} has {logits.shape[0]} rows for {np.count_nonzero(counts)} teachers"
+            ErrorCode.BAD_SHAPE,
+            f"{where} has {logits.shape[0]} logit rows where its {teacher.value} counts need {rows}",
         )
     return Knowledge(
         device=device,
@@ -390,6 +410,7 @@ def _decode_knowledge(raw: dict[str, Any], device: str, cid: int, where: str) ->
         encoding=encoding,
         applied=_count(raw, "applied", where, MAX_IDS_PER_MESSAGE),
         stale=_count(raw, "stale", where, MAX_IDS_PER_MESSAGE),
+        teacher=teacher,
     )
 
 

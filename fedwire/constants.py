@@ -91,6 +91,17 @@ class LogitEncoding(StrEnum):
     INT8 = "i8"
 
 
+class TeacherForm(StrEnum):
+    """What a knowledge reply carries per sample: the server-side mean of the neighbours' logits, or each of them.
+
+    RAW is FedCache's costlier variant, kept to measure what averaging at the server saves: up to R rows
+    per sample come down and the device takes the mean itself.
+    """
+
+    MEAN = "mean"
+    RAW = "raw"
+
+
 class ErrorCode(StrEnum):
     """Codes of an error reply; the message beside the code says what exactly was wrong."""
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedwire.constants import ErrorCode, HashKind, Kind, LogitEncoding
+from fedwire.constants import ErrorCode, HashKind, Kind, LogitEncoding, TeacherForm
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,6 +48,7 @@ class Fetch:
     cid: int
     ids: np.ndarray  # uint32 (n,)
     encoding: LogitEncoding = LogitEncoding.FLOAT16  # how the reply's logits should travel
+    teacher: TeacherForm = TeacherForm.MEAN  # the mean of each sample's neighbours, or each neighbour's row
     kind: Kind = field(default=Kind.FETCH, init=False)
 
 
@@ -75,6 +76,7 @@ class UpdateFetch:
     version: int
     fetch_ids: np.ndarray
     encoding: LogitEncoding = LogitEncoding.FLOAT16
+    teacher: TeacherForm = TeacherForm.MEAN
     kind: Kind = field(default=Kind.UPDATE_FETCH, init=False)
 
 
@@ -105,19 +107,31 @@ class Knowledge:
     """Teachers for the requested ids.
 
     `counts[i]` is how many neighbours of `ids[i]` contributed; `logits` holds one row per id with
-    counts > 0, in order (ids with count 0 get no teacher). `applied`/`stale` report the update
-    half of an update-and-fetch.
+    counts > 0, in order (ids with count 0 get no teacher), or with `teacher` RAW, `counts[i]` rows
+    per id, each contributing neighbour's latest logits (`teacher_means` averages them as the server
+    would). `applied`/`stale` report the update half of an update-and-fetch.
     """
 
     device: str
     cid: int
     ids: np.ndarray  # uint32 (n,)
     counts: np.ndarray  # uint16 (n,)
-    logits: np.ndarray  # float32 (number of counts > 0, classes)
+    logits: np.ndarray  # float32 (count_nonzero(counts), classes); RAW: (counts.sum(), classes)
     encoding: LogitEncoding = LogitEncoding.FLOAT16
     applied: int = 0
     stale: int = 0
+    teacher: TeacherForm = TeacherForm.MEAN
     kind: Kind = field(default=Kind.KNOWLEDGE, init=False)
+
+    def teacher_means(self) -> np.ndarray:
+        """One teacher row per id with counts > 0, whichever form the reply came in."""
+        if self.teacher is TeacherForm.MEAN:
+            return self.logits
+        counts = self.counts[self.counts > 0].astype(np.int64)
+        if counts.size == 0:
+            return np.zeros((0, self.logits.shape[1]), np.float32)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        return (np.add.reduceat(self.logits.astype(np.float32), starts, axis=0) / counts[:, None]).astype(np.float32)
 
 
 @dataclass(frozen=True, eq=False)

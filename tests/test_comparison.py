@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from bench.comparison import Outcome, bytes_curve, bytes_to_target, comparison_rows, default_target, plot
+import pytest
+
+from android_harness.report import build_report
+from android_harness.trial import TrialSettings
+from bench.comparison import (
+    HEADERS,
+    METHODS,
+    SETTINGS,
+    Outcome,
+    applicable,
+    bytes_curve,
+    bytes_to_target,
+    comparison_rows,
+    default_target,
+    headers,
+    maua_by_arch,
+    plot,
+    reusable_report,
+)
+from fedwire import TeacherForm
 
 
 def _metrics(device: str, t: float, accuracy: float, up: int, down: int) -> dict:
@@ -64,3 +85,42 @@ def test_a_method_reaches_its_own_final_maua_despite_summation_order() -> None:
     curve = [(100, 0.25), (300, 0.5338871087705184)]
     assert bytes_to_target(curve, 0.5338871087705185) == 300  # the report summed the same accuracies in another order
     assert bytes_to_target(curve, 0.54) is None
+
+
+def test_heterogeneous_rows_add_one_maua_column_per_architecture() -> None:
+    devices = [
+        {"arch": "resnet8", "accuracy": 0.5},
+        {"arch": "resnet20", "accuracy": 0.7},
+        {"arch": "resnet8", "accuracy": 0.7},
+    ]
+    by_arch = maua_by_arch(devices)
+    assert by_arch == {"resnet20": 0.7, "resnet8": pytest.approx(0.6)}
+    outcome = Outcome("fedcache", 0.6333, 2048, 0, 1.0, [(2048, 0.6333)], maua_by_arch=by_arch)
+    archs = ("resnet8", "resnet16", "resnet20")
+    columns = headers(archs)
+    assert columns[:5] == ("method", "MAUA", "MAUA resnet16", "MAUA resnet20", "MAUA resnet8")
+    (row,) = comparison_rows([outcome], target=0.6, devices=3, epochs=1, archs=archs)
+    assert len(row) == len(columns)
+    assert row[2:5] == ["-", "0.7000", "0.6000"]  # no resnet16 device in this outcome
+    assert headers(("resnet20",)) == HEADERS  # one architecture: no extra columns
+
+
+def test_fedavg_is_not_applicable_among_different_models() -> None:
+    fedavg = next(m for m in METHODS if m.algorithm == "fedavg")
+    raw = next(m for m in METHODS if m.name == "fedcache raw R")
+    assert applicable(fedavg, ("resnet20",)) and applicable(fedavg, ("resnet20", "resnet20"))
+    assert not applicable(fedavg, SETTINGS["heterogeneous"])
+    assert applicable(raw, SETTINGS["heterogeneous"])
+    assert raw.extra_train == {"teacher_form": TeacherForm.RAW}
+
+
+def test_a_report_is_reused_only_when_made_with_the_same_settings(tmp_path: Path) -> None:
+    settings = TrialSettings(out=tmp_path / "a", epochs=3, archs=("resnet20",), extra_train={"teacher_form": "raw"})
+    path = tmp_path / "report.json"
+    assert reusable_report(path, asdict(settings)) is None  # nothing there yet
+    report = build_report(settings=asdict(settings), latest={}, curve=[], history=[], wall_s=1.0)
+    path.write_text(json.dumps(report, default=str))
+    moved = replace(settings, out=tmp_path / "elsewhere", timeout_s=5.0)  # where and how long do not matter
+    assert reusable_report(path, asdict(moved)) is not None
+    for changed in (replace(settings, epochs=4), replace(settings, archs=("cnn",)), replace(settings, extra_train={})):
+        assert reusable_report(path, asdict(changed)) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch.nn import functional as F
 from edge.config import DeviceConfig, config_to_toml, load_config
 from edge.knowledge import BatchSchedule, TeacherCache
 from edge.trainer import LossSettings, fedcache_loss
+from fedwire import TeacherForm
 
 
 def test_loss_is_ce_plus_scaled_kl_and_mask_removes_the_teacher() -> None:
@@ -53,6 +55,13 @@ def test_config_round_trips_through_toml_and_rejects_typos(tmp_path: Path) -> No
     path = tmp_path / "device.toml"
     path.write_text(config_to_toml(config))
     assert load_config(path) == config
+    raw = replace(config, train=replace(config.train, teacher_form=TeacherForm.RAW))
+    path.write_text(config_to_toml(raw))
+    assert load_config(path).train.teacher_form is TeacherForm.RAW
+    path.write_text(config_to_toml(raw).replace('"raw"', '"median"'))
+    with pytest.raises(ValueError, match="median"):
+        load_config(path)
+    path.write_text(config_to_toml(config))
     path.write_text(config_to_toml(config).replace("epochs", "epochz"))
     with pytest.raises(ValueError, match="epochz"):
         load_config(path)

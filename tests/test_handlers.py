@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from fedwire import (
     Register,
     RegisterAck,
     Request,
+    TeacherForm,
     Update,
     UpdateAck,
     UpdateFetch,
@@ -374,3 +376,47 @@ def test_late_device_marks_classes_dirty_and_gets_neighbours(tmp_path: Path) -> 
         early = np.arange(table_before.shape[0])
         assert np.all(labels[relations.table[early]] == labels[early][:, None])
         service.commit()
+
+
+def test_raw_teacher_carries_each_neighbour_and_averages_to_the_mean(service: CacheService) -> None:
+    """The raw variant sends every contributing neighbour's row; their per-id mean is the server's teacher."""
+    ids = samples_of(1)[0]
+    mean = service.handle(Fetch(device="dev1", cid=20, ids=ids))
+    raw = service.handle(Fetch(device="dev1", cid=21, ids=ids, teacher=TeacherForm.RAW))
+    assert isinstance(mean, Knowledge) and isinstance(raw, Knowledge)
+    assert raw.teacher is TeacherForm.RAW and mean.teacher is TeacherForm.MEAN
+    np.testing.assert_array_equal(raw.counts, mean.counts)
+    assert raw.counts.max() > 1  # several neighbours per id, so the raw reply is really longer
+    assert raw.logits.shape == (int(raw.counts.sum()), CLASSES)
+    np.testing.assert_allclose(raw.teacher_means(), mean.logits, rtol=1e-5, atol=1e-6)
+    # Each raw row is one neighbour's stored logits, in neighbour order.
+    cache = service.cache
+    rows = cache.rows_of("dev1", ids)
+    table = cache.relations.table[rows]
+    expected = [cache.knowledge[n] for row in table for n in row if n >= 0 and cache.versions[n] >= 0]
+    np.testing.assert_array_equal(raw.logits, np.array(expected))
+    decoded = decode(encode(raw))
+    assert isinstance(decoded, Knowledge) and decoded.teacher is TeacherForm.RAW
+    np.testing.assert_allclose(decoded.teacher_means(), mean.logits, atol=2e-2)  # float16 on the wire
+
+
+def test_raw_reply_that_could_overflow_a_message_is_refused_before_the_update(
+    service: CacheService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import broker_server.handlers as handlers
+
+    ids = samples_of(0)[0]
+    # R rows of (classes float32 + scale) per id: 16 * 20 B * 40 ids does not fit a budget of 1,000 B.
+    monkeypatch.setattr(handlers, "RAW_REPLY_BUDGET_BYTES", 1000)
+    request = UpdateFetch(
+        device="dev0", cid=22, ids=ids, logits=logits_for(ids.size, 7), version=9, fetch_ids=ids,
+        teacher=TeacherForm.RAW,
+    )  # fmt: skip
+    before = snapshot(service)
+    reply = service.handle(request)
+    service.commit()
+    assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.TOO_LARGE, reply
+    assert "fetch fewer ids" in reply.message
+    assert_same(before, snapshot(service))
+    allowed = service.handle(replace(request, fetch_ids=ids[:2]))  # 2 ids * 320 B fits
+    assert isinstance(allowed, Knowledge) and allowed.applied == ids.size

@@ -37,6 +37,7 @@ from fedwire import (
     ProtocolError,
     Register,
     RegisterAck,
+    TeacherForm,
     Update,
     UpdateAck,
     UpdateFetch,
@@ -129,6 +130,19 @@ def _examples() -> list[Message]:
                 "dev-1", 13, _u32([3, 1, 7]), np.asarray([2, 0, 1], np.uint16), _matrix(2, 10, 3), encoding, 1, 1
             ),
             Knowledge("dev-1", 14, _u32([3]), np.zeros(1, np.uint16), np.zeros((0, 10), np.float32), encoding),
+            Fetch("dev-1", 17, _u32([4, 2]), encoding, TeacherForm.RAW),
+            UpdateFetch("dev-1", 18, _u32([1]), _matrix(1, 10, 6), 7, _u32([2]), encoding, TeacherForm.RAW),
+            Knowledge(
+                "dev-1",
+                19,
+                _u32([3, 1, 7]),
+                np.asarray([2, 0, 1], np.uint16),
+                _matrix(3, 10, 7),
+                encoding,
+                0,
+                0,
+                TeacherForm.RAW,
+            ),
             FdUpdate("dev-1", 15, _matrix(3, 3, 4), np.asarray([5, 0, 70000], np.uint32), 9, encoding),
             FdGlobal("dev-1", 16, _matrix(3, 3, 5), np.asarray([0, 2, 1], np.uint32), encoding, 1),
         ]
@@ -474,6 +488,9 @@ def test_every_field_is_required_and_typed(message: Message) -> None:
     for path in _paths(document):
         if path[-1] == "s" and document.get("logits", {}).get("e") != "i8":
             continue
+        if path == ("teach",):  # optional (absent means the mean), but typed when present
+            _rejects(_mutated(message, *path, _wrong_type(document["teach"])), ErrorCode.BAD_SCHEMA)
+            continue
         expected = ErrorCode.BAD_VERSION if path == ("v",) else ErrorCode.BAD_SCHEMA
         _rejects(_mutated(message, *path, ...), expected)
         if path != ("v",):
@@ -569,7 +586,12 @@ def _message_from(meaning: dict[str, Any]) -> Message:
             array = np.asarray(fields.pop(name), dtype=dtype)
             shape = fields.pop(name + "_shape", None)
             fields[name] = array.reshape(shape) if shape is not None else array
-    for name, enum in (("hash_kind", HashKind), ("encoding", LogitEncoding), ("code", ErrorCode)):
+    for name, enum in (
+        ("hash_kind", HashKind),
+        ("encoding", LogitEncoding),
+        ("code", ErrorCode),
+        ("teacher", TeacherForm),
+    ):
         if name in fields:
             fields[name] = enum(fields[name])
     if "capabilities" in fields:
@@ -655,3 +677,15 @@ def test_doc_example_matches_its_vector() -> None:
         offset += len(chunk)
     assert bytes(data) == (VECTORS / "update_fetch_i8.bin").read_bytes()
     assert PROTOCOL_VERSION == 1
+
+
+def test_raw_knowledge_averages_each_ids_rows_on_the_device() -> None:
+    rows = np.array([[1.0, 2.0], [3.0, 6.0], [5.0, -1.0]], np.float32)
+    raw = Knowledge("dev-1", 1, _u32([7, 8, 9]), np.asarray([2, 0, 1], np.uint16), rows, F32, teacher=TeacherForm.RAW)
+    np.testing.assert_array_equal(raw.teacher_means(), [[2.0, 4.0], [5.0, -1.0]])
+    mean = Knowledge("dev-1", 1, _u32([7]), np.asarray([3], np.uint16), rows[:1], F32)
+    assert mean.teacher_means() is mean.logits  # the default form is already one row per id
+    none = Knowledge(
+        "dev-1", 1, _u32([7]), np.zeros(1, np.uint16), np.zeros((0, 2), np.float32), F32, teacher=TeacherForm.RAW
+    )
+    assert none.teacher_means().shape == (0, 2)

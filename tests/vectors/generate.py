@@ -10,6 +10,7 @@ import argparse
 import json
 import struct
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from fedwire import (  # noqa: E402
     ModelState,
     Register,
     RegisterAck,
+    TeacherForm,
     Update,
     UpdateAck,
     UpdateFetch,
@@ -110,6 +112,11 @@ def valid_vectors() -> list[tuple[str, str, Message]]:
         ("fetch_i8", "fetch 2 ids, reply logits as int8 with per-row scales", Fetch("phone-a1", 7, _u32([2, 3]), I8)),
         ("fetch_f32", "fetch a single id, reply logits as float32", Fetch("phone-a1", 8, _u32([4]), F32)),
         (
+            "fetch_raw",
+            "fetch 2 ids asking for every neighbour's logits (teach='raw') as float16",
+            Fetch("phone-a1", 9, _u32([2, 3]), F16, TeacherForm.RAW),
+        ),
+        (
             "update_f32",
             "update of 2 samples x 4 classes as float32; large cid and version use uint64/uint32",
             Update("phone-a1", 2**63 - 1, _u32([10, 11]), _logits(2, 4, 1), 2**40, F32),
@@ -166,6 +173,12 @@ def valid_vectors() -> list[tuple[str, str, Message]]:
             "knowledge_f32",
             "knowledge for 1 id as float32",
             Knowledge("phone-a1", 8, _u32([4]), np.asarray([65535], np.uint16), _logits(1, 10, 10), F32),
+        ),
+        (
+            "knowledge_raw_f16",
+            "raw knowledge (teach='raw'): 3 ids with counts [2, 0, 1], so 3 logit rows (each neighbour's), float16",
+            Knowledge("phone-a1", 11, _u32([5, 1, 8]), np.asarray([2, 0, 1], np.uint16), _logits(3, 5, 13), F16,
+                      teacher=TeacherForm.RAW),
         ),
         (
             "knowledge_no_teacher",
@@ -378,6 +391,13 @@ def invalid_vectors() -> list[tuple[str, str, bytes, ErrorCode]]:
             _with_logits(update, n=1, b=_logits(1, 3, 0).astype("<f4").tobytes()),
             ErrorCode.BAD_SHAPE,
         ),
+        (
+            "invalid_knowledge_raw_rows",
+            "raw knowledge with counts [1, 0] (1 neighbour row) but 2 logit rows",
+            _with_logits(replace(knowledge, teacher=TeacherForm.RAW), n=2, b=_logits(2, 3, 0).astype("<f4").tobytes()),
+            ErrorCode.BAD_SHAPE,
+        ),
+        ("invalid_teacher_form", "fetch with teach='median'", _with(fetch, teach="median"), ErrorCode.BAD_SCHEMA),
         (
             "invalid_knowledge_rows",
             "knowledge with 1 teacher (counts [1, 0]) but 2 logit rows",
