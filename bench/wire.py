@@ -29,6 +29,7 @@ from fedwire import (
     Message,
     Register,
     RegisterAck,
+    TeacherForm,
     Update,
     UpdateAck,
     UpdateFetch,
@@ -37,7 +38,7 @@ from fedwire import (
     encode,
     up_topic,
 )
-from fedwire.constants import REQUEST_KINDS
+from fedwire.constants import DEFAULT_NEIGHBOURS, REQUEST_KINDS
 from fedwire.mqtt import publish_packet_bytes
 
 # A v5 PUBACK with reason "success" and no properties: fixed header (2) + packet id (2). Every QoS 1
@@ -47,6 +48,7 @@ DEVICE_ID = "dev000"  # the trial harness's naming (android_harness: dev000, dev
 REGISTER_CHUNK = 2048  # edge.runtime.REGISTER_CHUNK: samples per register message
 VALUE_BYTES = {LogitEncoding.FLOAT32: 4, LogitEncoding.FLOAT16: 2, LogitEncoding.INT8: 1}
 SEED = 0
+NEIGHBOURS = DEFAULT_NEIGHBOURS  # R: contributors per teacher in a warm cache (the server's default)
 _CID = 2**47 + 12345  # a device starts its correlation ids at a random 48-bit value: msgpack uint64 either way
 
 
@@ -90,25 +92,33 @@ def _micros(fn: object, repeats: int) -> float:
 
 
 def training_messages(
-    *, batch: int, classes: int, encoding: LogitEncoding, combined: bool, seed: int = SEED
+    *,
+    batch: int,
+    classes: int,
+    encoding: LogitEncoding,
+    combined: bool,
+    teacher: TeacherForm = TeacherForm.MEAN,
+    seed: int = SEED,
 ) -> list[Message]:
     """The messages of one training step: update_fetch + knowledge, or update + ack + fetch + knowledge.
 
-    The knowledge reply carries a teacher for every fetched id (every count > 0): the steady state once
-    the cache is warm, and the largest reply.
+    The knowledge reply carries a teacher for every fetched id from all R = 16 neighbours (every count
+    is R): the steady state once the cache is warm, and the largest reply, R rows per id in raw form.
     """
     rng = np.random.default_rng(seed)
     ids = np.arange(batch, dtype=np.uint32)
     fetch_ids = np.arange(batch, 2 * batch, dtype=np.uint32)
     logits = _logits(rng, batch, classes)
+    rows = batch * NEIGHBOURS if teacher is TeacherForm.RAW else batch
     knowledge = Knowledge(
         device=DEVICE_ID,
         cid=_CID,
         ids=fetch_ids,
-        counts=np.full(batch, 16, np.uint16),
-        logits=_logits(rng, batch, classes),
+        counts=np.full(batch, NEIGHBOURS, np.uint16),
+        logits=_logits(rng, rows, classes),
         encoding=encoding,
         applied=batch if combined else 0,
+        teacher=teacher,
     )
     version = time.time_ns() // 1000  # the device's versions are microseconds since the epoch
     if combined:
@@ -120,24 +130,34 @@ def training_messages(
             version=version,
             fetch_ids=fetch_ids,
             encoding=encoding,
+            teacher=teacher,
         )
         return [update, knowledge]
     return [
         Update(device=DEVICE_ID, cid=_CID, ids=ids, logits=logits, version=version, encoding=encoding),
         UpdateAck(device=DEVICE_ID, cid=_CID, applied=batch, stale=0),
-        Fetch(device=DEVICE_ID, cid=_CID + 1, ids=fetch_ids, encoding=encoding),
+        Fetch(device=DEVICE_ID, cid=_CID + 1, ids=fetch_ids, encoding=encoding, teacher=teacher),
         knowledge,
     ]
 
 
-def measure_exchange(*, batch: int, classes: int, encoding: LogitEncoding, combined: bool, repeats: int) -> Exchange:
+def measure_exchange(
+    *,
+    batch: int,
+    classes: int,
+    encoding: LogitEncoding,
+    combined: bool,
+    repeats: int,
+    teacher: TeacherForm = TeacherForm.MEAN,
+) -> Exchange:
     """Encode the step's messages, count their packet bytes per direction and time encode/decode."""
-    messages = training_messages(batch=batch, classes=classes, encoding=encoding, combined=combined)
+    messages = training_messages(batch=batch, classes=classes, encoding=encoding, combined=combined, teacher=teacher)
+    name = "update_fetch + knowledge" if combined else "update + update_ack + fetch + knowledge"
     up = sum(packet_bytes(m) for m in messages if m.kind in REQUEST_KINDS)
     down = sum(packet_bytes(m) for m in messages if m.kind not in REQUEST_KINDS)
     payloads = [encode(m) for m in messages]
     return Exchange(
-        name="update_fetch + knowledge" if combined else "update + update_ack + fetch + knowledge",
+        name=name if teacher is TeacherForm.MEAN else f"{name} (raw: R={NEIGHBOURS} rows per id)",
         encoding=encoding,
         batch=batch,
         up=up,
@@ -295,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         measure_exchange(batch=b, classes=args.classes, encoding=LogitEncoding.FLOAT16, combined=True, repeats=repeats)
         for b in (1, 32, 128)
         if b != args.batch
+    ]
+    rows += [  # FedCache's raw variant: every neighbour's row comes down, the device averages
+        measure_exchange(
+            batch=args.batch, classes=args.classes, encoding=e, combined=True, repeats=repeats, teacher=TeacherForm.RAW
+        )
+        for e in (LogitEncoding.FLOAT16, LogitEncoding.INT8)
     ]
     print(format_training(rows, args.classes))
     print(f"\nRegistration: one device with {args.samples} samples, chunks of {REGISTER_CHUNK} (edge.runtime)")

@@ -8,7 +8,7 @@ import pytest
 from bench.__main__ import available
 from bench.relations import drop_self, neighbour_recall, pair_distances
 from bench.wire import packet_bytes, training_messages
-from fedwire import LogitEncoding, encode, up_topic
+from fedwire import LogitEncoding, TeacherForm, encode, up_topic
 from fedwire.constants import Kind
 
 
@@ -29,6 +29,19 @@ def test_wire_bytes_are_payload_plus_mqtt_publish_header() -> None:
     remaining = 2 + len(topic) + 2 + 1 + payload  # topic length prefix, topic, packet id, properties length 0
     assert packet_bytes(update) == 1 + _varint_len(remaining) + remaining
     assert remaining >= 128  # the varint takes two bytes here, so the arithmetic above is really exercised
+
+
+def test_raw_knowledge_carries_r_rows_per_id_and_costs_about_r_times_the_logit_bytes() -> None:
+    mean_up, mean_reply = training_messages(batch=8, classes=10, encoding=LogitEncoding.FLOAT16, combined=True)
+    raw_up, raw_reply = training_messages(
+        batch=8, classes=10, encoding=LogitEncoding.FLOAT16, combined=True, teacher=TeacherForm.RAW
+    )
+    assert raw_reply.logits.shape == (8 * 16, 10) and raw_reply.teacher_means().shape == (8, 10)
+    extra_rows = 8 * 16 - 8
+    # The raw reply is longer by exactly its extra float16 rows (plus a few bytes of msgpack framing and key).
+    growth = packet_bytes(raw_reply) - packet_bytes(mean_reply)
+    assert extra_rows * 10 * 2 <= growth <= extra_rows * 10 * 2 + 32
+    assert 0 < packet_bytes(raw_up) - packet_bytes(mean_up) <= 16  # the request only adds its "teach" key
 
 
 def test_recall_is_one_for_exact_and_below_one_for_a_broken_table() -> None:
