@@ -73,9 +73,12 @@ class FedAvgClient:
         self.round: int | None = None
         self.participants = 0
         self.digest = ""
+        self.start_digest = ""
         self.waited_s = 0.0
 
     def start(self) -> None:
+        # The weights training starts from: equal on every device of a fresh trial (one global initial model).
+        self.start_digest = digest(flat_state(self.model))
         say_hello(link=self.link, config=self.config, classes=self.classes, samples=self.samples, capability="fedavg")
 
     def teacher(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,5 +169,6 @@ class FedAvgClient:
             "fedavg_round": self.round,
             "fedavg_participants": self.participants,
             "model_digest": self.digest,
+            "start_model_digest": self.start_digest,
             "round_wait_s": round(self.waited_s, 3),
         }

@@ -78,6 +78,19 @@ def _device_shard(data: DataConfig) -> Shard:
     return device_shard(dataset, num_devices=data.num_devices, alpha=data.alpha, seed=data.seed, index=data.index)
 
 
+def model_seed(config: DeviceConfig) -> int:
+    """Seed of the device's initial weights.
+
+    FedCache, FD and local devices each start from their own initialisation (they never share weights).
+    FedAvg devices must start from one global model, as if the server had broadcast it: averaging
+    independently initialised networks mixes unrelated hidden units and yields a near-chance model.
+    A shared seed builds that same model on every device without a round trip.
+    """
+    if config.train.algorithm == "fedavg":
+        return config.train.seed
+    return config.train.seed + config.data.index
+
+
 class DeviceRuntime:
     """Runs one device end to end; `run()` returns its final summary."""
 
@@ -94,7 +107,7 @@ class DeviceRuntime:
             arch=train.arch,
             classes=self.classes,
             in_channels=self.input_shape[0],
-            seed=train.seed + config.data.index,
+            seed=model_seed(config),
             lr=train.lr,
             momentum=train.momentum,
             weight_decay=train.weight_decay,

@@ -53,6 +53,8 @@ def test_fedavg_devices_end_each_round_with_identical_weights(tmp_path: Path) ->
     assert all(len(digests) == 1 for digests in by_round.values()), by_round  # every device loaded one average
     final = _final(report)
     assert {m["fedavg_participants"] for m in final.values()} == {3}  # nobody was left out of the last round
+    # Round 0 averages meaningfully only if every device started from the same global initial model.
+    assert len({m["start_model_digest"] for m in final.values()}) == 1, final
     # Evaluated right after loading the same global model, on each device's own test split.
     assert report["maua"] > 0.3  # ten classes: chance is 0.1
     model_bytes = 4 * 19756  # the cnn's float state: one upload and one download per round at least
