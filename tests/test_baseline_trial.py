@@ -32,11 +32,15 @@ def test_fd_devices_distil_from_the_global_per_class_teacher(tmp_path: Path) -> 
     assert report["algorithm"] == "fd"
     assert report["maua"] > 0.5  # ten classes: chance is 0.1
     assert report["bytes"]["up"] > 0 and report["bytes"]["down"] > 0
-    for device, metrics in _final(report).items():
+    final = _final(report)
+    for device, metrics in final.items():
         assert metrics["done"] and metrics["epoch"] == 2, device
         assert metrics["fd_globals_received"] >= 2, metrics  # a teacher table came back more than once
-        assert metrics["fd_teacher_classes"] >= 8, metrics  # others' samples cover (almost) every class
-        assert metrics["teacher_coverage"] > 0.5, metrics
+    # Devices start unevenly (a fast one may finish before the others' first upload), but every other device
+    # waits for its final upload's answer before leaving, so the last to finish has everybody's classes.
+    last = max(final.values(), key=lambda m: m["trial_time_s"])
+    assert last["fd_teacher_classes"] >= 8, last  # others' samples cover (almost) every class
+    assert last["teacher_coverage"] > 0.5, last
     # Per-class tables are tiny next to FedCache's per-sample logits: well under 10 KiB per device here.
     assert all(d["bytes_up"] < 10 * 1024 for d in report["devices"])
 

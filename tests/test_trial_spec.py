@@ -25,14 +25,16 @@ timeout = 240
 [server]
 neighbours = 8
 
+# The cut device is the slower model: a cnn that started first could be in its final (outage-exempt) epoch
+# by the time the resnet8 reports, which is when the fault clock starts.
 [[devices]]
 count = 1
-arch = "cnn"
+arch = "resnet8"
 outages = [[0.5, 2.0]]
 
 [[devices]]
 count = 1
-arch = "resnet8"
+arch = "cnn"
 
 [[devices]]
 count = 1
