@@ -149,7 +149,7 @@ def comparison_rows(
 
     With several architectures, one MAUA column per architecture follows the overall MAUA.
     """
-    per_arch = sorted(set(archs)) if len(set(archs)) > 1 else []
+    per_arch = arch_columns(archs)
     reached = {o.method: bytes_to_target(o.curve, target) for o in outcomes if o.training_bytes > 0}
     costliest = max((b for b in reached.values() if b), default=None)
     rows: list[list[object]] = []
@@ -176,10 +176,14 @@ def _kib(value: float | None) -> str:
     return "-" if value is None else f"{value / 1024:,.1f}"
 
 
+def arch_columns(archs: tuple[str, ...]) -> list[str]:
+    """The architectures that get their own MAUA column: all of them when the models differ, else none."""
+    return sorted(set(archs)) if len(set(archs)) > 1 else []
+
+
 def headers(archs: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The table's columns (one MAUA column per architecture when the models differ)."""
-    per_arch = [f"MAUA {a}" for a in sorted(set(archs))] if len(set(archs)) > 1 else []
-    return (HEADERS[0], HEADERS[1], *per_arch, *HEADERS[2:])
+    return (HEADERS[0], HEADERS[1], *(f"MAUA {a}" for a in arch_columns(archs)), *HEADERS[2:])
 
 
 HEADERS = (
