@@ -26,8 +26,8 @@ from android_harness.device_wheel import build_device_wheel
 from edge.config import DeviceConfig, config_to_toml
 from edge.data import device_shard, load_dataset
 from edge.shard_file import load_shard, save_shard
-from edge.trainer import LossSettings
-from export.manifest import sha256_file
+from models.loss import LossSettings
+from models.manifest import sha256_file
 
 if TYPE_CHECKING:
     from torch import nn
@@ -106,7 +106,7 @@ def _write_models(config: DeviceConfig, models: Path, *, input_shape: tuple[int,
     """Initial weights, ONNX (always) and the ExecuTorch programs (executorch devices) into `models`."""
     from export.artifacts import ModelSpec, export_model_artifacts
     from export.weights import save_weights
-    from export.zoo import build_model
+    from models.zoo import build_model
 
     train = config.train
     seed = train.seed + config.data.index  # the seed edge.runtime builds this device's model with
@@ -124,9 +124,9 @@ def _write_models(config: DeviceConfig, models: Path, *, input_shape: tuple[int,
 def _write_onnx(model: nn.Module, models: Path, *, spec: ModelSpec) -> None:
     """Only the ONNX file (parity-checked, in export's manifest): a torch device trains in PyTorch."""
     from export.artifacts import environment
-    from export.manifest import locked, record_for, write_manifest
     from export.onnx_export import ONNX_OPSET, model_to_onnx_bytes
     from export.parity import INFERENCE_TOLERANCE, check, onnx_parity
+    from models.manifest import locked, record_for, write_manifest
 
     input_shape = spec.input_shape
     onnx_bytes = model_to_onnx_bytes(model, input_shape=input_shape)
@@ -150,7 +150,7 @@ def _write_onnx(model: nn.Module, models: Path, *, spec: ModelSpec) -> None:
 
 def _write_encoder(config: DeviceConfig, models: Path, *, input_shape: tuple[int, int, int]) -> str:
     """The device's hash encoder in the bundle: the one its config names, else the built-in default."""
-    from export.encoder import DEFAULT_ENCODER_KIND, export_encoder_onnx
+    from models.encoder import DEFAULT_ENCODER_KIND, export_encoder_onnx
 
     cfg = config.hash
     if cfg.encoder:

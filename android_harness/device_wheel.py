@@ -1,14 +1,12 @@
-"""The device runtime as a wheel holding only what `python -m edge` imports: edge, fedwire, the device's part of export.
+"""The device runtime as a wheel of the packages `python -m edge` runs: edge, fedwire and models, nothing else.
 
-A device must not carry the server, the harness or the exporter (ExecuTorch's compiler, onnx). Which export
-modules the device needs is not hard-coded: it is the closure of every first-party import (module level and
-inside functions) reachable from the `edge` and `fedwire` packages, minus the workstation-only exporter
-entry points. So when edge starts importing another export module, the wheel picks it up.
+A device must not carry the server, the harness or the exporter (ExecuTorch's compiler, onnx). The layering
+keeps edge's imports inside edge, fedwire and models (tests/test_layering.py), so the wheel is that declared
+list of whole packages. A device has no exporter: a bundle ships its programs.
 """
 
 from __future__ import annotations
 
-import ast
 import shutil
 import subprocess
 import sys
@@ -19,11 +17,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DISTRIBUTION = "fedcache-edge-device"
 VERSION = "0.1.0"
-# Whole packages a device runs; other first-party packages are reached only through their imports.
-DEVICE_PACKAGES = ("edge", "fedwire")
-FIRST_PARTY = ("edge", "fedwire", "export", "broker_server", "android_harness", "bench")
-# Reached only when a device exports a missing ExecuTorch program itself; a flashed bundle ships the program.
-EXPORTER_ONLY = frozenset({"export.artifacts", "export.__main__"})
+# Every package a device runs, whole; no other first-party package goes into the wheel.
+DEVICE_PACKAGES = ("edge", "fedwire", "models")
 BASE_DEPENDENCIES = ("numpy>=2.0", "torch==2.13.0", "paho-mqtt==2.2.0", "msgpack>=1.0", "onnxruntime>=1.18")
 EXECUTORCH_DEPENDENCY = "executorch==1.5.1"
 _PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index")
@@ -46,45 +41,15 @@ def _module_file(module: str, root: Path) -> Path | None:
     return None
 
 
-def _imports(path: Path, module: str) -> set[str]:
-    """First-party modules `path` imports anywhere (a lazy import inside a function counts)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                anchor = ".".join(parts[: len(parts) - node.level + 1])
-                base = f"{anchor}.{base}" if base else anchor
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
-    return {name for name in found if name.split(".")[0] in FIRST_PARTY}
-
-
 def device_modules(root: Path = REPO_ROOT) -> tuple[str, ...]:
-    """Every first-party module a device can import, as dotted names, parents included, sorted."""
-    pending = [
-        ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
-        for package in DEVICE_PACKAGES
-        for p in sorted((root / package).rglob("*.py"))
-    ]
-    seen: set[str] = set()
-    while pending:
-        module = pending.pop()
-        if module in seen or module in EXPORTER_ONLY:
-            continue
-        path = _module_file(module, root)
-        if path is None:  # `from pkg import name` where name is not a module
-            continue
-        seen.add(module)
-        parts = module.split(".")
-        pending += [".".join(parts[:i]) for i in range(1, len(parts))]
-        pending += sorted(_imports(path, module))
-    return tuple(sorted(seen))
+    """Every module of the device packages, as dotted names (packages as their own name), sorted."""
+    return tuple(
+        sorted(
+            ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            for package in DEVICE_PACKAGES
+            for p in (root / package).rglob("*.py")
+        )
+    )
 
 
 def _pyproject(packages: list[str], dependencies: tuple[str, ...]) -> str:
@@ -129,6 +94,7 @@ def build_device_wheel(out: Path, *, executorch: bool, root: Path = REPO_ROOT) -
 
 __all__ = [
     "BASE_DEPENDENCIES",
+    "DEVICE_PACKAGES",
     "DISTRIBUTION",
     "EXECUTORCH_DEPENDENCY",
     "DeviceWheel",

@@ -171,8 +171,8 @@ def _prepare_shared_artifacts(settings: TrialSettings) -> Path:
     """Decode the dataset into the shared cache and export the encoder once, not once per device."""
     from edge.backends import has_training_program
     from edge.data import load_dataset
-    from edge.trainer import LossSettings
-    from export.encoder import export_encoder_onnx
+    from models.encoder import export_encoder_onnx
+    from models.loss import LossSettings
 
     dataset = load_dataset(settings.dataset)
     executorch_archs = {

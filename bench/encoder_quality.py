@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from edge.data import Dataset, load_dataset
 from edge.hashing import HashEncoder, decode_float16, hashes_from_features
-from export.encoder import DEFAULT_DIM, ENCODER_KINDS, export_encoder_onnx
 from fedwire.constants import HashKind
+from models.encoder import DEFAULT_DIM, ENCODER_KINDS, export_encoder_onnx
 
 _CHUNK = 4096
 _TIMING_IMAGES = 2048

@@ -185,7 +185,7 @@ def child(backend: str, *, arch: str, shape: tuple[int, int, int], artifacts: Pa
         sys.meta_path.insert(0, _BlockImports(EXECUTORCH_ONLY_DEPS))
     start = time.perf_counter()
     from edge.backends import make_trainer
-    from edge.trainer import LossSettings
+    from models.loss import LossSettings
 
     trainer = make_trainer(
         backend=backend,
@@ -223,11 +223,11 @@ def measure_model(arch: str, shape: tuple[int, int, int], *, artifacts: Path, st
     import torch
 
     from edge.backends import make_trainer
-    from edge.trainer import LossSettings
     from export.artifacts import ModelSpec, export_model_artifacts
-    from export.manifest import read_manifest
     from export.onnx_export import model_to_onnx_bytes
-    from export.zoo import build_model
+    from models.loss import LossSettings
+    from models.manifest import read_manifest
+    from models.zoo import build_model
 
     torch.set_num_threads(1)
     spec = ModelSpec(arch=arch, classes=CLASSES, input_shape=shape)
@@ -274,10 +274,10 @@ def ladder(shape: tuple[int, int, int], *, steps: int) -> list[dict]:
 
     from edge.backends import TorchBackendTrainer
     from edge.et_trainer import ExecuTorchTrainer
-    from edge.trainer import LossSettings
     from export.et_graph import PORTABLE
     from export.executorch_export import export_training_program
-    from export.zoo import build_model
+    from models.loss import LossSettings
+    from models.zoo import build_model
 
     torch.set_num_threads(1)
     rungs = [

@@ -266,7 +266,7 @@ def fashion_hashes(per_class: int | None, seed: int) -> tuple[list[ClassData], l
     """
     from edge.data import load_dataset
     from edge.hashing import HashEncoder, decode_float16, hashes_from_features
-    from export.encoder import export_encoder_onnx
+    from models.encoder import export_encoder_onnx
 
     data = load_dataset("fashion-mnist")
     labels = np.asarray(data.y_train)

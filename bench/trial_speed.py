@@ -163,9 +163,10 @@ def run_baseline(recipe: Recipe, *, epochs: int = 1, demo_teacher: bool = False)
     from edge.data import device_shard, load_dataset
     from edge.hashing import HashEncoder, unpack_binary
     from edge.knowledge import BatchSchedule
-    from edge.trainer import LossSettings, TorchTrainer
-    from export.encoder import export_encoder_onnx
-    from export.zoo import build_model
+    from edge.trainer import TorchTrainer
+    from models.encoder import export_encoder_onnx
+    from models.loss import LossSettings
+    from models.zoo import build_model
 
     started = time.perf_counter()
     torch.set_num_threads(1)
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help=f"{QUICK_DATASET}, {QUICK_DEVICES} devices, 1 epoch: about a minute"
     )
-    parser.add_argument("--arch", default="cnn", help="model of every device (export.zoo.ARCHITECTURES)")
+    parser.add_argument("--arch", default="cnn", help="model of every device (models.zoo.ARCHITECTURES)")
     parser.add_argument("--dataset", default=None, help="default fashion-mnist (digits with --quick)")
     parser.add_argument("--devices", type=int, default=None, help=f"default 20 ({QUICK_DEVICES} with --quick)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each implementation (median reported)")

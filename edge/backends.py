@@ -2,20 +2,26 @@
 
 Both start from `build_model(arch, seed=seed)`'s weights, so for one seed the backends begin identically;
 an ExecuTorch device loads its training program from `artifacts_dir` (found through manifest.json,
-checksum verified) and, where the exporter is installed, exports a missing one on first use.
+checksum verified) and, where the exporter is installed, exports a missing one on first use by running
+`python -m export` (a workstation tool edge never imports; a device's wheel does not carry it).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from edge.trainer import LossSettings, TorchTrainer
-from export.zoo import build_model
+from edge.trainer import TorchTrainer
+from models.loss import LossSettings
+from models.manifest import ArtifactRecord, read_manifest, verify
+from models.zoo import build_model
 
 BACKENDS = ("torch", "executorch")
 
@@ -47,8 +53,39 @@ class ArtifactNotFoundError(FileNotFoundError):
     """No training program for these settings in artifacts_dir, and no exporter to make one."""
 
 
-def _exporter_available() -> bool:
-    return importlib.util.find_spec("executorch.exir") is not None
+def _exporter_root() -> Path | None:
+    """The directory holding the `export` tool's package where it and ExecuTorch's compiler are installed, else None."""
+    if importlib.util.find_spec("executorch.exir") is None:
+        return None
+    spec = importlib.util.find_spec("export")
+    if spec is None or spec.origin is None or not (Path(spec.origin).parent / "artifacts.py").is_file():
+        return None
+    return Path(spec.origin).parent.parent
+
+
+def _export_missing(
+    artifacts_dir: Path,
+    *,
+    exporter_root: Path,
+    arch: str,
+    classes: int,
+    input_shape: tuple[int, int, int],
+    loss: LossSettings,
+    max_batch: int,
+    inference: bool,
+) -> None:
+    """Run `python -m export` for one model's training program (and its ONNX/.pte when `inference`)."""
+    command = [
+        sys.executable, "-m", "export", "--arch", arch, "--classes", str(classes),
+        "--input-shape", ",".join(str(n) for n in input_shape), "--out", str(artifacts_dir),
+        "--kd-alpha", repr(loss.kd_alpha), "--temperature", repr(loss.temperature), "--batch", str(max_batch),
+    ]  # fmt: skip
+    if not inference:
+        command.append("--no-inference")
+    path = os.pathsep.join(p for p in (str(exporter_root), os.environ.get("PYTHONPATH", "")) if p)
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": path})
+    if done.returncode != 0:
+        raise RuntimeError(f"`{' '.join(command)}` failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
 
 
 def _find(
@@ -61,9 +98,7 @@ def _find(
     input_shape: tuple[int, int, int] | None,
     loss: LossSettings | None = None,
     batch_size: int | None = None,
-):  # -> ArtifactRecord | None
-    from export.manifest import read_manifest
-
+) -> ArtifactRecord | None:
     matches = []
     for record in read_manifest(artifacts_dir):
         if record.kind != kind or record.architecture != arch or record.classes != classes:
@@ -130,21 +165,26 @@ def make_trainer(
     needs_onnx = eval_backend == "onnxruntime"
     onnx_record = _find(artifacts_dir, kind="onnx", **query) if needs_onnx else None
     if record is None or (needs_onnx and onnx_record is None):
-        if input_shape is None or not _exporter_available():
+        exporter_root = _exporter_root()
+        if input_shape is None or exporter_root is None:
             raise ArtifactNotFoundError(
                 f"no ExecuTorch training program for {arch} ({classes} classes, {in_channels} channels, loss {loss},"
                 f" batch {batch_size}) in {artifacts_dir}; run `python -m export --arch {arch} ...` there"
             )
-        from export.artifacts import ModelSpec, export_model_artifacts
-
-        spec = ModelSpec(arch=arch, classes=classes, input_shape=input_shape)
-        export_model_artifacts(spec, artifacts_dir, loss=loss, max_batch=max(batch_size, 8), inference=needs_onnx)
+        _export_missing(
+            artifacts_dir,
+            exporter_root=exporter_root,
+            arch=arch,
+            classes=classes,
+            input_shape=input_shape,
+            loss=loss,
+            max_batch=max(batch_size, 8),
+            inference=needs_onnx,
+        )
         record = _find(artifacts_dir, kind="executorch-training", loss=loss, batch_size=batch_size, **query)
         onnx_record = _find(artifacts_dir, kind="onnx", **query) if needs_onnx else None
         if record is None:
             raise ArtifactNotFoundError(f"export into {artifacts_dir} did not produce a program for {arch}")
-
-    from export.manifest import verify
 
     program = verify(artifacts_dir, record)
     onnx_path = verify(artifacts_dir, onnx_record) if onnx_record is not None else None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.files import write_atomic
+from models.files import write_atomic
 
 DATASETS = ("fashion-mnist", "digits")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -84,7 +84,7 @@ class HashEncoder:
 
     @property
     def metadata(self) -> MappingProxyType[str, str]:
-        """The ONNX model's metadata props (export.encoder records kind, dim, seed, input shape there)."""
+        """The ONNX model's metadata props (models.encoder records kind, dim, seed, input shape there)."""
         return self._metadata
 
     def features(self, x: np.ndarray, *, batch_size: int = 512) -> np.ndarray:

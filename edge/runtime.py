@@ -27,8 +27,6 @@ from edge.knowledge import BatchSchedule, TeacherCache
 from edge.link import KnowledgeLink
 from edge.shard_file import load_shard
 from edge.state import Checkpoint, DeviceState, ProgressBeacon
-from edge.trainer import LossSettings
-from export.encoder import export_encoder_onnx
 from fedwire import (
     ErrorCode,
     ErrorReply,
@@ -45,6 +43,8 @@ from fedwire import (
 from fedwire.codec import as_received
 from fedwire.constants import MAX_IDS_PER_MESSAGE
 from fedwire.mqtt import BrokerAddress
+from models.encoder import export_encoder_onnx
+from models.loss import LossSettings
 
 log = logging.getLogger(__name__)
 

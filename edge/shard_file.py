@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.data import Shard
-from edge.files import write_atomic
+from models.files import write_atomic
 
 SHARD_FORMAT = 1
 _ARRAYS = ("x_train", "y_train", "x_test", "y_test", "train_indices", "test_indices")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge.files import write_atomic
+from models.files import write_atomic
 
 STATE_FILENAME = "device.sqlite3"
 CHECKPOINT_FILENAME = "checkpoint.pt"

@@ -1,1 +1,1 @@
-"""Model zoo and the frozen hash encoder, exportable to ONNX for edge devices."""
+"""Workstation exporter: the models package's nets as parity-checked ONNX and ExecuTorch artifacts for devices."""

@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from edge.trainer import LossSettings
 from export.artifacts import ModelSpec, export_encoder_artifacts, export_model_artifacts, summary
 from export.parity import DEFAULT_TRAINING_STEPS, ParityError
-from export.zoo import ARCHITECTURES
+from models.loss import LossSettings
+from models.zoo import ARCHITECTURES
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=LossSettings.temperature)
     parser.add_argument("--parity-steps", type=int, default=DEFAULT_TRAINING_STEPS)
     parser.add_argument("--no-training", action="store_true", help="skip the training program")
+    parser.add_argument("--no-inference", action="store_true", help="skip the ONNX and ExecuTorch inference files")
     return parser
 
 
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_batch=args.batch,
                 parity_steps=args.parity_steps,
                 training=not args.no_training,
+                inference=not args.no_inference,
             )
         if args.encoder:
             records += export_encoder_artifacts(

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge.files import write_atomic
-from edge.trainer import LossSettings
 from export.et_graph import TrainingGraphOptions
-from export.manifest import ArtifactRecord, locked, record_for, write_manifest
 from export.onnx_export import ONNX_OPSET, model_to_onnx_bytes
 from export.parity import DEFAULT_TRAINING_STEPS, INFERENCE_TOLERANCE, check
-from export.zoo import build_model
+from models.files import write_atomic
+from models.loss import LossSettings
+from models.manifest import ArtifactRecord, locked, record_for, write_manifest
+from models.zoo import build_model
 
 
 @dataclass(frozen=True)
@@ -141,9 +141,9 @@ def export_encoder_artifacts(
 
     The encoder is frozen (buffers only, nothing to train), so it has no training program.
     """
-    from export.encoder import build_encoder, export_encoder_onnx
     from export.executorch_export import EXECUTORCH_VERSION, export_inference_program
     from export.parity import executorch_inference_parity, onnx_parity
+    from models.encoder import build_encoder, export_encoder_onnx
 
     out = Path(out)
     shape = "x".join(str(n) for n in input_shape)

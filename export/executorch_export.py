@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from edge.trainer import LossSettings, fedcache_loss
 from export.et_graph import TrainingGraphOptions, inference_decompositions, training_decompositions
+from models.loss import LossSettings, fedcache_loss
 
 TRAIN_METHOD = "forward"
 PREDICT_METHOD = "predict"

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge.files import write_atomic
+from models.files import write_atomic
 
 ONNX_OPSET = 17
 INPUT_NAME = "images"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge.trainer import LossSettings, TorchTrainer
+from models.loss import LossSettings
 
 INFERENCE_TOLERANCE = 1e-4
 TRAINING_TOLERANCE = 1e-4
@@ -77,6 +77,7 @@ def training_parity(
 ) -> dict[str, Any]:
     """N steps in ExecuTorch vs N in PyTorch from `model`'s weights; worst differences and the distance moved."""
     from edge.et_trainer import ExecuTorchTrainer
+    from edge.trainer import TorchTrainer
 
     start = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     reference = TorchTrainer(model=copy.deepcopy(model), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, loss=loss)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge.files import write_atomic
-from export.zoo import build_model
+from models.files import write_atomic
+from models.zoo import build_model
 
 
 def state_to_numpy(state: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, np.ndarray]:

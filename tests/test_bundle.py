@@ -16,7 +16,7 @@ from android_harness.device_wheel import device_modules
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, load_config
 from edge.data import device_shard, load_dataset
 from edge.shard_file import ShardMismatchError, load_shard
-from export.manifest import read_manifest, verify
+from models.manifest import read_manifest, verify
 
 CONFIG = DeviceConfig(
     id="pi-unit",
@@ -67,11 +67,12 @@ def test_tampered_or_extra_files_fail_verification(bundle: Bundle, tmp_path: Pat
 def test_wheel_holds_edge_and_fedwire_but_not_server_harness_or_bench(bundle: Bundle) -> None:
     names = zipfile.ZipFile(bundle.root / bundle.wheel).namelist()
     tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
-    assert tops == {"edge", "fedwire", "export"}
-    assert {"edge/runtime.py", "edge/__main__.py", "fedwire/codec.py", "export/encoder.py", "export/zoo.py"} <= set(
+    assert tops == {"edge", "fedwire", "models"}
+    assert {"edge/runtime.py", "edge/__main__.py", "fedwire/codec.py", "models/encoder.py", "models/zoo.py"} <= set(
         names
     )
     assert "export/artifacts.py" not in names and "export/executorch_export.py" not in names
+    assert not [n for n in names if n.startswith(("export/", "broker_server/", "android_harness/", "bench/"))]
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     requires = [
         line.split(": ", 1)[1]
@@ -82,10 +83,12 @@ def test_wheel_holds_edge_and_fedwire_but_not_server_harness_or_bench(bundle: Bu
     assert not any(r.startswith(("faiss", "matplotlib", "scikit-learn", "onnx>", "onnx=")) for r in requires)
 
 
-def test_device_modules_follow_edge_imports_into_export() -> None:
+def test_device_modules_are_edge_fedwire_and_models_whole() -> None:
     modules = set(device_modules())
-    assert {"edge.runtime", "edge.shard_file", "export.encoder", "export.manifest", "export.zoo"} <= modules
-    assert not {m for m in modules if m.split(".")[0] in ("broker_server", "android_harness", "bench")}
+    assert {"edge.runtime", "edge.shard_file", "models.encoder", "models.manifest", "models.zoo"} <= modules
+    assert {"models", "models.files", "models.loss", "fedwire.codec", "edge.backends"} <= modules
+    assert {m.split(".")[0] for m in modules} == {"edge", "fedwire", "models"}
+    assert not {m for m in modules if m.split(".")[0] in ("broker_server", "android_harness", "bench", "export")}
     assert "export.artifacts" not in modules
 
 

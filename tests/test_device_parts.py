@@ -12,8 +12,8 @@ from torch.nn import functional as F
 
 from edge.config import DeviceConfig, config_to_toml, load_config
 from edge.knowledge import BatchSchedule, TeacherCache
-from edge.trainer import LossSettings, fedcache_loss
 from fedwire import TeacherForm
+from models.loss import LossSettings, fedcache_loss
 
 
 def test_loss_is_ce_plus_scaled_kl_and_mask_removes_the_teacher() -> None:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from edge.hashing import HashEncoder, decode_float16, hashes_from_features, unpack_binary
-from export.encoder import DEFAULT_ENCODER_KIND, ENCODER_KINDS, build_encoder, export_encoder_onnx
 from fedwire.constants import HashKind
+from models.encoder import DEFAULT_ENCODER_KIND, ENCODER_KINDS, build_encoder, export_encoder_onnx
 
 
 def _images(n: int, shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

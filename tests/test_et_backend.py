@@ -10,7 +10,7 @@ import pytest
 from edge.backends import ArtifactNotFoundError, TorchBackendTrainer, make_trainer
 from edge.data import load_dataset
 from edge.et_trainer import ExecuTorchTrainer
-from edge.trainer import LossSettings
+from models.loss import LossSettings
 
 SHAPE = (1, 8, 8)
 SETTINGS = {"classes": 10, "in_channels": 1, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}

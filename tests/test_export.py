@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from edge.backends import make_trainer
-from edge.trainer import LossSettings
 from export import et_graph
 from export.__main__ import main
-from export.manifest import read_manifest, sha256_file, verify
 from export.onnx_export import model_to_onnx_bytes
 from export.parity import INFERENCE_TOLERANCE, TRAINING_TOLERANCE
 from export.weights import load_weights, model_from_weights, save_weights
+from models.loss import LossSettings
+from models.manifest import read_manifest, sha256_file, verify
 
 SHAPE = (1, 8, 8)
 
@@ -68,7 +68,7 @@ def test_runtimes_agree_with_pytorch(artifacts: Path) -> None:
 
 
 def _seeded_state(arch: str, seed: int) -> dict[str, np.ndarray]:
-    from export.zoo import build_model
+    from models.zoo import build_model
 
     return {k: v.numpy() for k, v in build_model(arch, classes=10, in_channels=1, seed=seed).state_dict().items()}
 
@@ -110,7 +110,7 @@ def test_window_max_pool_routes_ties_like_aten() -> None:
 
 
 def test_onnx_initializers_carry_state_dict_names() -> None:
-    from export.zoo import build_model
+    from models.zoo import build_model
 
     model = build_model("resnet8", classes=10, in_channels=1, seed=0)
     proto = onnx.load_from_string(model_to_onnx_bytes(model, input_shape=SHAPE))

@@ -79,7 +79,9 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
 
 SSH_OPTIONS = ("StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "LogLevel=ERROR")
 EPOCHS = 2
-WHERE_IS_EDGE = "import edge, fedwire, json; print(json.dumps([edge.__file__, fedwire.__file__]))"
+WHERE_IS_EDGE = (
+    "import edge, fedwire, models, json; print(json.dumps([edge.__file__, fedwire.__file__, models.__file__]))"
+)
 
 
 def _device_config(broker: MosquittoBroker) -> DeviceConfig:
@@ -115,13 +117,11 @@ def test_device_flashed_over_ssh_trains_from_its_bundle_alone(
     assert (root / "bundle" / "bundle.json").is_file()
 
     # The device's interpreter finds `edge` in its own venv (the wheel), never in /work/main.
-    where = json.loads(
-        target.run_in_venv("import edge, fedwire, json; print(json.dumps([edge.__file__, fedwire.__file__]))")
-    )
+    where = json.loads(target.run_in_venv(WHERE_IS_EDGE))
     for path in where:
         assert Path(path).is_relative_to(root / "venv"), where
     missing = target.run_in_venv(
-        "import importlib.util as u; print([m for m in ('broker_server','android_harness','bench','export.artifacts')"
+        "import importlib.util as u; print([m for m in ('broker_server','android_harness','bench','export')"
         " if u.find_spec(m) is not None])"
     )
     assert missing.strip() == "[]"

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.zoo import ARCHITECTURES, build_model, count_parameters
+from models.zoo import ARCHITECTURES, build_model, count_parameters
 
 
 @pytest.mark.parametrize("side", [28, 8])

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge.files import write_atomic
+from models.files import write_atomic
 
 ENCODER_KINDS = ("pixel", "conv")
 DEFAULT_ENCODER_KIND = "conv"

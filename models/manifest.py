@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.files import write_atomic
+from models.files import write_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -22,3 +22,6 @@ def write_atomic(path: Path, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+__all__ = ["write_atomic"]
