@@ -5,8 +5,8 @@ Layout (all paths relative to the bundle, which is the device's working director
     bundle.json                 format, device, backend, dependencies, sha256 and size of every other file
     SHA256SUMS                  the same checksums in `sha256sum -c` form, so a device verifies with coreutils
     device.toml                 the device config, rewritten to point inside the bundle
-    wheels/fedcache_edge_device-*.whl   edge + fedwire + the device's part of export (device_wheel.py)
-    models/manifest.json        export's manifest of the model files below (sha256-checked by edge.backends)
+    wheels/fedcache_edge_device-*.whl   the edge, fedwire and models packages (device_wheel.py)
+    models/manifest.json        models/manifest.py's list of the files below (sha256-checked by edge.backends)
     models/initial-ARCH-sSEED.npz       the device's initial PyTorch weights (what build_model(seed) gives)
     models/ARCH-cC-CxHxW.onnx   the same model for ONNX Runtime inference
     models/*.pte, *.train.pte   ExecuTorch inference and training programs (executorch devices only)

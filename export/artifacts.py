@@ -137,7 +137,7 @@ def export_model_artifacts(
 def export_encoder_artifacts(
     out: Path, *, input_shape: tuple[int, int, int], kind: str = "conv", dim: int = 256, seed: int = 0
 ) -> list[ArtifactRecord]:
-    """The hash encoder as ONNX (export/encoder.py's exporter) and an XNNPACK ExecuTorch program.
+    """The hash encoder as ONNX (models/encoder.py's exporter) and an XNNPACK ExecuTorch program.
 
     The encoder is frozen (buffers only, nothing to train), so it has no training program.
     """
