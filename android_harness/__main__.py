@@ -103,6 +103,9 @@ def _scenario_path(name: str) -> Path:
 def _print_invariants(report: dict) -> int:
     """One PASS/FAIL line per invariant and an overall line; returns how many failed."""
     invariants = report.get("invariants", {})
+    if report.get("last_report_missing"):
+        missing = ", ".join(report["last_report_missing"])
+        print(f"  note: final report never arrived over MQTT, read from the device's state instead: {missing}")
     failed = 0
     for name, result in invariants.items():
         failed += not result["ok"]

@@ -43,7 +43,7 @@ def netns_unavailable_reason() -> str | None:
         return "not root: network namespaces need CAP_NET_ADMIN"
     for tool in ("ip", "iptables"):
         if shutil.which(tool) is None:
-            return f"`{tool}` is not installed (make setup installs it)"
+            return f"`{tool}` is not installed (`make setup-test` or `scripts/setup-system.sh --test` installs it)"
     probe = f"fcprobe{os.getpid()}"
     try:
         _run("ip", "netns", "add", probe)
@@ -75,6 +75,10 @@ class NetnsLab:
     def namespace(self, index: int) -> str:
         return f"fc{self.tag}d{index}"
 
+    def device_veth(self, index: int) -> str:
+        """The device's end of its link, inside its namespace."""
+        return f"fc{self.tag}p{index}"
+
     def host_veth(self, index: int) -> str:
         return f"fc{self.tag}h{index}"
 
@@ -90,7 +94,7 @@ class NetnsLab:
         _run("ip", "addr", "add", f"{self.bridge_address}/16", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
         for index in range(self.devices):
-            ns, host, peer = self.namespace(index), self.host_veth(index), f"fc{self.tag}p{index}"
+            ns, host, peer = self.namespace(index), self.host_veth(index), self.device_veth(index)
             _run("ip", "netns", "add", ns)
             self._made.append(ns)
             _run("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
@@ -115,12 +119,18 @@ class NetnsLab:
         _run("ip", "link", "set", self.host_veth(index), "up")
 
     def lossy(self, index: int, probability: float) -> None:
-        """Drop each packet in and out of the device with this probability (iptables statistic match)."""
+        """Drop each packet in and out of the device's link with this probability (iptables statistic match).
+
+        Only the link: the namespace's loopback stays clean, as on a real device. (Dropping loopback packets
+        too once hung paho for good: it connects a socket pair over 127.0.0.1 at every reconnect and blocks in
+        accept() when the handshake's SYN retries run out.)
+        """
         self.clear_loss(index)
-        for chain in ("INPUT", "OUTPUT"):
+        veth = self.device_veth(index)
+        for chain, direction in (("INPUT", "-i"), ("OUTPUT", "-o")):
             _run(
-                "ip", "netns", "exec", self.namespace(index), "iptables", "-A", chain, "-m", "statistic",
-                "--mode", "random", "--probability", f"{probability:.3f}", "-j", "DROP",
+                "ip", "netns", "exec", self.namespace(index), "iptables", "-A", chain, direction, veth,
+                "-m", "statistic", "--mode", "random", "--probability", f"{probability:.3f}", "-j", "DROP",
             )  # fmt: skip
 
     def clear_loss(self, index: int) -> None:

@@ -22,7 +22,7 @@ import broker_server
 from android_harness.faults import FaultDriver, FaultPlan, Processes, check_invariants, check_knowledge_flow
 from android_harness.netns import NetnsLab, netns_unavailable_reason
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_to_toml
-from edge.state import read_progress
+from edge.state import EXIT_UNDELIVERED, read_last_report, read_progress
 from fedwire import HashKind, LogitEncoding
 from fedwire.mosquitto import MosquittoBroker
 from fedwire.mqtt import BrokerAddress, connect_persistent, make_client
@@ -31,6 +31,10 @@ from fedwire.topics import ALL_METRICS, SERVER_STATUS, device_of_metrics_topic
 log = logging.getLogger(__name__)
 
 SERVER_START_TIMEOUT_S = 60.0
+# How long the broker may take to hand the watcher a final report it already acknowledged to a device.
+REPORT_DELIVERY_GRACE_S = 30.0
+# Exit statuses of a device that finished training (the second: its last messages went unacknowledged).
+COMPLETED_EXITS = (0, EXIT_UNDELIVERED)
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,9 @@ class _Collector:
     latest: dict[str, dict[str, Any]] = field(default_factory=dict)
     curve: list[list[float]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Devices whose final report never arrived over MQTT and was read from their state directory instead.
+    read_from_disk: list[str] = field(default_factory=list)
+    lock: threading.Condition = field(default_factory=threading.Condition)
 
     def on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
         device = device_of_metrics_topic(message.topic)
@@ -112,13 +118,32 @@ class _Collector:
         except ValueError:
             log.warning("unreadable metrics from %s", device)
             return
+        self.add(device, metrics)
+
+    def add(self, device: str, metrics: dict[str, Any]) -> None:
+        """Take one report; an older one (QoS 1 redelivers after a reconnect) never replaces a newer one."""
         with self.lock:
             elapsed = time.monotonic() - self.started
             metrics["trial_time_s"] = elapsed
-            self.latest[device] = metrics
             self.history.append(metrics)
+            previous = self.latest.get(device)
+            if previous is not None and metrics.get("wall_time", 0.0) < previous.get("wall_time", 0.0):
+                log.info("older report from %s arrived late (redelivered); keeping the newer one", device)
+                return
+            self.latest[device] = metrics
             if len(self.latest) == len(self.devices):
                 self.curve.append([round(elapsed, 3), self.maua()])
+            self.lock.notify_all()
+
+    def wait_all_done(self, timeout: float) -> bool:
+        """Wait (bounded) for every device's final report; True once all arrived."""
+        with self.lock:
+            return self.lock.wait_for(self._all_done_locked, timeout=timeout)
+
+    def missing(self) -> list[str]:
+        """Devices whose final report has not arrived."""
+        with self.lock:
+            return [d for d in self.devices if not self.latest.get(d, {}).get("done")]
 
     def maua(self) -> float:
         """Unweighted mean over devices of each one's latest test accuracy."""
@@ -130,7 +155,15 @@ class _Collector:
 
     def all_done(self) -> bool:
         with self.lock:
-            return len(self.latest) == len(self.devices) and all(m["done"] for m in self.latest.values())
+            return self._all_done_locked()
+
+    def _all_done_locked(self) -> bool:
+        return len(self.latest) == len(self.devices) and all(m["done"] for m in self.latest.values())
+
+
+def _state_dir(settings: TrialSettings, device: str) -> Path:
+    """Where a device of this trial keeps its durable state (outbox, checkpoints, last report)."""
+    return settings.out / "devices" / device
 
 
 def _device_configs(settings: TrialSettings, broker: BrokerAddress, encoder: Path) -> list[DeviceConfig]:
@@ -150,7 +183,7 @@ def _device_configs(settings: TrialSettings, broker: BrokerAddress, encoder: Pat
             DeviceConfig(
                 id=f"dev{index:03d}",
                 broker=broker.url,
-                state_dir=str(settings.out / "devices" / f"dev{index:03d}"),
+                state_dir=str(_state_dir(settings, f"dev{index:03d}")),
                 data=DataConfig(
                     dataset=settings.dataset,
                     num_devices=settings.devices,
@@ -377,6 +410,9 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
         wall_s=time.monotonic() - started,
     )
     report["launches"] = launched_at
+    report["exit_status"] = {c.id: p.returncode for c, p in zip(configs, processes, strict=True) if p is not None}
+    # Devices that finished but whose final report reached the trial only through their state directory.
+    report["last_report_missing"] = sorted(collector.read_from_disk)
     late = tuple(configs[i].id for i in settings.late_joiners)
     if late:
         report["late_joiners"] = {configs[i].id: settings.start_delay(i) for i in settings.late_joiners}
@@ -408,6 +444,31 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
         report["invariants"] = invariants
     write_report(report, settings.out)
     return report
+
+
+def _complete_from_state(
+    settings: TrialSettings, collector: _Collector, *, grace_s: float = REPORT_DELIVERY_GRACE_S
+) -> None:
+    """Every device exited having finished: learn what its final report said even if the message was lost.
+
+    A device that exits 0 had its last report acknowledged by the broker, which delivers it to our
+    watcher's session; wait for that, bounded. A device that exited with EXIT_UNDELIVERED (or whose report
+    the broker lost, say in a restart without a flush) still wrote the report to its state directory
+    before publishing it: take it from there and name the device in the report.
+    """
+    if collector.wait_all_done(timeout=grace_s):
+        return
+    for device in collector.missing():
+        report = read_last_report(_state_dir(settings, device))
+        if report is not None and report.get("done"):
+            log.warning("%s finished but its last report never arrived over MQTT; read it from its state", device)
+            collector.add(device, report)
+            collector.read_from_disk.append(device)
+    missing = collector.missing()
+    if missing:
+        raise RuntimeError(
+            f"devices exited without reporting completion: {', '.join(missing)}; see {settings.out / 'logs'}"
+        )
 
 
 def _follow(
@@ -454,13 +515,11 @@ def _follow(
             with collector.lock:
                 if len(collector.latest) == settings.devices:
                     bar.set_postfix(maua=f"{collector.maua():.4f}")
-            failed = [p for p in processes if p is not None and p.poll() not in (None, 0)]
+            failed = [p for p in processes if p is not None and p.poll() not in (None, *COMPLETED_EXITS)]
             if failed:
                 raise RuntimeError(f"{len(failed)} device process(es) failed; see {settings.out / 'logs'}")
-            if all(p is not None and p.poll() == 0 for p in processes):
-                time.sleep(1.0)  # the last metrics may still be in flight
-                if not collector.all_done():
-                    raise RuntimeError("devices exited without reporting completion")
+            if all(p is not None and p.poll() is not None for p in processes):
+                _complete_from_state(settings, collector)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"trial did not finish within {settings.timeout_s} s")
         bar.update(collector.epochs_done() - bar.n)

@@ -17,7 +17,13 @@ from broker_server.metrics import ServerMetrics
 from fedwire import ErrorCode, ErrorReply, ProtocolError, Reply, decode, down_topic, encode, parse_up_topic
 from fedwire.constants import DEFAULT_QOS, SERVER_SHARE_GROUP
 from fedwire.messages import Request
-from fedwire.mqtt import BrokerAddress, connect_persistent, end_session_properties, make_client
+from fedwire.mqtt import (
+    AcknowledgedPublisher,
+    BrokerAddress,
+    connect_persistent,
+    end_session_properties,
+    make_client,
+)
 from fedwire.topics import SERVER_STATUS, server_subscription
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,8 @@ ACTIVE_WINDOW_S = 60.0
 GAUGE_REFRESH_S = 1.0
 DRAIN_IDLE_S = 0.3  # no request for this long after unsubscribing: everything sent to us has arrived
 DRAIN_LIMIT_S = 10.0
+# On stop, how long to wait for the broker to acknowledge the replies and the 'offline' status still in flight.
+DELIVERY_LIMIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ class CacheServer:
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._publisher = AcknowledgedPublisher(self._client)
         self._client.will_set(SERVER_STATUS, b"offline", qos=1, retain=True)
         self._worker = threading.Thread(target=self._work, name="cache-worker", daemon=True)
 
@@ -93,7 +102,7 @@ class CacheServer:
         self._client.loop_start()
         if not self._subscribed.wait(timeout):
             raise TimeoutError(f"could not subscribe on {self.address.url} within {timeout} s")
-        self._client.publish(SERVER_STATUS, b"online", qos=1, retain=True)
+        self._publisher.publish(SERVER_STATUS, b"online", retain=True)
         log.info("serving on %s (shared subscription group %s)", self.address.url, self.share_group)
 
     def stop(self, *, leave_group: bool = True) -> None:
@@ -110,8 +119,13 @@ class CacheServer:
             self._drain(idle_s=DRAIN_IDLE_S, limit_s=DRAIN_LIMIT_S)
         self._stop.set()
         self._worker.join(timeout=10)
-        info = self._client.publish(SERVER_STATUS, b"offline", qos=1, retain=True)
-        info.wait_for_publish(timeout=2)
+        self._publisher.publish(SERVER_STATUS, b"offline", retain=True)
+        # Replies are not precious (a device resends an unanswered request), but a server that stops cleanly
+        # still hands over what it has answered instead of dropping it with the connection.
+        if not self._publisher.wait_acknowledged(DELIVERY_LIMIT_S):
+            log.warning(
+                "stopping with %d published message(s) unacknowledged by the broker", self._publisher.unacknowledged()
+            )
         self._client.disconnect(properties=end_session_properties() if leave_group else None)
         self._client.loop_stop()
 
@@ -176,7 +190,7 @@ class CacheServer:
         for item, reply in zip(batch, replies, strict=True):
             if reply is not None:
                 payload = encode(reply)
-                self._client.publish(down_topic(reply.device), payload, qos=DEFAULT_QOS)
+                self._publisher.publish(down_topic(reply.device), payload)
                 self.metrics.bytes_out.labels(reply.kind.value).inc(len(payload))
                 self.metrics.latency.labels(reply.kind.value).observe(now - item.arrived)
             if item.qos > 0:

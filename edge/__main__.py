@@ -20,13 +20,19 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     from edge.config import load_config
-    from edge.runtime import DeviceRuntime
+    from edge.runtime import DeviceRuntime, UndeliveredError
+    from edge.state import EXIT_UNDELIVERED
 
     try:
         config = load_config(args.config)
     except (OSError, ValueError) as exc:
         parser.error(f"bad config {args.config}: {exc}")
-    summary = DeviceRuntime(config).run()
+    try:
+        summary = DeviceRuntime(config).run()
+    except UndeliveredError as exc:
+        logging.getLogger("edge").error("finished, but %s; exiting with status %d", exc, EXIT_UNDELIVERED)
+        print(json.dumps(exc.metrics))
+        return EXIT_UNDELIVERED
     print(json.dumps(summary))
     return 0
 

@@ -71,6 +71,10 @@ class DeviceConfig:
     broker: str = "mqtt://127.0.0.1:1883"
     state_dir: str = "edge-state"
     reply_timeout_s: float = 30.0
+    # How long a device that finished waits for the broker to acknowledge what it still owes (its last
+    # metrics, updates in flight) before it exits with EXIT_UNDELIVERED; long enough for TCP retransmission
+    # and a reconnect or two on a lossy link.
+    delivery_timeout_s: float = 120.0
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hash: HashConfig = field(default_factory=HashConfig)

@@ -18,7 +18,13 @@ import paho.mqtt.client as mqtt
 
 from fedwire import Kind, ProtocolError, Reply, Request, decode, down_topic, encode, metrics_topic, up_topic
 from fedwire.constants import DEFAULT_QOS
-from fedwire.mqtt import BrokerAddress, connect_persistent, make_client, publish_packet_bytes
+from fedwire.mqtt import (
+    AcknowledgedPublisher,
+    BrokerAddress,
+    connect_persistent,
+    make_client,
+    publish_packet_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,8 @@ class KnowledgeLink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._publisher = AcknowledgedPublisher(self._client)
+        self._closing = False
         self._jitter_reconnect()
         self._connected = threading.Event()
         self._offline_since: float | None = time.monotonic()
@@ -116,8 +124,31 @@ class KnowledgeLink:
         )
 
     def stop(self) -> None:
+        """Disconnect now; whatever the broker has not acknowledged is lost with this process (see `close`)."""
+        self._closing = True
         self._client.disconnect()
         self._client.loop_stop()
+
+    def close(self, *, timeout: float) -> int:
+        """Wait until the broker acknowledged every message this device published, then disconnect.
+
+        paho resends unacknowledged QoS 1 messages after each reconnect while the wait lasts, so a lossy or
+        briefly cut link still delivers them. Returns how many were still unacknowledged when `timeout`
+        passed (0: everything the device owed has arrived).
+        """
+        owed = self._publisher.unacknowledged()
+        if owed:
+            log.info("waiting up to %.0f s for the broker to acknowledge %d message(s)", timeout, owed)
+        self._publisher.wait_acknowledged(timeout)
+        undelivered = self._publisher.unacknowledged()
+        if undelivered:
+            log.error(
+                "%d message(s) still unacknowledged by the broker after %.0f s; disconnecting without them",
+                undelivered,
+                timeout,
+            )
+        self.stop()
+        return undelivered
 
     def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
@@ -136,6 +167,9 @@ class KnowledgeLink:
         with self._lock:
             if self._offline_since is None:
                 self._offline_since = time.monotonic()
+        if self._closing:
+            log.info("disconnected from broker")
+            return
         self._jitter_reconnect()
         log.warning("disconnected from broker (%s); training goes on, updates wait in the outbox", reason)
 
@@ -157,7 +191,7 @@ class KnowledgeLink:
                 kind=request.kind, sent_at=time.monotonic(), packet_bytes=packet_bytes, future=future
             )
             self.bytes_up[request.kind.value] += packet_bytes
-        self._client.publish(topic, payload, qos=DEFAULT_QOS)
+        self._publisher.publish(topic, payload)
         return future
 
     def call(self, request: Request, timeout: float) -> Reply:
@@ -195,7 +229,7 @@ class KnowledgeLink:
 
     def publish_metrics(self, metrics: dict[str, Any]) -> None:
         """Report metrics as JSON on the device's metrics topic (read by trials and dashboards)."""
-        self._client.publish(metrics_topic(self.device_id), json.dumps(metrics), qos=DEFAULT_QOS)
+        self._publisher.publish(metrics_topic(self.device_id), json.dumps(metrics))
 
     # ------------------------------------------------------------ replies
 

@@ -53,12 +53,27 @@ HELLO_TIMEOUT_S = 10.0
 FLUSH_TIMEOUT_S = 60.0
 CHECKPOINT_EVERY_BATCHES = 200
 REGISTRATION_HEAD_START_S = 120.0
+# A run that ends by an exception (Ctrl-C, a refused registration) waits this long for acknowledgements at most.
+ABORT_DELIVERY_TIMEOUT_S = 5.0
 # Errors after which the server evidently lost (or never had) this device's registration.
 REREGISTER_CODES = frozenset({ErrorCode.UNKNOWN_DEVICE, ErrorCode.UNKNOWN_SAMPLE})
 
 
 class RegistrationError(RuntimeError):
     """The server refused this device's hello or registration."""
+
+
+class UndeliveredError(RuntimeError):
+    """The device finished, but the broker did not acknowledge everything it published before the bound passed.
+
+    Its last report is then in `last_report.json` in the state directory, and unacknowledged updates stay
+    in the outbox for the next run.
+    """
+
+    def __init__(self, undelivered: int, metrics: dict[str, Any]) -> None:
+        super().__init__(f"{undelivered} message(s) unacknowledged by the broker at exit")
+        self.undelivered = undelivered
+        self.metrics = metrics
 
 
 @dataclass(frozen=True)
@@ -159,13 +174,19 @@ class DeviceRuntime:
         if self.fedcache:  # baselines settle their own replies
             self._replies.put((reply, request_bytes))
 
-    def _settle_replies(self) -> None:
-        """Drain acknowledged updates from the outbox; release what timed out so it is sent again."""
+    def _settle_replies(self, *, wait_s: float = 0.0) -> None:
+        """Drain acknowledged updates from the outbox; release what timed out so it is sent again.
+
+        With `wait_s`, first wait that long at most for a reply to arrive (the flush at the end waits on
+        replies, not on a clock).
+        """
+        block = wait_s > 0
         while True:
             try:
-                reply, request_bytes = self._replies.get_nowait()
+                reply, request_bytes = self._replies.get(timeout=wait_s) if block else self._replies.get_nowait()
             except queue.Empty:
                 break
+            block = False
             sent = self._in_flight.pop(reply.cid, None)
             if isinstance(reply, ErrorReply):
                 self.rejections += 1
@@ -308,11 +329,12 @@ class DeviceRuntime:
     def _flush(self) -> bool:
         """Wait (bounded) until the server acknowledged everything in the outbox; True when it did."""
         deadline = time.monotonic() + FLUSH_TIMEOUT_S
-        while time.monotonic() < deadline:
+        while (remaining := deadline - time.monotonic()) > 0:
             self._exchange(len(self.schedule))
             if self.state.outbox_size() == 0 and not self._in_flight:
                 return True
-            time.sleep(0.02)
+            # Until a reply comes (or, offline, a reconnect may let the outbox go out again within a second).
+            self._settle_replies(wait_s=min(remaining, 1.0))
         log.warning(
             "%d updates still unacknowledged; they stay in the outbox for the next run", self.state.outbox_size()
         )
@@ -351,6 +373,8 @@ class DeviceRuntime:
         }
         if self.baseline is not None:
             metrics |= self.baseline.metrics()
+        # On disk first: a harness knows the device's last report even if the message never arrives.
+        self.state.write_last_report(metrics)
         self.link.publish_metrics(metrics)
         log.info(
             "epoch %d accuracy %.4f coverage %.2f up %d down %d offline %.0fs outbox %d",
@@ -408,7 +432,11 @@ class DeviceRuntime:
         return metrics
 
     def run(self) -> dict[str, Any]:
-        """Connect, register (FedCache only), train, report; always closes the link and the state."""
+        """Connect, register (FedCache only), train, report; always closes the link and the state.
+
+        Returns only once the broker acknowledged everything the device published (its final report
+        included); raises UndeliveredError when `delivery_timeout_s` passed first.
+        """
         torch.set_num_threads(1)
         self.link.start()
         try:
@@ -420,8 +448,13 @@ class DeviceRuntime:
                     log.warning("not registered after %.0f s; training with CE until it is", REGISTRATION_HEAD_START_S)
             if self.baseline is not None:
                 self.baseline.start()
-            return self.train()
-        finally:
-            time.sleep(0.2)  # let the last metrics message leave before disconnecting
-            self.link.stop()
+            metrics = self.train()
+        except BaseException:
+            self.link.close(timeout=ABORT_DELIVERY_TIMEOUT_S)
             self.state.close()
+            raise
+        undelivered = self.link.close(timeout=self.config.delivery_timeout_s)
+        self.state.close()
+        if undelivered:
+            raise UndeliveredError(undelivered, metrics)
+        return metrics

@@ -22,6 +22,10 @@ from models.files import write_atomic
 STATE_FILENAME = "device.sqlite3"
 CHECKPOINT_FILENAME = "checkpoint.pt"
 PROGRESS_FILENAME = "progress.json"
+LAST_REPORT_FILENAME = "last_report.json"
+# Exit status of `python -m edge` when training finished but the broker did not acknowledge everything the
+# device published (its final report among them) within `delivery_timeout_s`; 1 and 2 mean it failed.
+EXIT_UNDELIVERED = 3
 PROGRESS_EVERY_S = 0.2
 
 _SCHEMA = """
@@ -65,6 +69,15 @@ def read_progress(directory: Path) -> Progress | None:
     return Progress(position=int(raw["position"]), wall_time=float(raw["wall_time"]))
 
 
+def read_last_report(directory: Path) -> dict[str, Any] | None:
+    """The metrics the device last reported (as published on its metrics topic), or None before its first."""
+    try:
+        report = json.loads((directory / LAST_REPORT_FILENAME).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """Where training was: the next batch position and the trainer's state (weights, optimiser)."""
@@ -90,6 +103,10 @@ class DeviceState:
 
     def close(self) -> None:
         self._db.close()
+
+    def write_last_report(self, metrics: dict[str, Any]) -> None:
+        """Keep the report about to be published, so that completion is known even if the message is lost."""
+        write_atomic(self.directory / LAST_REPORT_FILENAME, json.dumps(metrics).encode())
 
     # ------------------------------------------------------------ small counters
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -12,7 +14,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fedwire.constants import DEFAULT_SESSION_EXPIRY_S
+from fedwire.constants import DEFAULT_QOS, DEFAULT_SESSION_EXPIRY_S
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 1883
 KEEPALIVE_S = 30
@@ -61,6 +65,61 @@ def make_client(*, client_id: str, manual_ack: bool = False, max_inflight: int =
     client.max_queued_messages_set(0)
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     return client
+
+
+class AcknowledgedPublisher:
+    """Publishes QoS 1 messages and knows which ones the broker has not acknowledged (PUBACK) yet.
+
+    paho keeps an unacknowledged QoS 1 message and sends it again after a reconnect, but only while the
+    client lives: a process that disconnects with messages in flight loses them. `wait_acknowledged` lets it
+    wait for the broker's PUBACKs before it goes, instead of sleeping and hoping. paho's own
+    `MQTTMessageInfo.wait_for_publish` cannot serve here: it raises for a message published while the link
+    was down, even though paho queues that message and delivers it after the reconnect. Every publish on the
+    client must go through this object (it owns the client's `on_publish`).
+    """
+
+    def __init__(self, client: mqtt.Client) -> None:
+        self._client = client
+        self._changed = threading.Condition()
+        self._unacknowledged: set[int] = set()
+        # A PUBACK can beat `publish()` returning its mid (paho's network thread handles it first).
+        self._acknowledged_early: set[int] = set()
+        self.refused = 0
+        client.on_publish = self._on_publish
+
+    def publish(
+        self, topic: str, payload: bytes | str, *, retain: bool = False, properties: Properties | None = None
+    ) -> None:
+        info = self._client.publish(topic, payload, qos=DEFAULT_QOS, retain=retain, properties=properties)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise RuntimeError(f"paho refused to queue a message for {topic}: its outgoing queue is full")
+        with self._changed:
+            if info.mid in self._acknowledged_early:
+                self._acknowledged_early.discard(info.mid)
+            else:
+                self._unacknowledged.add(info.mid)
+
+    def unacknowledged(self) -> int:
+        """QoS 1 messages published and not yet acknowledged by the broker."""
+        with self._changed:
+            return len(self._unacknowledged)
+
+    def wait_acknowledged(self, timeout: float) -> bool:
+        """Block until the broker acknowledged every message published so far (True), or `timeout` passed."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._unacknowledged, timeout=timeout)
+
+    def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason: Any, _props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            # Acknowledged all the same: the broker will not take it, and paho will not send it again.
+            self.refused += 1
+            log.error("broker refused message %d: %s", mid, reason)
+        with self._changed:
+            if mid in self._unacknowledged:
+                self._unacknowledged.discard(mid)
+                self._changed.notify_all()
+            else:
+                self._acknowledged_early.add(mid)
 
 
 def session_properties(session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S) -> Properties:
