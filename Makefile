@@ -4,12 +4,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup system-deps demo test lint clean
+.PHONY: setup setup-test system-deps system-deps-test demo test lint clean
 
+# `make demo` installs only what the demo needs; `make test` adds what only the tests need (see the script).
 setup: system-deps $(STAMP)
+
+setup-test: system-deps-test $(STAMP)
 
 system-deps:
 	@bash scripts/setup-system.sh
+
+system-deps-test:
+	@bash scripts/setup-system.sh --test
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +27,7 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(PY) -m android_harness demo --out runs/demo
 
-test: setup
+test: setup-test
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 lint: setup

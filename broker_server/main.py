@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedwire.mosquitto import PortInUseError
 
 # Run as a script, Python puts this directory first on sys.path, where its module names (cache, metrics, ...)
 # could shadow installed packages; the package itself is importable from the project install.
@@ -19,6 +23,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 DEFAULT_DATA_DIR = Path("fedcache-data")
 DEFAULT_LISTEN_PORT = 1883
 DEFAULT_METRICS_PORT = 9464
+EXIT_PORT_IN_USE = 3
 
 
 class JsonFormatter(logging.Formatter):
@@ -103,15 +108,21 @@ def configure_logging(level: str, fmt: str) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
+def port_in_use_message(exc: PortInUseError) -> str:
+    """One line: what holds the port, and the two ways on."""
+    host = "127.0.0.1" if exc.host in ("0.0.0.0", "") else exc.host
+    return (
+        f"fedcache server: cannot start its private Mosquitto: {exc}. Pass --listen-port PORT to run it on another "
+        f"port, or --broker mqtt://{host}:{exc.port} to serve through the broker already there."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     log = logging.getLogger("broker_server")
 
-    from broker_server.handlers import CacheService
-    from broker_server.metrics import ServerMetrics
-    from broker_server.mqtt_server import CacheServer
-    from fedwire.mosquitto import MosquittoBroker
+    from fedwire.mosquitto import MosquittoBroker, PortInUseError, port_holder
     from fedwire.mqtt import BrokerAddress
 
     args.data_dir.mkdir(parents=True, exist_ok=True)
@@ -119,9 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.broker:
         address = BrokerAddress.parse(args.broker)
     else:
-        broker = MosquittoBroker(data_dir=args.data_dir / "mosquitto", port=args.listen_port, bind=args.bind).start()
+        try:
+            broker = MosquittoBroker(
+                data_dir=args.data_dir / "mosquitto", port=args.listen_port, bind=args.bind
+            ).start()
+        except PortInUseError as exc:
+            print(port_in_use_message(exc), file=sys.stderr)
+            return EXIT_PORT_IN_USE
         address = broker.address
         log.info("started private mosquitto (pid %d) on %s", broker.process.pid if broker.process else -1, address.url)
+
+    # Imported once the broker is up, so that a taken port is reported before faiss and numpy load.
+    from broker_server.handlers import CacheService
+    from broker_server.metrics import ServerMetrics
+    from broker_server.mqtt_server import CacheServer
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -137,7 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         metrics = ServerMetrics()
         if args.metrics_port:
-            metrics.serve(args.metrics_port)
+            try:
+                metrics.serve(args.metrics_port)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                print(
+                    f"fedcache server: metrics port {args.metrics_port} on 127.0.0.1 is already in use"
+                    f"{' by ' + holder if (holder := port_holder(args.metrics_port)) else ''}. Pass --metrics-port "
+                    "PORT to serve /metrics elsewhere, or --metrics-port 0 to disable it.",
+                    file=sys.stderr,
+                )
+                return EXIT_PORT_IN_USE
             log.info("metrics on http://127.0.0.1:%d/metrics", args.metrics_port)
         server = CacheServer(service=service, address=address, client_id=args.client_id, metrics=metrics)
         server.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import getpass
 import logging
 import shutil
@@ -9,6 +10,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+import psutil
 
 from fedwire.mqtt import BrokerAddress
 
@@ -23,6 +26,46 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+class PortInUseError(RuntimeError):
+    """The port a private broker should listen on is taken (often by a system Mosquitto)."""
+
+    def __init__(self, *, host: str, port: int, holder: str | None) -> None:
+        by = f" by {holder}" if holder else ""
+        super().__init__(f"port {port} on {host} is already in use{by}")
+        self.host = host
+        self.port = port
+        self.holder = holder
+
+
+def port_holder(port: int) -> str | None:
+    """'mosquitto (pid 1234)' for the process listening on TCP `port`, or None when this user cannot tell."""
+    try:
+        listeners = [
+            c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        ]
+    except psutil.AccessDenied:
+        return None
+    for connection in listeners:
+        if connection.pid is not None:
+            try:
+                return f"{psutil.Process(connection.pid).name()} (pid {connection.pid})"
+            except psutil.Error:
+                return f"pid {connection.pid}"
+    return None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise PortInUseError when something listens on (host, port), as Mosquitto would find when it binds."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Mosquitto binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(host=host, port=port, holder=port_holder(port)) from None
+            raise
 
 
 def mosquitto_binary() -> str:
@@ -91,7 +134,13 @@ class MosquittoBroker:
         return self.data_dir / "mosquitto.conf"
 
     def start(self) -> MosquittoBroker:
-        """Write the config, start the broker and wait until it accepts connections."""
+        """Write the config, start the broker and wait until it listens.
+
+        Raises PortInUseError when another process holds the port: a client probe would otherwise find
+        that process listening and take it for ours.
+        """
+        for host in (self.bind, *self.extra_binds):
+            check_port_free(host, self.port)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(
             render_config(
@@ -111,15 +160,24 @@ class MosquittoBroker:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                if "Address already in use" in err:  # taken between our check and its bind
+                    raise PortInUseError(host=self.bind, port=self.port, holder=port_holder(self.port))
                 raise RuntimeError(f"mosquitto exited with {self.process.returncode}: {err.strip()}")
-            try:
-                with socket.create_connection((self.address.host, self.port), timeout=0.2):
-                    log.info("mosquitto pid %d listening on %s", self.process.pid, self.address.url)
-                    return self
-            except OSError:
-                time.sleep(0.05)
+            if self._listening():
+                log.info("mosquitto pid %d listening on %s", self.process.pid, self.address.url)
+                return self
+            time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"mosquitto did not listen on port {self.port} within {START_TIMEOUT_S} s")
+
+    def _listening(self) -> bool:
+        """Whether our own process (not whoever else may hold the port) listens on the port yet."""
+        assert self.process is not None
+        try:
+            connections = psutil.Process(self.process.pid).net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in connections)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful stop (SIGTERM): Mosquitto writes its persistence file before it exits."""

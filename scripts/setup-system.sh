@@ -1,26 +1,58 @@
 #!/usr/bin/env bash
-# System packages the project needs (Debian): Mosquitto and the FashionMNIST IDX files. Idempotent and quick when present.
+# System packages the project needs (Debian). It installs packages and does nothing else: no service of the
+# user's is started, stopped, disabled or reconfigured, and no process is killed. The project's own brokers
+# run on ports it picks and are stopped by PID. Idempotent, and quick when everything is present.
+#
+#   scripts/setup-system.sh          what `make demo` needs: Mosquitto, its clients, FashionMNIST
+#   scripts/setup-system.sh --test   also what only the tests and the fault bench need: iproute2 and iptables
+#                                    (devices in network namespaces), OpenSSH client and server (the ssh
+#                                    target's test runs a private sshd), Chromium (the HTML report is rendered)
+#
+# FEDCACHE_SETUP_REINSTALL="pkg ..." installs those packages again even when present (repairs a broken
+# install; the set-up test uses it to take the install path on a machine that has everything).
 set -euo pipefail
+
+profile=demo
+case "${1:-}" in
+  "") ;;
+  --test) profile=test ;;
+  *) echo "usage: $0 [--test]" >&2; exit 2 ;;
+esac
+
+installed() {
+  [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = "installed" ]
+}
+
+wanted=(mosquitto mosquitto-clients dataset-fashion-mnist)
+[ "$profile" = test ] && wanted+=(iproute2 iptables openssh-client openssh-server chromium)
+
 need=()
-command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
-command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
-[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
-# The fault-injection bench cuts and degrades device links in network namespaces.
-command -v ip >/dev/null 2>&1 || need+=(iproute2)
-command -v iptables >/dev/null 2>&1 || need+=(iptables)
-# Device targets: flashing over ssh (and its test's private sshd) needs the OpenSSH client and server.
-command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
-[ -x /usr/sbin/sshd ] || need+=(openssh-server)
-# Trial reports (report.html) are checked by rendering them in a headless browser.
-command -v chromium >/dev/null 2>&1 || need+=(chromium)
+for package in "${wanted[@]}"; do
+  installed "$package" || need+=("$package")
+done
+for package in ${FEDCACHE_SETUP_REINSTALL:-}; do
+  [[ " ${need[*]} " == *" $package "* ]] || need+=("$package")
+done
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
+
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-echo "installing system packages: ${need[*]}"
+echo "installing system packages ($profile): ${need[*]}"
+# Debian's mosquitto and openssh-server packages start their system services when first installed. Set-up
+# starts nothing, so during this one transaction a policy-rc.d (Debian's documented switch, honoured by
+# invoke-rc.d and deb-systemd-invoke) answers "not now"; the services' boot-time settings stay Debian's.
+# An existing policy-rc.d is the user's: it is left exactly as it is.
+policy=/usr/sbin/policy-rc.d
+made_policy=""
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\n# written by fedcache scripts/setup-system.sh for one apt-get run; removed after it\nexit 101\n' \
+    | $SUDO tee "$policy" >/dev/null
+  $SUDO chmod 755 "$policy"
+  made_policy=1
+fi
+remove_policy() { [ -z "$made_policy" ] || $SUDO rm -f "$policy"; }
+trap remove_policy EXIT
 $SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
-# The Debian package enables a system-wide broker on :1883; the project starts its own brokers by PID.
-if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
-$SUDO pkill -x mosquitto 2>/dev/null || true
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --reinstall "${need[@]}"

@@ -22,7 +22,7 @@ from fedwire.mosquitto import MosquittoBroker, free_port
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 pytestmark = pytest.mark.skipif(
     not (Path(SSHD).is_file() and shutil.which("ssh") and shutil.which("scp")),
-    reason="openssh-server/openssh-client missing: run `make setup`",
+    reason="openssh-server/openssh-client missing: run `make setup-test`",
 )
 
 

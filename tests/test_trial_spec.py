@@ -106,7 +106,7 @@ def test_report_files_timeseries_and_figures(trial: tuple) -> None:
     assert "late_joiners_registered_and_taught" in page and "dev002 (late)" in page
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (scripts/setup-system.sh)")
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (scripts/setup-system.sh --test)")
 def test_report_html_renders_every_figure_in_headless_chromium(trial: tuple, tmp_path: Path) -> None:
     out, _, _ = trial
     # A copy with a probe that records each image's decoded width once the page has loaded.
