@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench._report import machine_line, markdown_table
-from broker_server.handlers import CacheService
+from broker_server.state_factory import open_state
 from broker_server.store import DeviceRecord, SqliteStore
 from fedwire import HashKind
 
@@ -56,7 +56,7 @@ def populate(path: Path, samples: int, seed: int = 0) -> None:
 
 
 def time_open(directory: Path, repeats: int) -> tuple[float, float, float]:
-    """Seconds to load the store alone (median), to open the service the first time after a crash that left no
+    """Seconds to load the store alone (median), to open the state the first time after a crash that left no
     relations stored (load + rebuild of every class, which then stores them), and to open it again (median:
     load + the stored relations reused)."""
     loads = []
@@ -67,14 +67,14 @@ def time_open(directory: Path, repeats: int) -> tuple[float, float, float]:
         loads.append(time.perf_counter() - start)
         store.close()
     start = time.perf_counter()
-    with CacheService.open(directory):
+    with open_state(directory):
         first = time.perf_counter() - start
     reopens = []
     for _ in range(repeats):
         start = time.perf_counter()
-        with CacheService.open(directory) as service:
+        with open_state(directory) as state:
             reopens.append(time.perf_counter() - start)
-            assert not service.cache.relations.dirty
+            assert state.stats().dirty_classes == 0
     return statistics.median(loads), first, statistics.median(reopens)
 
 

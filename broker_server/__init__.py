@@ -1,19 +1,23 @@
 """The FedCache knowledge-cache server core: relations, state, stores and request handling, without MQTT."""
 
-from broker_server.cache import (
+from broker_server.algorithm import Algorithm
+from broker_server.cache import CacheConfig, KnowledgeCache
+from broker_server.cached_state import CachedState, ReadOnlyState
+from broker_server.handlers import CacheService, all_algorithms
+from broker_server.records import (
     Admission,
-    CacheConfig,
     CacheStats,
-    KnowledgeCache,
+    DeviceKnowledge,
+    DeviceRecord,
     Registration,
     Rejected,
     Teachers,
 )
-from broker_server.handlers import CacheService
 from broker_server.relations import EXACT_SEARCH_LIMIT, RelationTable, build_class_neighbours, hash_bytes_of
+from broker_server.state import KnowledgeState
+from broker_server.state_factory import open_state
 from broker_server.store import (
     STORE_FILENAME,
-    DeviceRecord,
     MemoryStore,
     SqliteStore,
     StateStore,
@@ -25,12 +29,17 @@ __all__ = [
     "EXACT_SEARCH_LIMIT",
     "STORE_FILENAME",
     "Admission",
+    "Algorithm",
     "CacheConfig",
     "CacheService",
     "CacheStats",
+    "CachedState",
+    "DeviceKnowledge",
     "DeviceRecord",
     "KnowledgeCache",
+    "KnowledgeState",
     "MemoryStore",
+    "ReadOnlyState",
     "Registration",
     "Rejected",
     "RelationTable",
@@ -38,7 +47,9 @@ __all__ = [
     "StateStore",
     "StoredState",
     "Teachers",
+    "all_algorithms",
     "build_class_neighbours",
     "hash_bytes_of",
+    "open_state",
     "open_store",
 ]

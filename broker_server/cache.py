@@ -8,8 +8,9 @@ from types import MappingProxyType
 
 import numpy as np
 
+from broker_server.records import Admission, CacheStats, DeviceRecord, Registration, Rejected, Teachers
 from broker_server.relations import EXACT_SEARCH_LIMIT, RelationTable, hash_bytes_of
-from broker_server.store import DeviceRecord, StoredState
+from broker_server.store import StoredState
 from fedwire.constants import DEFAULT_NEIGHBOURS, ErrorCode, HashKind
 
 # A fetch gathers (rows, R, classes) floats; above this many it is done in slices to bound memory.
@@ -30,70 +31,6 @@ class CacheConfig:
     def hash_bytes(self) -> int:
         """Bytes of one hash on the wire and in memory."""
         return hash_bytes_of(self.hash_kind, self.hash_dim)
-
-
-class Rejected(Exception):
-    """A request that breaks a rule of the server's state; raised before anything was changed."""
-
-    def __init__(self, code: ErrorCode, detail: str) -> None:
-        super().__init__(f"{code.value}: {detail}")
-        self.code = code
-        self.detail = detail
-
-
-@dataclass(frozen=True)
-class Admission:
-    """Outcome of a hello: the device's record, whether it changed, and how many samples it has."""
-
-    record: DeviceRecord
-    changed: bool
-    registered: int
-
-
-@dataclass(frozen=True, eq=False)
-class Registration:
-    """Outcome of a registration chunk; `fresh` marks the request's entries that became `new_rows`."""
-
-    accepted: int
-    registered: int
-    fresh: np.ndarray  # bool (n,) over the request
-    new_rows: np.ndarray  # int64 (fresh.sum(),)
-
-
-@dataclass(frozen=True, eq=False)
-class Teachers:
-    """Neighbour knowledge of some rows: contributor counts and the mean logits of rows with count > 0.
-
-    With `raw`, `logits` holds every contributing neighbour's row instead, `counts[i]` of them per row in order.
-    """
-
-    counts: np.ndarray  # uint16 (n,)
-    logits: np.ndarray  # float32 (count_nonzero(counts), classes); raw: (counts.sum(), classes)
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """Numbers for a metrics endpoint."""
-
-    devices: int
-    samples: int
-    with_knowledge: int
-    dirty_classes: int
-
-    @property
-    def cache_fill(self) -> float:
-        """Fraction of registered samples that hold knowledge."""
-        return self.with_knowledge / self.samples if self.samples else 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        """Flat numbers keyed by name, the shape a metrics exporter wants."""
-        return {
-            "devices": self.devices,
-            "samples": self.samples,
-            "with_knowledge": self.with_knowledge,
-            "dirty_classes": self.dirty_classes,
-            "cache_fill": self.cache_fill,
-        }
 
 
 class _Growable:
@@ -425,6 +362,11 @@ class KnowledgeCache:
         if not known.all():
             raise Rejected(ErrorCode.UNKNOWN_SAMPLE, f"sample ids not registered: {_shown(ids[~known])}")
         return rows
+
+    def samples_of(self, device: str) -> tuple[np.ndarray, np.ndarray]:
+        """A device's registered sample ids, ascending, and the global row of each (copies)."""
+        sorted_ids, sorted_rows = self._lookup[self.record(device).index]
+        return sorted_ids.copy(), sorted_rows.copy()
 
     # ------------------------------------------------------------ knowledge
 

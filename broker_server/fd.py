@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from broker_server.cache import Rejected
+from broker_server.records import Rejected
 from fedwire.constants import ErrorCode
 
 

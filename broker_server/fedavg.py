@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from broker_server.cache import Rejected
+from broker_server.records import Rejected
 from fedwire.codec import model_part_bounds, model_parts
 from fedwire.constants import ErrorCode
 

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python broker_server/main.py",
         description="FedCache knowledge cache server. With no options it starts a private Mosquitto "
         "(persistence on) on 127.0.0.1:1883 and keeps its state in ./fedcache-data.",
+        epilog="python broker_server/main.py inspect --data-dir DIR [--json]: print what the state in DIR holds, "
+        "read-only (see inspect --help).",
     )
     parser.add_argument(
         "--broker",
@@ -118,6 +120,11 @@ def port_in_use_message(exc: PortInUseError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["inspect"]:
+        from broker_server.inspection import main as inspect
+
+        return inspect(argv[1:], prog="python broker_server/main.py inspect", default_data_dir=DEFAULT_DATA_DIR)
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     log = logging.getLogger("broker_server")
@@ -144,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from broker_server.handlers import CacheService
     from broker_server.metrics import ServerMetrics
     from broker_server.mqtt_server import CacheServer
+    from broker_server.state_factory import STATE_DIRNAME
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         service = CacheService.open(
-            args.data_dir / "state",
+            args.data_dir / STATE_DIRNAME,
             neighbours=args.neighbours,
             round_timeout_s=args.round_timeout,
             min_participants=args.fedavg_participants,

@@ -10,6 +10,7 @@ from types import TracebackType
 
 import numpy as np
 
+from broker_server.records import DeviceRecord
 from fedwire.constants import HashKind
 
 STORE_FILENAME = "fedcache.sqlite3"
@@ -65,19 +66,6 @@ INSERT INTO knowledge (row, version, logits) VALUES (?, ?, ?)
 ON CONFLICT(row) DO UPDATE SET version = excluded.version, logits = excluded.logits
 WHERE excluded.version > knowledge.version
 """
-
-
-@dataclass(frozen=True)
-class DeviceRecord:
-    """What the server remembers of a device: its dense index, model and what its hello declared."""
-
-    index: int
-    device: str
-    model: str
-    classes: int
-    samples: int
-    hash_kind: HashKind
-    hash_dim: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -291,16 +279,35 @@ def _matrix_of(blobs: tuple[bytes, ...] | list[bytes], dtype: np.dtype, what: st
     return np.frombuffer(joined, dtype=dtype).reshape(len(blobs), width // dtype.itemsize)
 
 
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that cannot write the database at `path`, which must hold this server's schema."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no state store at {path}")
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version != SCHEMA_VERSION:
+        conn.close()
+        raise ValueError(f"{path} has schema version {version}, this server reads {SCHEMA_VERSION}")
+    return conn
+
+
 class SqliteStore(StateStore):
     """SQLite in WAL mode: a commit survives kill -9 of the process (synchronous=NORMAL suffices for that).
 
     Writes are batched in one open transaction until commit(), which keeps per-message cost low.
     Not thread-safe: the caller serialises access (the connection may be used from any one thread).
+    `read_only` opens an existing store without creating or changing anything in the database (for inspection);
+    a write then fails.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
         self._closed = False
+        if read_only:
+            self._conn = _connect_read_only(self.path)
+            return
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
         self._conn.execute("PRAGMA journal_mode = WAL")
@@ -446,10 +453,14 @@ class SqliteStore(StateStore):
         self._conn.close()
 
 
-def open_store(data_dir: Path | None) -> StateStore:
-    """A SqliteStore in `data_dir` (created if missing), or a MemoryStore when no directory is given."""
+def open_store(data_dir: Path | None, *, read_only: bool = False) -> StateStore:
+    """A SqliteStore in `data_dir` (created if missing, unless `read_only`), or a MemoryStore without a directory."""
     if data_dir is None:
+        if read_only:
+            raise ValueError("an in-memory store has nothing to open read-only")
         return MemoryStore()
     directory = Path(data_dir)
+    if read_only:
+        return SqliteStore(directory / STORE_FILENAME, read_only=True)
     directory.mkdir(parents=True, exist_ok=True)
     return SqliteStore(directory / STORE_FILENAME)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from broker_server import CacheConfig, CacheService
+from broker_server import CacheConfig, CachedState, CacheService
 from fedwire import (
     ErrorCode,
     ErrorReply,
@@ -89,8 +89,10 @@ def service(tmp_path: Path) -> Iterator[CacheService]:
 
 def snapshot(service: CacheService) -> dict[str, Any]:
     """Everything observable about the state, in memory and in the store."""
-    cache = service.cache
-    stored = service.store.load()
+    state = service.state
+    assert isinstance(state, CachedState)
+    cache = state.cache
+    stored = state.store.load()
     relations = cache.relations
     assert relations is not None
     return {
@@ -403,7 +405,7 @@ def test_raw_teacher_carries_each_neighbour_and_averages_to_the_mean(service: Ca
 def test_raw_reply_that_could_overflow_a_message_is_refused_before_the_update(
     service: CacheService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import broker_server.handlers as handlers
+    import broker_server.fedcache_handlers as handlers
 
     ids = samples_of(0)[0]
     # R rows of (classes float32 + scale) per id: 16 * 20 B * 40 ids does not fit a budget of 1,000 B.
