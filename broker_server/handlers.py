@@ -111,6 +111,11 @@ class CacheService:
         self.state.close()
 
     @property
+    def active(self) -> tuple[str, ...]:
+        """Names of the algorithms whose state exists: those a request (or a joining hello) has needed."""
+        return tuple(self._states)
+
+    @property
     def cache(self) -> KnowledgeCache:
         """The default backend's in-memory cache, for tests that look inside it; other backends have none."""
         if not isinstance(self.state, CachedState):

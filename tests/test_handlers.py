@@ -422,3 +422,15 @@ def test_raw_reply_that_could_overflow_a_message_is_refused_before_the_update(
     assert_same(before, snapshot(service))
     allowed = service.handle(replace(request, fetch_ids=ids[:2]))  # 2 ids * 320 B fits
     assert isinstance(allowed, Knowledge) and allowed.applied == ids.size
+
+
+def test_baseline_states_are_made_only_when_their_algorithm_is_used() -> None:
+    with CacheService.open(None) as service:
+        assert isinstance(service.handle(hello("plain")), HelloAck)
+        assert service.active == ("fedcache",)
+        rejected = service.handle(hello("odd", classes=CLASSES + 1, capabilities=("fedavg",)))
+        assert isinstance(rejected, ErrorReply) and service.active == ("fedcache",)  # a refused hello joins nothing
+        assert isinstance(service.handle(hello("averager", capabilities=("fedavg",))), HelloAck)
+        assert service.active == ("fedcache", "fedavg")
+        with pytest.raises(TypeError):
+            service.handle(HelloAck(device="plain", cid=1, registered=0, neighbours=16))  # type: ignore[arg-type]
