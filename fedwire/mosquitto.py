@@ -10,10 +10,14 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from fedwire.mqtt import BrokerAddress
+
+if TYPE_CHECKING:
+    from psutil._ntuples import pconn, sconn
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +46,7 @@ class PortInUseError(RuntimeError):
 def port_holder(port: int) -> str | None:
     """'mosquitto (pid 1234)' for the process listening on TCP `port`, or None when this user cannot tell."""
     try:
-        listeners = [
-            c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port
-        ]
+        listeners = [c for c in psutil.net_connections(kind="tcp") if _listens_on(c, port)]
     except psutil.AccessDenied:
         return None
     for connection in listeners:
@@ -54,6 +56,11 @@ def port_holder(port: int) -> str | None:
             except psutil.Error:
                 return f"pid {connection.pid}"
     return None
+
+
+def _listens_on(connection: sconn | pconn, port: int) -> bool:
+    address = connection.laddr
+    return connection.status == psutil.CONN_LISTEN and isinstance(address, tuple) and address[1:2] == (port,)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -177,7 +184,7 @@ class MosquittoBroker:
             connections = psutil.Process(self.process.pid).net_connections(kind="tcp")
         except psutil.NoSuchProcess:
             return False
-        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in connections)
+        return any(_listens_on(c, self.port) for c in connections)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful stop (SIGTERM): Mosquitto writes its persistence file before it exits."""
