@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup setup-test system-deps system-deps-test demo test lint clean
+.PHONY: setup setup-test system-deps system-deps-test demo test lint typecheck clean
 
 # `make demo` installs only what the demo needs; `make test` adds what only the tests need (see the script).
 setup: system-deps $(STAMP)
@@ -32,6 +32,11 @@ test: setup-test
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Strict on the layers below the harness (fedwire, models, edge, broker_server); settings in pyproject.toml.
+typecheck: setup
+	$(VENV)/bin/mypy --strict fedwire models edge broker_server
 
 clean:
 	rm -rf runs fedcache-data .pytest_cache

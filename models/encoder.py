@@ -54,6 +54,9 @@ class HashFeatureEncoder(nn.Module):
     """
 
     kind: str = ""
+    # Buffers (register_buffer), declared for the type checker.
+    offset: torch.Tensor
+    projection: torch.Tensor
 
     def __init__(self, *, input_shape: tuple[int, int, int], dim: int, seed: int) -> None:
         super().__init__()
@@ -110,6 +113,7 @@ class ConvHashEncoder(HashFeatureEncoder):
     """Random-feature conv net: zero-sum 5x5 kernels, ReLU, average pool, sqrt, normalise, project."""
 
     kind = "conv"
+    kernels: torch.Tensor
 
     def __init__(self, *, input_shape: tuple[int, int, int], dim: int = DEFAULT_DIM, seed: int = 0) -> None:
         super().__init__(input_shape=input_shape, dim=dim, seed=seed)
@@ -179,7 +183,7 @@ def export_encoder_onnx(
         torch.onnx.export(
             encoder,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # torch's stub names paths only; a binary file object works
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT_NAME],
