@@ -1,8 +1,10 @@
 """The FedCache wire: message types, their msgpack encoding, topics and MQTT plumbing shared by edge and server."""
 
-from fedwire.codec import DEVICE_ID_PATTERN, ProtocolError, decode, encode
+from fedwire.chunks import model_part_bounds, model_parts
+from fedwire.codec import as_received, decode, encode
 from fedwire.constants import (
     DEFAULT_NEIGHBOURS,
+    DEVICE_ID_PATTERN,
     MAX_PAYLOAD_BYTES,
     PROTOCOL_VERSION,
     ErrorCode,
@@ -11,6 +13,7 @@ from fedwire.constants import (
     LogitEncoding,
     TeacherForm,
 )
+from fedwire.errors import ProtocolError
 from fedwire.messages import (
     ErrorReply,
     FdGlobal,
@@ -64,10 +67,13 @@ __all__ = [
     "Update",
     "UpdateAck",
     "UpdateFetch",
+    "as_received",
     "decode",
     "down_topic",
     "encode",
     "metrics_topic",
+    "model_part_bounds",
+    "model_parts",
     "parse_up_topic",
     "server_subscription",
     "up_topic",

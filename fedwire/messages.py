@@ -8,6 +8,29 @@ import numpy as np
 
 from fedwire.constants import ErrorCode, HashKind, Kind, LogitEncoding, TeacherForm
 
+# How each message travels (wire keys, types, bounds) is declared in fedwire/schema.py.
+__all__ = [
+    "ErrorReply",
+    "FdGlobal",
+    "FdUpdate",
+    "Fetch",
+    "Hello",
+    "HelloAck",
+    "Knowledge",
+    "Message",
+    "ModelAck",
+    "ModelGet",
+    "ModelPut",
+    "ModelState",
+    "Register",
+    "RegisterAck",
+    "Reply",
+    "Request",
+    "Update",
+    "UpdateAck",
+    "UpdateFetch",
+]
+
 
 @dataclass(frozen=True, eq=False)
 class Hello:

@@ -47,7 +47,9 @@ from fedwire import (  # noqa: E402
     decode,
     encode,
 )
-from fedwire.constants import MAX_IDS_PER_MESSAGE  # noqa: E402
+from fedwire.constants import MAX_IDS_PER_MESSAGE, Kind  # noqa: E402
+from fedwire.fields import Array  # noqa: E402
+from fedwire.schema import LOGITS, SCHEMAS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 F32, F16, I8 = LogitEncoding.FLOAT32, LogitEncoding.FLOAT16, LogitEncoding.INT8
@@ -524,8 +526,20 @@ def _head(reader: _Reader) -> tuple[str, Any, str]:
     raise ValueError(f"byte 0x{b:02x} is outside the subset this annotator reads")
 
 
-_BIN_LAYOUT = {"ids": "<u4", "fetch_ids": "<u4", "labels": "<u2", "counts": "<u2", "s": "<f4"}
-_LOGIT_LAYOUT = {"f32": "<f4", "f16": "<f2", "i8": "i1"}
+def _layout(context: dict[str, Any], key: str | None) -> str | None:
+    """The element type of the bin under `key` as the schema declares it; None for plain bytes (hashes)."""
+    kind, encoding = context.get("k"), context.get("e")
+    if key == "b" and encoding in {e.value for e in LogitEncoding}:
+        dtype = LOGITS.data[LogitEncoding(encoding)].dtype
+    elif key == "s":
+        dtype = LOGITS.scales.dtype
+    else:
+        fields = SCHEMAS[Kind(kind)].fields if kind in {k.value for k in Kind} else ()
+        spec = next((field for field in fields if field.key == key), None)
+        if not isinstance(spec, Array) or spec.dtype.itemsize == 1:
+            return None
+        dtype = spec.dtype
+    return dtype.str.lstrip("|")
 
 
 def annotate(payload: bytes) -> str:
@@ -550,12 +564,8 @@ def annotate(payload: bytes) -> str:
                 text = data.decode()
                 emit(start, f"{pad}{fmt} {json.dumps(text, ensure_ascii=False)}")
                 return text
-            layout = _BIN_LAYOUT.get(key or "")
-            if key == "b":
-                layout = _LOGIT_LAYOUT.get(context.get("e", ""))
-            if key == "hashes":
-                shown = f"{value} bytes"
-            elif layout:
+            layout = _layout(context, key)
+            if layout:
                 numbers = ", ".join(str(number) for number in np.frombuffer(data, dtype=layout))
                 shown = f"{value} bytes = {layout} [{numbers}]"
             else:
