@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -15,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from android_harness.netns import NetnsLab
+from android_harness.processes import server_main
 from edge.state import Progress
 
 log = logging.getLogger(__name__)
@@ -229,39 +233,60 @@ class FaultDriver:
 # ---------------------------------------------------------------- invariants
 
 
+def server_holdings(server_data_dir: Path, devices: list[str]) -> dict[str, dict[str, Any]]:
+    """Per device, what the server's durable state holds, read through the server's own read-only command
+    (`python broker_server/main.py inspect --json`), not by opening its store."""
+    command = [sys.executable, str(server_main()), "inspect", "--data-dir", str(server_data_dir), "--json"]
+    for device in devices:
+        command += ["--device", device]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"`{' '.join(command)}` failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    holdings: dict[str, dict[str, Any]] = json.loads(done.stdout)["devices"]
+    return holdings
+
+
+def _digests(logits: np.ndarray) -> list[str]:
+    """The inspect command's row digests: sha256 of each row as little-endian float32 bytes."""
+    return [hashlib.sha256(row.tobytes()).hexdigest() for row in np.ascontiguousarray(logits, dtype="<f4")]
+
+
 def check_invariants(
-    *, server_state: Path, device_dirs: dict[str, Path], classes: int, latest: dict[str, dict[str, Any]],
+    *, server_data_dir: Path, device_dirs: dict[str, Path], classes: int, latest: dict[str, dict[str, Any]],
     curve: list[list[float]], fault_times: list[float], expect_offline_training: bool,
     outages: list[dict[str, Any]],
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """What must hold after faults: nothing acknowledged lost, the table equals a replay, training went on."""
-    from broker_server.handlers import CacheService
     from edge.state import DeviceState
 
     lost, mismatched, unflushed = 0, 0, []
     acked_total = 0
-    with CacheService.open(server_state) as service:
-        cache = service.cache
-        for device, directory in device_dirs.items():
-            state = DeviceState(directory, classes=classes)
-            try:
-                ids, versions, logits = state.acked()
-                pending = state.outbox_size()
-            finally:
-                state.close()
-            acked_total += ids.size
-            if pending:
-                unflushed.append(device)
-            if not ids.size:
-                continue
-            rows = cache.rows_of(device, ids.astype(np.uint32))
-            held_versions = cache.versions[rows]
-            lost += int(np.count_nonzero(held_versions < versions))
-            if not pending:
-                same = (held_versions == versions) & np.all(cache.knowledge[rows] == logits, axis=1)
-                mismatched += int(np.count_nonzero(~same))
-                own = cache.rows_of(device, np.arange(int(cache.registered(device)), dtype=np.uint32))
-                mismatched += int(np.count_nonzero(cache.versions[own] >= 0)) - ids.size
+    holdings = server_holdings(server_data_dir, sorted(device_dirs))
+    for device, directory in device_dirs.items():
+        state = DeviceState(directory, classes=classes)
+        try:
+            ids, versions, logits = state.acked()
+            pending = state.outbox_size()
+        finally:
+            state.close()
+        acked_total += ids.size
+        if pending:
+            unflushed.append(device)
+        if not ids.size:
+            continue
+        held = holdings.get(device, {})
+        held_at = {int(i): k for k, i in enumerate(held.get("ids", []))}
+        held_versions, held_digests = held.get("versions", []), held.get("digests", [])
+        for sample, version, digest in zip(ids.tolist(), versions.tolist(), _digests(logits), strict=True):
+            k = held_at.get(int(sample))
+            if k is None or held_versions[k] < version:
+                lost += 1
+                mismatched += not pending
+            elif not pending and (held_versions[k] != version or held_digests[k] != digest):
+                mismatched += 1
+        if not pending:
+            # Samples holding knowledge the device never had acknowledged.
+            mismatched += int(held.get("with_knowledge", 0)) - len(held_at.keys() & set(ids.tolist()))
     done = all(m.get("done") for m in latest.values()) and len(latest) == len(device_dirs)
     # Measured from outside: steps each device wrote to its progress beacon while its link was cut.
     steps_while_cut = sum(o["steps_trained"] for o in outages)

@@ -18,15 +18,15 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from tqdm import tqdm
 
-import broker_server
 from android_harness.faults import FaultDriver, FaultPlan, Processes, check_invariants, check_knowledge_flow
 from android_harness.netns import NetnsLab, netns_unavailable_reason
+from android_harness.processes import ServerProcess, device_command, kill_process, server_command
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_to_toml
 from edge.state import EXIT_UNDELIVERED, read_last_report, read_progress
 from fedwire import HashKind, LogitEncoding
 from fedwire.mosquitto import MosquittoBroker
 from fedwire.mqtt import BrokerAddress, connect_persistent, make_client
-from fedwire.topics import ALL_METRICS, SERVER_STATUS, device_of_metrics_topic
+from fedwire.topics import ALL_METRICS, device_of_metrics_topic
 
 log = logging.getLogger(__name__)
 
@@ -238,51 +238,14 @@ def _prepare_shared_artifacts(settings: TrialSettings) -> Path:
     return path
 
 
-def _wait_for_server(address: BrokerAddress, process: subprocess.Popen[bytes]) -> None:
-    """The server publishes a retained 'online' once subscribed: devices' first requests will reach it."""
-    online = threading.Event()
-    client = make_client(client_id=f"fedcache-trial-probe-{os.getpid()}")
-    client.on_message = lambda _c, _u, m: online.set() if m.payload == b"online" else None
-    client.on_connect = lambda c, *_: c.subscribe(SERVER_STATUS, qos=1)
-    client.connect(address.host, address.port)
-    client.loop_start()
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not online.wait(0.2):
-            if process.poll() is not None:
-                raise RuntimeError(f"cache server exited with {process.returncode}; see its log")
-            if time.monotonic() > deadline:
-                raise TimeoutError("cache server did not come online")
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
-def _stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def _server_command(settings: TrialSettings, broker: BrokerAddress) -> list[str]:
-    server_main = Path(broker_server.__file__).parent / "main.py"
-    return [
-        sys.executable,
-        str(server_main),
-        "--broker",
-        broker.url,
-        "--data-dir",
-        str(settings.out / "server"),
-        "--metrics-port",
-        "0",
+    """The trial's cache server: through its broker, state under the trial's directory, its [server] options."""
+    options = [
         *(["--neighbours", str(settings.neighbours)] if settings.neighbours is not None else []),
         # FedAvg rounds wait for every device of the trial, not only those that already said hello.
         *(["--fedavg-participants", str(settings.devices)] if settings.algorithm == "fedavg" else []),
     ]
+    return server_command(broker=broker, data_dir=settings.out / "server", options=options)
 
 
 def _open_lab(settings: TrialSettings, faults: FaultPlan | None) -> NetnsLab | None:
@@ -316,7 +279,7 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
     encoder = _prepare_shared_artifacts(settings)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     processes: Processes = [None] * settings.devices
-    server: list[subprocess.Popen[bytes]] = []
+    server: list[ServerProcess] = []
     launched_at: dict[str, float] = {}
     lab = _open_lab(settings, faults)
     started = time.monotonic()
@@ -330,19 +293,12 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
         with broker_context as broker:
 
             def start_server() -> None:
-                server.append(
-                    subprocess.Popen(
-                        _server_command(settings, broker.address),
-                        stdout=subprocess.DEVNULL,
-                        stderr=open(logs / "server.log", "ab"),  # noqa: SIM115 - the child owns it
-                        env=env,
-                    )
-                )
-                _wait_for_server(broker.address, server[-1])
+                command = _server_command(settings, broker.address)
+                server.append(ServerProcess(command=command, broker=broker.address, log=logs / "server.log", env=env))
+                server[-1].start(timeout=SERVER_START_TIMEOUT_S)
 
             def kill_server() -> None:
                 server[-1].kill()
-                server[-1].wait()
 
             driver = None
             try:
@@ -362,7 +318,7 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
                     path = Path(config.state_dir) / "device.toml"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(config_to_toml(config))
-                    command = [sys.executable, "-m", "edge", "--config", str(path)]
+                    command = device_command(path)
                     processes[index] = process = subprocess.Popen(
                         lab.command(index, command) if lab is not None else command,
                         stdout=subprocess.DEVNULL,
@@ -394,11 +350,10 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
                 if driver is not None:
                     driver.release_all(processes)
                 for process in processes:
-                    if process is not None and process.poll() is None:
-                        process.kill()
-                        process.wait()
+                    if process is not None:
+                        kill_process(process)
                 if server:
-                    _stop_process(server[-1])
+                    server[-1].stop()
     finally:
         if lab is not None:
             lab.close()
@@ -425,7 +380,7 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
         # Every fedcache trial gets the invariants that apply: the durability ones always, recovery and
         # offline training only under a fault plan, knowledge flow when nothing else would show it.
         invariants = check_invariants(
-            server_state=settings.out / "server" / "state",
+            server_data_dir=settings.out / "server",
             device_dirs={c.id: Path(c.state_dir) for c in configs},
             classes=load_dataset(settings.dataset).classes,
             latest=collector.latest,

@@ -24,7 +24,6 @@ import multiprocessing as mp
 import os
 import selectors
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,7 +39,7 @@ import paho.mqtt.client as mqtt
 import psutil
 from tqdm import tqdm
 
-import broker_server
+from android_harness.processes import ServerProcess, server_command
 from bench._report import machine_line, markdown_table
 from fedwire import (
     ErrorReply,
@@ -60,7 +59,6 @@ from fedwire import (
 )
 from fedwire.mosquitto import MosquittoBroker
 from fedwire.mqtt import BrokerAddress, connect_persistent, make_client
-from fedwire.topics import SERVER_STATUS
 
 CLASSES = 10
 HASH_BITS = 256
@@ -570,60 +568,6 @@ def run_step(
     )
 
 
-def _wait_online(address: BrokerAddress, server: subprocess.Popen[bytes], timeout: float) -> None:
-    """Block until the server's retained status says online (it publishes it once subscribed)."""
-    online = threading.Event()
-    client = make_client(client_id=f"bench-status-{os.getpid()}")
-    client.on_message = lambda _c, _u, m: online.set() if m.payload == b"online" else None
-    client.on_connect = lambda c, *_: c.subscribe(SERVER_STATUS, qos=1)
-    client.connect(address.host, address.port)
-    client.loop_start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not online.wait(0.2):
-            if server.poll() is not None:
-                raise RuntimeError(f"the server exited with {server.returncode} before going online")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server was not online within {timeout:.0f} s")
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
-def start_server(address: BrokerAddress, data_dir: Path, *, profile: Path | None) -> subprocess.Popen[bytes]:
-    """The real server as a subprocess, through our broker, state in SQLite; optionally under cProfile."""
-    script = Path(broker_server.__file__).resolve().parent / "main.py"
-    command = [sys.executable]
-    if profile is not None:
-        command += ["-m", "cProfile", "-o", str(profile)]
-    command += [
-        str(script),
-        "--broker",
-        address.url,
-        "--data-dir",
-        str(data_dir),
-        "--metrics-port",
-        "0",
-        "--log-level",
-        "WARNING",
-        "--client-id",
-        f"bench-server-{os.getpid()}",
-    ]
-    with open(data_dir.parent / "server.log", "wb") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=script.parent.parent)
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    """SIGTERM (the server then finishes its batch and closes its store), SIGKILL if it hangs."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def format_steps(steps: list[StepResult], raw: RawRate) -> str:
     """Markdown table; the last column is the server's request rate against the raw broker rate of this run."""
     rows = []
@@ -717,10 +661,18 @@ def main(argv: list[str] | None = None) -> int:
             assert broker.process is not None
             payload = _payload_bytes(args.batch)
             raw = measure_raw(broker.address, messages=raw_messages, payload_bytes=payload, timeout=120)
-            server = start_server(broker.address, root / "server" / "data", profile=args.profile_server)
+            profile = ["-m", "cProfile", "-o", str(args.profile_server)] if args.profile_server else []
+            command = server_command(
+                broker=broker.address,
+                data_dir=root / "server" / "data",
+                client_id=f"bench-server-{os.getpid()}",
+                options=["--log-level", "WARNING"],
+                interpreter=[sys.executable, *profile],
+            )
+            server = ServerProcess(command=command, broker=broker.address, log=root / "server" / "server.log")
             steps: list[StepResult] = []
             try:
-                _wait_online(broker.address, server, SERVER_START_S)
+                server.start(timeout=SERVER_START_S)
                 server_ps, broker_ps = psutil.Process(server.pid), psutil.Process(broker.process.pid)
                 for count in tqdm(device_counts, desc="device counts", leave=False):
                     steps.append(
@@ -739,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     )
             finally:
-                stop_process(server)
+                server.stop(timeout=20.0)
             if server.returncode not in (0, None):
                 print((root / "server" / "server.log").read_text()[-3000:], file=sys.stderr)
     print(
