@@ -1,39 +1,58 @@
-"""The comparison's baselines on a device (FD, FedAvg): what the runtime calls, and which one a config asks for."""
+"""The device's `Algorithm` protocol (the hooks the training loop calls) and what the algorithms share."""
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
 
 from edge.config import DeviceConfig
 from edge.link import KnowledgeLink
-from fedwire import Hello, HelloAck
+from fedwire import HashKind, Hello, HelloAck
 
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 10.0
-BASELINES = ("fd", "fedavg")
 
 
-class Baseline(Protocol):
-    """Hooks the runtime calls around its unchanged training loop; each may talk to the server."""
+class RegistrationError(RuntimeError):
+    """The server refused this device's hello or registration."""
+
+
+class Algorithm(Protocol):
+    """What a federated algorithm does around the device's training loop; each hook may talk to the server.
+
+    The loop calls `start` once, `begin` after its first report, then per batch `teacher` and `after_step`,
+    `end_epoch` when an epoch ends (before its checkpoint and report), `checkpoint` with each of its own, and
+    `coverage` / `metrics` for every report. An algorithm is built from the device's durable state, so it
+    resumes what its last `checkpoint` kept.
+    """
 
     def start(self) -> None:
-        """Say hello (blocking, retried): the server must know the device before anything else."""
+        """Make the server know the device (hello, registration); may block, boundedly where training can go on."""
         ...
 
-    def teacher(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(teacher logits, mask) for a batch; mask False means cross-entropy only."""
+    def begin(self, position: int) -> None:
+        """Training starts (or resumes) at batch `position`, right after the device's first report."""
         ...
 
-    def after_step(self, *, labels: np.ndarray, logits: np.ndarray, position: int) -> None:
-        """Called after every batch with the batch's logits; `position` is the number of batches done."""
+    def teacher(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(teacher logits, mask) for a batch of sample ids and their labels; mask False means CE only."""
+        ...
+
+    def after_step(self, *, ids: np.ndarray, labels: np.ndarray, logits: np.ndarray, position: int) -> None:
+        """Called after every batch with its logits; `position` is the number of batches done."""
         ...
 
     def end_epoch(self, *, epoch: int, last: bool) -> None:
-        """Called when epoch `epoch` (1-based) ends, before the device evaluates and reports."""
+        """Called when epoch `epoch` (1-based) ends, before the device checkpoints, evaluates and reports."""
+        ...
+
+    def checkpoint(self) -> None:
+        """Make the algorithm's own state durable, beside the training checkpoint the device writes."""
         ...
 
     def coverage(self) -> float:
@@ -41,48 +60,101 @@ class Baseline(Protocol):
         ...
 
     def metrics(self) -> dict[str, Any]:
-        """Extra fields of the device's metrics message."""
+        """The algorithm's fields of the device's report (`exchange_metrics` and its own)."""
         ...
 
 
-def say_hello(*, link: KnowledgeLink, config: DeviceConfig, classes: int, samples: int, capability: str) -> HelloAck:
-    """Hello until the server answers; the deployment's hash layout is declared though no hash is ever sent."""
+def exchange_metrics(
+    *, wasted_bytes: int = 0, outbox: int = 0, teachers_received: int = 0, rejections: int = 0
+) -> dict[str, Any]:
+    """The knowledge-exchange fields every report carries (zero for an algorithm that exchanges none)."""
+    return {
+        "wasted_bytes": wasted_bytes,
+        "outbox": outbox,
+        "teachers_received": teachers_received,
+        "rejections": rejections,
+    }
+
+
+def next_version(previous: int) -> int:
+    """A version above `previous` that also grows across restarts: microseconds since the epoch at least."""
+    return max(previous + 1, time.time_ns() // 1000)
+
+
+def hello_request(
+    *,
+    config: DeviceConfig,
+    samples: int,
+    capability: str,
+    classes: int,
+    hash_kind: HashKind | None = None,
+    hash_dim: int | None = None,
+) -> Hello:
+    """The device's hello (cid 0: `say_hello` numbers each try); the hash layout defaults to the config's."""
+    return Hello(
+        device=config.id,
+        cid=0,
+        model=config.train.arch,
+        classes=classes,
+        samples=samples,
+        hash_kind=config.hash.kind if hash_kind is None else hash_kind,
+        hash_dim=config.hash.dim if hash_dim is None else hash_dim,
+        capabilities=(capability, config.train.logit_encoding.value),
+    )
+
+
+def say_hello(link: KnowledgeLink, hello: Hello) -> HelloAck:
+    """Hello (a fresh cid each try) until the server answers; RegistrationError when it refuses."""
     while True:
         link.wait_connected(timeout=60)
-        request = Hello(
-            device=config.id,
-            cid=link.new_cid(),
-            model=config.train.arch,
-            classes=classes,
-            samples=samples,
-            hash_kind=config.hash.kind,
-            hash_dim=config.hash.dim,
-            capabilities=(capability, config.train.logit_encoding.value),
-        )
         try:
-            reply = link.call(request, timeout=HELLO_TIMEOUT_S)
+            reply = link.call(replace(hello, cid=link.new_cid()), timeout=HELLO_TIMEOUT_S)
+            break
         except TimeoutError:
             log.warning("no reply to hello yet; is the server running? retrying")
-            continue
-        if not isinstance(reply, HelloAck):
-            raise RuntimeError(f"hello rejected: {reply}")
-        return reply
+    if not isinstance(reply, HelloAck):
+        raise RegistrationError(f"hello rejected: {reply}")
+    return reply
 
 
-def make_baseline(
-    *, config: DeviceConfig, link: KnowledgeLink, trainer: Any, labels: np.ndarray, classes: int
-) -> Baseline | None:
-    """The baseline `config.train.algorithm` names, or None for FedCache and the local baseline."""
-    algorithm = config.train.algorithm
-    if algorithm == "fd":
-        from edge.fd_client import FdClient
+class NoKnowledge:
+    """Hooks of an algorithm that distils from nothing; an algorithm overrides the ones it needs."""
 
-        return FdClient(config=config, link=link, labels=labels, classes=classes)
-    if algorithm == "fedavg":
-        from edge.fedavg_client import FedAvgClient
+    def __init__(self, *, classes: int) -> None:
+        self.classes = classes
 
-        model = getattr(trainer, "model", None)
-        if config.train.backend != "torch" or model is None:
-            raise ValueError("FedAvg averages PyTorch weights: it needs train.backend = 'torch'")
-        return FedAvgClient(config=config, link=link, model=model, samples=int(labels.size), classes=classes)
-    return None
+    def start(self) -> None:
+        return None
+
+    def begin(self, position: int) -> None:
+        return None
+
+    def teacher(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros((labels.size, self.classes), np.float32), np.zeros(labels.size, bool)
+
+    def after_step(self, *, ids: np.ndarray, labels: np.ndarray, logits: np.ndarray, position: int) -> None:
+        return None
+
+    def end_epoch(self, *, epoch: int, last: bool) -> None:
+        return None
+
+    def checkpoint(self) -> None:
+        return None
+
+    def coverage(self) -> float:
+        return 0.0
+
+    def metrics(self) -> dict[str, Any]:
+        return exchange_metrics()
+
+
+__all__ = [
+    "HELLO_TIMEOUT_S",
+    "Algorithm",
+    "NoKnowledge",
+    "RegistrationError",
+    "exchange_metrics",
+    "hello_request",
+    "next_version",
+    "say_hello",
+]

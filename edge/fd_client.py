@@ -1,22 +1,15 @@
-"""Federated distillation (FD) on a device: upload per-class mean logits, distil from the global per-class mean.
-
-The device accumulates, per class, the sum of the logits it produced since its last upload; every
-`fd_every_batches` batches (0: once per epoch) it sends the means and counts (`fd_update`) without
-waiting, and keeps the latest leave-one-out global table the server answers with (`fd_global`).
-A sample of class c is then distilled towards row c of that table, with FedCache's loss.
-"""
+"""Federated distillation (FD) on a device: upload per-class mean logits, distil from the global per-class mean."""
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
-from edge.baseline import say_hello
+from edge.baseline import NoKnowledge, exchange_metrics, hello_request, next_version, say_hello
 from edge.config import DeviceConfig
 from edge.link import KnowledgeLink
 from fedwire import ErrorReply, FdGlobal, FdUpdate, Reply
@@ -26,14 +19,20 @@ log = logging.getLogger(__name__)
 FINAL_WAIT_S = 10.0
 
 
-class FdClient:
-    """FD's device side; `teacher` is called from the training thread, replies land on paho's thread."""
+class FdClient(NoKnowledge):
+    """FD's device side; `teacher` is called from the training thread, replies land on paho's thread.
+
+    The device accumulates, per class, the sum of the logits it produced since its last upload; every
+    `fd_every_batches` batches (0: once per epoch) it sends the means and counts (`fd_update`) without
+    waiting, and keeps the latest leave-one-out global table the server answers with (`fd_global`).
+    A sample of class c is then distilled towards row c of that table, with FedCache's loss.
+    """
 
     def __init__(self, *, config: DeviceConfig, link: KnowledgeLink, labels: np.ndarray, classes: int) -> None:
+        super().__init__(classes=classes)
         self.config = config
         self.link = link
         self.labels = labels.astype(np.int64)
-        self.classes = classes
         self.every = config.train.fd_every_batches
         self._sums = np.zeros((classes, classes), np.float64)
         self._counts = np.zeros(classes, np.int64)
@@ -48,14 +47,15 @@ class FdClient:
 
     def start(self) -> None:
         say_hello(
-            link=self.link, config=self.config, classes=self.classes, samples=int(self.labels.size), capability="fd"
+            self.link,
+            hello_request(config=self.config, samples=int(self.labels.size), capability="fd", classes=self.classes),
         )
 
-    def teacher(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def teacher(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
             return self._global[labels], self._has[labels]
 
-    def after_step(self, *, labels: np.ndarray, logits: np.ndarray, position: int) -> None:
+    def after_step(self, *, ids: np.ndarray, labels: np.ndarray, logits: np.ndarray, position: int) -> None:
         np.add.at(self._sums, labels.astype(np.int64), logits.astype(np.float64))
         self._counts += np.bincount(labels, minlength=self.classes)
         if self.every and position % self.every == 0:
@@ -79,7 +79,7 @@ class FdClient:
             self._sums, self._counts[:, None], out=np.zeros_like(self._sums), where=self._counts[:, None] > 0
         )
         # Versions grow across restarts (the server keeps the newest window per device).
-        self._version = max(self._version + 1, time.time_ns() // 1000)
+        self._version = next_version(self._version)
         request = FdUpdate(
             device=self.config.id,
             cid=self.link.new_cid(),
@@ -114,7 +114,8 @@ class FdClient:
     def metrics(self) -> dict[str, Any]:
         with self._lock:
             classes_with_teacher = int(self._has.sum())
-        return {
+        # Its own rejection count stays out of the report's `rejections` (FedCache's outbox refusals).
+        return exchange_metrics() | {
             "fd_exchanges": self.exchanges,
             "fd_globals_received": self.received,
             "fd_teacher_classes": classes_with_teacher,

@@ -1,10 +1,4 @@
-"""FedAvg on a device: after every local epoch (one round) upload the weights, wait for the average, load it.
-
-The model travels as one flat float32 vector of its floating-point state (parameters and batch-norm
-statistics, in `state_dict` order; integer buffers such as `num_batches_tracked` stay local), in
-parts of MODEL_CHUNK_FLOATS so any model fits the protocol's payload limit. Rounds are synchronous:
-the device polls `model_get` with a growing interval until the server closes the round.
-"""
+"""FedAvg on a device: after every local epoch (one round) upload the weights, wait for the average, load it."""
 
 from __future__ import annotations
 
@@ -17,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge.baseline import say_hello
+from edge.baseline import NoKnowledge, exchange_metrics, hello_request, say_hello
 from edge.config import DeviceConfig
 from edge.link import KnowledgeLink
 from fedwire import ErrorReply, ModelAck, ModelGet, ModelPut, ModelState, Reply, Request
@@ -58,17 +52,24 @@ def digest(flat: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(flat, np.float32).tobytes()).hexdigest()[:16]
 
 
-class FedAvgClient:
-    """FedAvg's device side; everything runs on the training thread (a round is a barrier anyway)."""
+class FedAvgClient(NoKnowledge):
+    """FedAvg's device side; everything runs on the training thread (a round is a barrier anyway).
+
+    The model travels as one flat float32 vector of its floating-point state (parameters and batch-norm
+    statistics, in `state_dict` order; integer buffers such as `num_batches_tracked` stay local), in
+    parts of MODEL_CHUNK_FLOATS so any model fits the protocol's payload limit. Rounds are synchronous:
+    the device polls `model_get` with a growing interval until the server closes the round. No teacher:
+    training between rounds is CE only.
+    """
 
     def __init__(
         self, *, config: DeviceConfig, link: KnowledgeLink, model: nn.Module, samples: int, classes: int
     ) -> None:
+        super().__init__(classes=classes)
         self.config = config
         self.link = link
         self.model = model
         self.samples = samples
-        self.classes = classes
         self.next_round = 0
         self.round: int | None = None
         self.participants = 0
@@ -79,13 +80,10 @@ class FedAvgClient:
     def start(self) -> None:
         # The weights training starts from: equal on every device of a fresh trial (one global initial model).
         self.start_digest = digest(flat_state(self.model))
-        say_hello(link=self.link, config=self.config, classes=self.classes, samples=self.samples, capability="fedavg")
-
-    def teacher(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.zeros((labels.size, self.classes), np.float32), np.zeros(labels.size, bool)
-
-    def after_step(self, *, labels: np.ndarray, logits: np.ndarray, position: int) -> None:
-        return None
+        say_hello(
+            self.link,
+            hello_request(config=self.config, samples=self.samples, capability="fedavg", classes=self.classes),
+        )
 
     def end_epoch(self, *, epoch: int, last: bool) -> None:
         round_ = max(epoch - 1, self.next_round)
@@ -161,11 +159,8 @@ class FedAvgClient:
             raise FedAvgRejected(f"unexpected reply to model_get: {reply.kind.value}")
         return reply
 
-    def coverage(self) -> float:
-        return 0.0
-
     def metrics(self) -> dict[str, Any]:
-        return {
+        return exchange_metrics() | {
             "fedavg_round": self.round,
             "fedavg_participants": self.participants,
             "model_digest": self.digest,
