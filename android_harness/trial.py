@@ -20,7 +20,13 @@ from tqdm import tqdm
 
 from android_harness.faults import FaultDriver, FaultPlan, Processes, check_invariants, check_knowledge_flow
 from android_harness.netns import NetnsLab, netns_unavailable_reason
-from android_harness.processes import ServerProcess, device_command, kill_process, server_command
+from android_harness.processes import (
+    STOP_TIMEOUT_S,
+    ServerProcess,
+    device_command,
+    kill_process,
+    server_command,
+)
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_to_toml
 from edge.state import EXIT_UNDELIVERED, read_last_report, read_progress
 from fedwire import HashKind, LogitEncoding
@@ -344,6 +350,9 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
                     )
                     driver.start()
                 _follow(settings, collector, processes, progress=progress, driver=driver, launch=launch)
+                if driver is not None:
+                    driver.release_all(processes)  # links back, so what devices still owe can arrive
+                _await_exits(processes, [c.id for c in configs], timeout=max(c.delivery_timeout_s for c in configs))
                 watcher.disconnect()
                 watcher.loop_stop()
             finally:
@@ -399,6 +408,20 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
         report["invariants"] = invariants
     write_report(report, settings.out)
     return report
+
+
+def _await_exits(processes: Processes, names: list[str], *, timeout: float) -> None:
+    """Every device reported done: let each finish on its own (it exits once the broker acknowledged what it
+    still owes, within its delivery_timeout_s) rather than kill it; a straggler past `timeout` is killed."""
+    deadline = time.monotonic() + timeout + STOP_TIMEOUT_S
+    for name, process in zip(names, processes, strict=True):
+        if process is None:
+            continue
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s reported done but had not exited after %.0f s; killing it", name, timeout)
+            kill_process(process)
 
 
 def _complete_from_state(

@@ -42,4 +42,6 @@ def test_nothing_acknowledged_is_lost_through_outages_server_kill_and_broker_res
         # Training went on while links were cut, as read from the devices' progress beacons (not over MQTT).
         assert sum(o["steps_trained"] for o in report["faults"]["outages"]) > 0
     assert report["maua"] > 0.6
+    # Every device left on its own with nothing owed (0), none was killed after reporting done.
+    assert report["exit_status"] == {f"dev{i:03d}": 0 for i in range(3)}
     assert json.loads((tmp_path / "report.json").read_text())["invariants"] == report["invariants"]
