@@ -27,15 +27,16 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(PY) -m android_harness demo --out runs/demo
 
-test: setup-test
+# Lint and type errors fail `make test` (and so CI) before the suite runs.
+test: setup-test lint typecheck
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
-lint: setup
+lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 # Strict on the layers below the harness (fedwire, models, edge, broker_server); settings in pyproject.toml.
-typecheck: setup
+typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict fedwire models edge broker_server
 
 clean:

@@ -104,12 +104,13 @@ class Bundle:
 
 def _write_models(config: DeviceConfig, models: Path, *, input_shape: tuple[int, int, int], classes: int) -> None:
     """Initial weights, ONNX (always) and the ExecuTorch programs (executorch devices) into `models`."""
+    from edge.algorithms import model_seed
     from export.artifacts import ModelSpec, export_model_artifacts
     from export.weights import save_weights
     from models.zoo import build_model
 
     train = config.train
-    seed = train.seed + config.data.index  # the seed edge.runtime builds this device's model with
+    seed = model_seed(config)  # the seed the device builds its initial model with
     model = build_model(train.arch, classes=classes, in_channels=input_shape[0], seed=seed).eval()
     save_weights(models / f"initial-{train.arch}-s{seed}.npz", model.state_dict())
     spec = ModelSpec(arch=train.arch, classes=classes, input_shape=input_shape)

@@ -7,6 +7,7 @@ namespace drops a fraction of its packets (`tc netem` has no qdisc in this kerne
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -53,12 +54,22 @@ def netns_unavailable_reason() -> str | None:
     return None
 
 
+_labs_made = itertools.count()
+
+
+def _new_tag() -> str:
+    """Names of this lab's links and namespaces: unique per process and per lab within it. A lab's host veths
+    outlive `ip netns del` for a moment (the kernel tears a namespace down asynchronously), so a second lab in
+    the same process with the same names could find them still there."""
+    return f"{os.getpid() % 10000}{next(_labs_made) % 100:02d}"
+
+
 @dataclass
 class NetnsLab:
     """A bridge and one namespace per device; `close()` removes everything it made."""
 
     devices: int
-    tag: str = field(default_factory=lambda: f"{os.getpid() % 10000}")
+    tag: str = field(default_factory=_new_tag)
     _made: list[str] = field(default_factory=list)
     # 10.x of this lab's /16, chosen at open() (SUBNET_PREFIX unless another lab on the host holds it).
     prefix: str = SUBNET_PREFIX

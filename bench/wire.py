@@ -38,14 +38,13 @@ from fedwire import (
     encode,
     up_topic,
 )
-from fedwire.constants import DEFAULT_NEIGHBOURS, REQUEST_KINDS
+from fedwire.constants import DEFAULT_NEIGHBOURS, REGISTER_CHUNK, REQUEST_KINDS
 from fedwire.mqtt import publish_packet_bytes
 
 # A v5 PUBACK with reason "success" and no properties: fixed header (2) + packet id (2). Every QoS 1
 # PUBLISH on the device's link costs one: the broker acknowledges each request, the device each reply.
 PUBACK_BYTES = 4
 DEVICE_ID = "dev000"  # the trial harness's naming (android_harness: dev000, dev001, ...)
-REGISTER_CHUNK = 2048  # edge.runtime.REGISTER_CHUNK: samples per register message
 VALUE_BYTES = {LogitEncoding.FLOAT32: 4, LogitEncoding.FLOAT16: 2, LogitEncoding.INT8: 1}
 SEED = 0
 NEIGHBOURS = DEFAULT_NEIGHBOURS  # R: contributors per teacher in a warm cache (the server's default)
@@ -222,7 +221,7 @@ class Registration:
 
 
 def measure_registration(*, samples: int, classes: int, kind: HashKind, dim: int) -> Registration:
-    """Bytes of registering `samples` samples in chunks of REGISTER_CHUNK, as edge.runtime does."""
+    """Bytes of registering `samples` samples in chunks of REGISTER_CHUNK, as edge.registration does."""
     rng = np.random.default_rng(SEED)
     hash_bytes = dim // 8 if kind is HashKind.BINARY else 2 * dim
     messages: list[Message] = [
@@ -323,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         for e in (LogitEncoding.FLOAT16, LogitEncoding.INT8)
     ]
     print(format_training(rows, args.classes))
-    print(f"\nRegistration: one device with {args.samples} samples, chunks of {REGISTER_CHUNK} (edge.runtime)")
+    print(f"\nRegistration: one device with {args.samples} samples, chunks of {REGISTER_CHUNK} (edge.registration)")
     print(
         format_registration(
             [

@@ -392,7 +392,7 @@ class KnowledgeCache:
         rows = np.asarray(rows, dtype=np.int64)
         logits = np.asarray(logits, dtype=np.float32)
         self.check_update(rows=rows, logits=logits, version=version)
-        newer = version > self._versions.view[rows]
+        newer: np.ndarray = version > self._versions.view[rows]
         chosen = rows[newer]
         self._knowledge.view[chosen] = logits[newer]
         self._versions.view[chosen] = version

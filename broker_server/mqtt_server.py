@@ -9,14 +9,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import paho.mqtt.client as mqtt
 
 from broker_server.handlers import CacheService
 from broker_server.metrics import ServerMetrics
 from fedwire import ErrorCode, ErrorReply, ProtocolError, Reply, decode, down_topic, encode, parse_up_topic
 from fedwire.constants import DEFAULT_QOS, SERVER_SHARE_GROUP
-from fedwire.messages import Request
+from fedwire.messages import Message, Request
 from fedwire.mqtt import (
     AcknowledgedPublisher,
     BrokerAddress,
@@ -45,16 +44,6 @@ class _Inbound:
     mid: int
     qos: int
     arrived: float
-
-
-def _cid_of(payload: bytes) -> int:
-    """Best-effort correlation id of an undecodable message, so the device can match the error reply."""
-    try:
-        raw = msgpack.unpackb(payload, raw=False)
-        cid = raw.get("c", 0) if isinstance(raw, dict) else 0
-        return cid if isinstance(cid, int) and 0 <= cid < 2**63 else 0
-    except Exception:
-        return 0
 
 
 class CacheServer:
@@ -207,22 +196,17 @@ class CacheServer:
         device, kind = parsed
         self.metrics.bytes_in.labels(kind.value).inc(len(item.payload))
         self._last_seen[device] = item.arrived
+        cid = 0  # what an error reply carries when the payload held no valid correlation id
         try:
-            request = decode(item.payload)
-            self._check_envelope(request, device=device, topic_kind=kind.value)
+            request = self._check_envelope(decode(item.payload), device=device, topic_kind=kind.value)
+            cid = request.cid
             reply = self.service.handle(request)
         except ProtocolError as exc:
-            reply = ErrorReply(
-                device=device, cid=_cid_of(item.payload), code=exc.code, message=exc.detail, request=kind.value
-            )
+            reply = ErrorReply(device=device, cid=exc.cid or 0, code=exc.code, message=exc.detail, request=kind.value)
         except Exception:
             log.exception("internal error on %s from %s", kind.value, device)
             reply = ErrorReply(
-                device=device,
-                cid=_cid_of(item.payload),
-                code=ErrorCode.INTERNAL,
-                message="internal error",
-                request=kind.value,
+                device=device, cid=cid, code=ErrorCode.INTERNAL, message="internal error", request=kind.value
             )
         outcome = reply.code.value if isinstance(reply, ErrorReply) else "ok"
         if isinstance(reply, ErrorReply):
@@ -231,16 +215,23 @@ class CacheServer:
         return reply
 
     @staticmethod
-    def _check_envelope(request: Any, *, device: str, topic_kind: str) -> None:
+    def _check_envelope(message: Message, *, device: str, topic_kind: str) -> Request:
         """A device may only speak for itself, and the topic names the message's kind."""
-        if not isinstance(request, Request):
-            raise ProtocolError(ErrorCode.BAD_SCHEMA, f"'{request.kind.value}' is a reply kind, not a request")
-        if request.device != device:
+        if not isinstance(message, Request):
             raise ProtocolError(
-                ErrorCode.DEVICE_MISMATCH, f"payload device '{request.device}' published on {device}'s topic"
+                ErrorCode.BAD_SCHEMA, f"'{message.kind.value}' is a reply kind, not a request", cid=message.cid
             )
-        if request.kind.value != topic_kind:
-            raise ProtocolError(ErrorCode.BAD_SCHEMA, f"payload kind '{request.kind.value}' on a '{topic_kind}' topic")
+        if message.device != device:
+            raise ProtocolError(
+                ErrorCode.DEVICE_MISMATCH,
+                f"payload device '{message.device}' published on {device}'s topic",
+                cid=message.cid,
+            )
+        if message.kind.value != topic_kind:
+            raise ProtocolError(
+                ErrorCode.BAD_SCHEMA, f"payload kind '{message.kind.value}' on a '{topic_kind}' topic", cid=message.cid
+            )
+        return message
 
     def _refresh_gauges(self, now: float) -> None:
         stats = self.service.stats()

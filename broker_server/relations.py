@@ -45,21 +45,34 @@ def _faiss_threads(count: int) -> Iterator[None]:
 
 def _search(hashes: np.ndarray, *, kind: HashKind, k: int, exact: bool) -> np.ndarray:
     """Positions of the k nearest hashes of every hash (itself usually among them), as faiss returns them."""
-    if kind is HashKind.BINARY:
-        vectors = np.ascontiguousarray(hashes, dtype=np.uint8)
-        bits = vectors.shape[1] * 8
-        index = faiss.IndexBinaryFlat(bits) if exact else faiss.IndexBinaryHNSW(bits, HNSW_M)
-    else:
-        vectors = _float_vectors(hashes)
-        dim = vectors.shape[1]
-        index = faiss.IndexFlatL2(dim) if exact else faiss.IndexHNSWFlat(dim, HNSW_M)
-    if not exact:
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        index.hnsw.efSearch = max(HNSW_EF_SEARCH_MIN, 2 * k)
     with _faiss_threads(FAISS_THREADS):
-        index.add(vectors)
-        _, found = index.search(vectors, k)
+        if kind is HashKind.BINARY:
+            bits = np.ascontiguousarray(hashes, dtype=np.uint8)
+            binary: faiss.IndexBinary
+            if exact:
+                binary = faiss.IndexBinaryFlat(bits.shape[1] * 8)
+            else:
+                binary = binary_hnsw = faiss.IndexBinaryHNSW(bits.shape[1] * 8, HNSW_M)
+                _tune(binary_hnsw.hnsw, k=k)
+            binary.add(bits)
+            _, found = binary.search(bits, k)
+        else:
+            vectors = _float_vectors(hashes)
+            flat: faiss.Index
+            if exact:
+                flat = faiss.IndexFlatL2(vectors.shape[1])
+            else:
+                flat = float_hnsw = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M)
+                _tune(float_hnsw.hnsw, k=k)
+            flat.add(vectors)
+            _, found = flat.search(vectors, k)
     return np.asarray(found, dtype=np.int64)
+
+
+def _tune(hnsw: faiss.HNSW, *, k: int) -> None:
+    """HNSW effort: build once thoroughly, search at least 2k candidates so k neighbours come back."""
+    hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    hnsw.efSearch = max(HNSW_EF_SEARCH_MIN, 2 * k)
 
 
 def build_class_neighbours(
@@ -161,7 +174,8 @@ class RelationTable:
 
     def neighbours_of(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), R) global neighbour rows of the given rows."""
-        return self._table[rows]
+        neighbours: np.ndarray = self._table[rows]
+        return neighbours
 
     def restore(self, *, label: int, rows: np.ndarray, labels: np.ndarray, table: np.ndarray) -> bool:
         """Reuse a stored relation of one class instead of rebuilding it; True when it was taken.

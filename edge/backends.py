@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 import numpy as np
 import torch
@@ -88,6 +88,15 @@ def _export_missing(
         raise RuntimeError(f"`{' '.join(command)}` failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
 
 
+class _ModelQuery(TypedDict):
+    """Which model an artifact must be for (the part of `_find`'s query every lookup shares)."""
+
+    arch: str
+    classes: int
+    in_channels: int
+    input_shape: tuple[int, int, int] | None
+
+
 def _find(
     artifacts_dir: Path,
     *,
@@ -129,7 +138,7 @@ def has_training_program(
 ) -> bool:
     """True when `artifacts_dir` already holds an ExecuTorch training program these settings can run (so a trial
     or a flash need not export one again: exporting with its parity checks takes tens of seconds)."""
-    query = {"arch": arch, "classes": classes, "in_channels": input_shape[0], "input_shape": input_shape}
+    query: _ModelQuery = {"arch": arch, "classes": classes, "in_channels": input_shape[0], "input_shape": input_shape}
     return _find(Path(artifacts_dir), kind="executorch-training", loss=loss, batch_size=batch_size, **query) is not None
 
 
@@ -160,7 +169,7 @@ def make_trainer(
     from edge.et_trainer import ExecuTorchTrainer
 
     artifacts_dir = Path(artifacts_dir)
-    query = {"arch": arch, "classes": classes, "in_channels": in_channels, "input_shape": input_shape}
+    query: _ModelQuery = {"arch": arch, "classes": classes, "in_channels": in_channels, "input_shape": input_shape}
     record = _find(artifacts_dir, kind="executorch-training", loss=loss, batch_size=batch_size, **query)
     needs_onnx = eval_backend == "onnxruntime"
     onnx_record = _find(artifacts_dir, kind="onnx", **query) if needs_onnx else None

@@ -103,17 +103,16 @@ class ExecuTorchTrainer:
             raise ValueError(f"eval_backend must be one of {EVAL_BACKENDS}, got {eval_backend!r}")
         if eval_backend == "onnxruntime" and onnx_path is None:
             raise ValueError("eval_backend 'onnxruntime' needs onnx_path")
-        if isinstance(metadata, Path):
-            metadata = json.loads(metadata.read_text())
+        meta: Mapping[str, Any] = json.loads(metadata.read_text()) if isinstance(metadata, Path) else metadata
         buffer = program.read_bytes() if isinstance(program, Path) else program
         runtime = executorch_runtime()
         set_threads(threads)
         self.eval_backend = eval_backend
         self.onnx_path = onnx_path
-        self.max_batch = int(metadata["max_batch"])
-        self.max_eval_batch = int(metadata["max_eval_batch"])
-        self.buffer_names: tuple[str, ...] = tuple(metadata["buffer_names"])
-        self.running_stat_names: tuple[str, ...] = tuple(metadata["running_stat_names"])
+        self.max_batch = int(meta["max_batch"])
+        self.max_eval_batch = int(meta["max_eval_batch"])
+        self.buffer_names: tuple[str, ...] = tuple(meta["buffer_names"])
+        self.running_stat_names: tuple[str, ...] = tuple(meta["running_stat_names"])
         self._buffer = buffer  # the loaded program points into these bytes: they must outlive it
         self._program = runtime.pybindings._load_program_from_buffer(buffer)
         self._train = self._program.load_method(TRAIN_METHOD)
@@ -123,7 +122,7 @@ class ExecuTorchTrainer:
         self._predict = self._eval_program.load_method(PREDICT_METHOD)
         fqns = self._program.load_method(FQN_METHOD).call([])
         self.parameter_names: tuple[str, ...] = tuple(_strip(n) for n in fqns)
-        if list(self.parameter_names) != list(metadata["parameter_names"]):
+        if list(self.parameter_names) != list(meta["parameter_names"]):
             raise ValueError("program and metadata disagree on the parameter list")
         input_meta = self._train.method_meta().input_tensor_meta(0)
         self.input_shape = tuple(int(s) for s in input_meta.sizes()[1:])

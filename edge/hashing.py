@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnxruntime as ort
 
 from fedwire.constants import MAX_HASH_BYTES, HashKind
 
-BIT_ORDER = "little"
+BIT_ORDER: Literal["little"] = "little"
 _F16 = np.dtype("<f2")
 
 
@@ -45,7 +45,7 @@ class HashEncoder:
         if len(shape) != 4:
             raise ValueError(f"{self.path}: encoder input must be (N, C, H, W), got {shape}")
         self._input_shape: tuple[int, int, int] | None = (
-            tuple(shape[1:]) if all(isinstance(n, int) for n in shape[1:]) else None  # type: ignore[assignment]
+            tuple(shape[1:]) if all(isinstance(n, int) for n in shape[1:]) else None
         )
         out_shape = outputs[0].shape
         if len(out_shape) != 2:
@@ -131,7 +131,8 @@ def hashes_from_features(features: np.ndarray, *, kind: HashKind | str) -> np.nd
 
 def unpack_binary(hashes: np.ndarray) -> np.ndarray:
     """Sign bits of binary hashes as bool (n, 8 * hash_bytes), bit j being feature j > 0."""
-    return np.unpackbits(np.asarray(hashes, dtype=np.uint8), axis=1, bitorder=BIT_ORDER).astype(bool)
+    bits: np.ndarray = np.unpackbits(np.asarray(hashes, dtype=np.uint8), axis=1, bitorder=BIT_ORDER).astype(bool)
+    return bits
 
 
 def decode_float16(hashes: np.ndarray) -> np.ndarray:

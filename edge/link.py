@@ -16,7 +16,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from fedwire import Kind, ProtocolError, Reply, Request, decode, down_topic, encode, metrics_topic, up_topic
+from fedwire import ErrorReply, Kind, ProtocolError, Reply, Request, decode, down_topic, encode, metrics_topic, up_topic
 from fedwire.constants import DEFAULT_QOS
 from fedwire.mqtt import (
     AcknowledgedPublisher,
@@ -235,9 +235,12 @@ class KnowledgeLink:
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
-            reply = decode(message.payload)
+            reply = decode(bytes(message.payload))
         except ProtocolError as exc:
             log.warning("dropping undecodable reply on %s: %s", message.topic, exc)
+            return
+        if not isinstance(reply, Reply):
+            log.warning("dropping a %s request published on this device's reply topic %s", reply.kind, message.topic)
             return
         with self._lock:
             self.bytes_down[reply.kind.value] += publish_packet_bytes(message.topic, len(message.payload))
@@ -249,8 +252,8 @@ class KnowledgeLink:
         if pending is None:
             log.debug("dropping reply %s with unknown correlation id %d", reply.kind, reply.cid)
             return
-        if reply.kind is Kind.ERROR:
-            log.warning("server rejected %s: %s %s", pending.kind, reply.code, reply.message)  # type: ignore[union-attr]
+        if isinstance(reply, ErrorReply):
+            log.warning("server rejected %s: %s %s", pending.kind, reply.code, reply.message)
         if self.on_reply is not None:
             self.on_reply(reply, pending.packet_bytes)
         with self._lock:

@@ -14,14 +14,13 @@ from edge.config import DeviceConfig
 from edge.hashing import HashEncoder
 from edge.link import KnowledgeLink
 from fedwire import Register, RegisterAck
+from fedwire.constants import REGISTER_CHUNK
 from models.encoder import export_encoder_onnx
 
 if TYPE_CHECKING:
     from edge.data import Shard
 
 log = logging.getLogger(__name__)
-
-REGISTER_CHUNK = 2048
 
 
 class Registration:

@@ -47,7 +47,7 @@ class TorchTrainer:
             self.loss_settings,
         )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         self.optimizer.step()
         return student.detach().numpy()
 

@@ -11,6 +11,8 @@ SERVER_SHARE_GROUP = "fedcache-server"
 
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 MAX_IDS_PER_MESSAGE = 8192
+# Samples per register message a device sends (registration is resumable chunk by chunk).
+REGISTER_CHUNK = 2048
 MAX_CLASSES = 1000
 MAX_HASH_BYTES = 4096
 MAX_DEVICE_ID_LEN = 64

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from android_harness.processes import device_command
 from broker_server.mqtt_server import CacheServer
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_to_toml
 from edge.state import DeviceState
@@ -18,7 +18,7 @@ from fedwire.mosquitto import MosquittoBroker
 def _start(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "edge", "--config", str(config_path)],
+        device_command(config_path),
         stdout=subprocess.DEVNULL,
         stderr=open(log, "ab"),
         env=env,

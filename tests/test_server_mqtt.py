@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 
-import broker_server
+from android_harness.processes import ServerProcess, server_command
 from broker_server.handlers import CacheService
 from broker_server.mqtt_server import CacheServer
 from fedwire import (
@@ -37,7 +34,6 @@ from fedwire import (
 )
 from fedwire.mosquitto import MosquittoBroker
 from fedwire.mqtt import BrokerAddress, connect_persistent, make_client
-from fedwire.topics import SERVER_STATUS
 
 CLASSES = 4
 HASH_BITS = 64
@@ -200,46 +196,9 @@ def test_round_trip_and_bad_messages_get_error_replies(broker: MosquittoBroker, 
         alice.close()
 
 
-def _start_server_process(address: BrokerAddress, data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
-    main = Path(broker_server.__file__).parent / "main.py"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(main),
-            "--broker",
-            address.url,
-            "--data-dir",
-            str(data_dir),
-            "--metrics-port",
-            "0",
-            "--client-id",
-            "durability-server",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(log, "ab"),  # noqa: SIM115
-    )
-    return process
-
-
-def _wait_online(address: BrokerAddress) -> None:
-    seen: queue.Queue[bytes] = queue.Queue()
-    client = make_client(client_id=f"status-{time.time_ns()}")
-    client.on_message = lambda _c, _u, m: seen.put(bytes(m.payload))
-    client.on_connect = lambda c, *_: c.subscribe(SERVER_STATUS, qos=1)
-    client.connect(address.host, address.port)
-    client.loop_start()
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if seen.get(timeout=1) == b"online":
-                    return
-            except queue.Empty:
-                continue
-        raise TimeoutError("server never came online")
-    finally:
-        client.disconnect()
-        client.loop_stop()
+def _server_process(address: BrokerAddress, tmp_path: Path) -> ServerProcess:
+    command = server_command(broker=address, data_dir=tmp_path / "server", client_id="durability-server")
+    return ServerProcess(command=command, broker=address, log=tmp_path / "server.log")
 
 
 def test_acknowledged_updates_survive_kill_9(tmp_path: Path) -> None:
@@ -247,8 +206,7 @@ def test_acknowledged_updates_survive_kill_9(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     with MosquittoBroker(data_dir=tmp_path / "broker") as own_broker:
         address = own_broker.address
-        process = _start_server_process(address, tmp_path / "server", tmp_path / "server.log")
-        _wait_online(address)
+        server = _server_process(address, tmp_path).start()
         dev = RawDevice(address, "bob")
         try:
             assert isinstance(_hello(dev, 64), HelloAck)
@@ -270,15 +228,13 @@ def test_acknowledged_updates_survive_kill_9(tmp_path: Path) -> None:
                 assert isinstance(ack, UpdateAck) and ack.applied == 8
                 for i, row in zip(ids, logits, strict=True):
                     acknowledged[int(i)] = row
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            process = _start_server_process(address, tmp_path / "server", tmp_path / "server.log")
-            _wait_online(address)
+            server.kill()
+            server = _server_process(address, tmp_path).start()
             # Replay against a direct reading of the restarted server's durable state.
             hello = _hello(dev, 64)
             assert isinstance(hello, HelloAck) and hello.registered == 64
-            process.send_signal(signal.SIGINT)
-            assert process.wait(timeout=20) == 0
+            server.stop(timeout=20)
+            assert server.returncode == 0
             with CacheService.open(tmp_path / "server" / "state", neighbours=4) as service:
                 rows = service.cache.rows_of("bob", np.array(sorted(acknowledged), dtype=np.uint32))
                 stored = service.cache.knowledge[rows]
@@ -286,8 +242,7 @@ def test_acknowledged_updates_survive_kill_9(tmp_path: Path) -> None:
                 np.testing.assert_array_equal(stored, expected)
         finally:
             dev.close()
-            if process.poll() is None:
-                process.kill()
+            server.stop()
 
 
 def _serving(address: BrokerAddress, client_id: str) -> CacheServer:
