@@ -40,6 +40,10 @@ def _mistyped(where: str, key: str, wanted: str, value: Any) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_SCHEMA, f"{where}.{key} must be {wanted}, got {type(value).__name__}")
 
 
+# The Python type msgpack decodes each wire type to (booleans are not integers: `type(x) is int` is exact).
+_DECODED_AS: dict[str, type] = {"int": int, "str": str, "bin": bytes, "array": list, "map": dict}
+
+
 class Field(ABC):
     """One entry of a msgpack map: its wire `key`, the attribute it decodes to, and its msgpack type."""
 
@@ -55,6 +59,16 @@ class Field(ABC):
     @abstractmethod
     def unpack(self, raw: Mapping[str, Any], out: Values, *, where: str) -> None:
         """Validate raw[key] and store what it means in out; raise ProtocolError otherwise."""
+
+    def _take(self, raw: Mapping[str, Any], *, where: str, typed: bool = True) -> Any:
+        """raw[key], which must be present and (when `typed`) of this field's msgpack type: else bad_schema."""
+        try:
+            value = raw[self.key]
+        except KeyError:
+            raise _missing(where, self.key) from None
+        if typed and type(value) is not _DECODED_AS[self.wire_type]:
+            raise _mistyped(where, self.key, self.wire_type, value)
+        return value
 
     @abstractmethod
     def emit(self, source: Any, body: dict[str, Any]) -> None:
@@ -108,12 +122,7 @@ class Int(Field):
         return type(value) is int and self.low <= value <= self.high
 
     def unpack(self, raw: Mapping[str, Any], out: Values, *, where: str) -> None:
-        try:
-            value = raw[self.key]
-        except KeyError:
-            raise _missing(where, self.key) from None
-        if type(value) is not int:
-            raise _mistyped(where, self.key, "int", value)
+        value = self._take(raw, where=where)
         if not self.low <= value <= self.high:
             raise ProtocolError(self.code, f"{where}.{self.key}={value} outside [{self.low}, {self.high}]")
         out[self.attr] = value
@@ -133,12 +142,7 @@ class Text(Field):
         self.key, self.attr, self.max_len, self.pattern = key, attr or key, max_len, pattern
 
     def unpack(self, raw: Mapping[str, Any], out: Values, *, where: str) -> None:
-        try:
-            value = raw[self.key]
-        except KeyError:
-            raise _missing(where, self.key) from None
-        if type(value) is not str:
-            raise _mistyped(where, self.key, "str", value)
+        value = self._take(raw, where=where)
         if self.max_len is not None and len(value) > self.max_len:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"{where}.{self.key} is longer than {self.max_len}")
         if self.pattern is not None and not self.pattern.match(value):
@@ -159,12 +163,7 @@ class Choice(Field):
         self._members: dict[str, StrEnum] = {member.value: member for member in enum}
 
     def unpack(self, raw: Mapping[str, Any], out: Values, *, where: str) -> None:
-        try:
-            value = raw[self.key]
-        except KeyError:
-            raise _missing(where, self.key) from None
-        if type(value) is not str:
-            raise _mistyped(where, self.key, "str", value)
+        value = self._take(raw, where=where)
         member = self._members.get(value)
         if member is None:
             allowed = ", ".join(self._members)
@@ -184,12 +183,7 @@ class Tags(Field):
         self.key, self.attr, self.max_items, self.max_len = key, attr or key, max_items, max_len
 
     def unpack(self, raw: Mapping[str, Any], out: Values, *, where: str) -> None:
-        try:
-            value = raw[self.key]
-        except KeyError:
-            raise _missing(where, self.key) from None
-        if type(value) is not list:
-            raise _mistyped(where, self.key, "array", value)
+        value = self._take(raw, where=where)
         if len(value) > self.max_items or not all(type(tag) is str and len(tag) <= self.max_len for tag in value):
             raise ProtocolError(
                 ErrorCode.BAD_SCHEMA, f"{where}.{self.key} must be at most {self.max_items} str of {self.max_len}"
@@ -232,12 +226,7 @@ class Array(Field):
 
     def array(self, raw: Mapping[str, Any], out: Mapping[str, Any], *, where: str) -> np.ndarray:
         """The validated array raw[key] holds."""
-        try:
-            data = raw[self.key]
-        except KeyError:
-            raise _missing(where, self.key) from None
-        if type(data) is not bytes:
-            raise _mistyped(where, self.key, "bin", data)
+        data = self._take(raw, where=where)
         itemsize = self.dtype.itemsize
         if self.shape is None:
             if len(data) % itemsize:
@@ -313,10 +302,7 @@ class Logits(Field):
         return (self.encoding, self.rows, self.cols, self.data[LogitEncoding.FLOAT32], self.scales)
 
     def unpack(self, raw: Mapping[str, Any], out: Values, *, where: str) -> None:
-        try:
-            block = raw[self.key]
-        except KeyError:
-            raise _missing(where, self.key) from None
+        block = self._take(raw, where=where, typed=False)  # read() says what a block must be
         out[self.attr], out[self.encoding_attr] = self.read(block, f"{where}.{self.key}")
 
     def read(self, block: Any, where: str) -> tuple[np.ndarray, LogitEncoding]:
