@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from tqdm import tqdm
 
 from android_harness.faults import FaultDriver, FaultPlan, Processes, check_invariants, check_knowledge_flow
 from android_harness.netns import NetnsLab, netns_unavailable_reason
@@ -27,6 +26,7 @@ from android_harness.processes import (
     kill_process,
     server_command,
 )
+from android_harness.progress import progress_bar
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_to_toml
 from edge.state import EXIT_UNDELIVERED, read_last_report, read_progress
 from fedwire import HashKind, LogitEncoding
@@ -467,7 +467,8 @@ def _follow(
     deadline = time.monotonic() + settings.timeout_s
     on_time = [d for i, d in enumerate(collector.devices) if settings.start_delay(i) <= 0]
     origin: float | None = None
-    with tqdm(total=total, desc=f"{settings.algorithm} device-epochs", unit="ep", disable=not progress) as bar:
+    bar = progress_bar(total=total, desc=f"{settings.algorithm} device-epochs", enabled=progress)
+    try:
         while not collector.all_done():
             time.sleep(0.5)
             elapsed = time.monotonic() - collector.started
@@ -501,3 +502,5 @@ def _follow(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"trial did not finish within {settings.timeout_s} s")
         bar.update(collector.epochs_done() - bar.n)
+    finally:
+        bar.close()
