@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 MOSQUITTO_BINARIES = ("mosquitto", "/usr/sbin/mosquitto")
 START_TIMEOUT_S = 10.0
+# How often start() looks whether the broker listens yet, while it waits on the process's exit.
+LISTEN_CHECK_S = 0.05
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -165,15 +167,18 @@ class MosquittoBroker:
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                if "Address already in use" in err:  # taken between our check and its bind
-                    raise PortInUseError(host=self.bind, port=self.port, holder=port_holder(self.port))
-                raise RuntimeError(f"mosquitto exited with {self.process.returncode}: {err.strip()}")
             if self._listening():
                 log.info("mosquitto pid %d listening on %s", self.process.pid, self.address.url)
                 return self
-            time.sleep(0.05)
+            # Mosquitto signals nothing when it listens; its exit is the event worth waking up for at once.
+            try:
+                self.process.wait(timeout=LISTEN_CHECK_S)
+            except subprocess.TimeoutExpired:
+                continue
+            err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+            if "Address already in use" in err:  # taken between our check and its bind
+                raise PortInUseError(host=self.bind, port=self.port, holder=port_holder(self.port))
+            raise RuntimeError(f"mosquitto exited with {self.process.returncode}: {err.strip()}")
         self.stop()
         raise TimeoutError(f"mosquitto did not listen on port {self.port} within {START_TIMEOUT_S} s")
 
