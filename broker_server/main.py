@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from fedwire.mosquitto import PortInUseError
+    from fedwire.mosquitto import MosquittoBroker, PortInUseError
+    from fedwire.mqtt import BrokerAddress, Credentials
 
 # Run as a script, Python puts this directory first on sys.path, where its module names (cache, metrics, ...)
 # could shadow installed packages; the package itself is importable from the project install.
@@ -22,8 +23,12 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 DEFAULT_DATA_DIR = Path("fedcache-data")
 DEFAULT_LISTEN_PORT = 1883
+DEFAULT_TLS_PORT = 8883
+DEFAULT_CERT_PORT = 8884
 DEFAULT_METRICS_PORT = 9464
 EXIT_PORT_IN_USE = 3
+EXIT_USAGE = 2
+LOOPBACK_BINDS = ("127.0.0.1", "localhost", "::1")
 
 
 class JsonFormatter(logging.Formatter):
@@ -61,8 +66,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--bind",
         default="127.0.0.1",
-        help="address the private Mosquitto listens on; 0.0.0.0 to let devices on the network connect",
+        help="address the private Mosquitto listens on; 0.0.0.0 to let devices on the network connect (then "
+        "it requires TLS and per-device credentials: see --insecure and docs/security.md)",
     )
+    security = parser.add_argument_group(
+        "security",
+        "Beyond loopback the private broker is secure: TLS with passwords on --tls-port, TLS with client "
+        "certificates on --cert-port, per-device ACLs, and a plaintext listener on 127.0.0.1 only (authenticated). "
+        "Its CA, certificates and credentials live in DATA_DIR/security; devices get theirs from "
+        "`python -m android_harness provision`.",
+    )
+    security.add_argument("--secure", action="store_true", help="secure even when listening on loopback only")
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="listen beyond loopback without TLS or authentication: anyone on the network can read and write "
+        "every device's knowledge",
+    )
+    security.add_argument("--tls-port", type=int, default=DEFAULT_TLS_PORT, help="TLS port for password devices")
+    security.add_argument(
+        "--cert-port", type=int, default=DEFAULT_CERT_PORT, help="TLS port for certificate devices (-1: none)"
+    )
+    security.add_argument(
+        "--hostname",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name or address devices use to reach the broker, added to its TLS certificate (repeatable)",
+    )
+    security.add_argument("--username", default="", help="with --broker: this server's username there")
+    security.add_argument("--password-file", default="", help="with --broker: file holding that user's password")
+    security.add_argument("--ca-file", default="", help="with an mqtts:// --broker: the CA that signed its certificate")
+    security.add_argument("--cert-file", default="", help="with an mqtts:// --broker: this server's client certificate")
+    security.add_argument("--key-file", default="", help="with --cert-file: its private key")
     parser.add_argument(
         "--data-dir",
         type=Path,
@@ -119,6 +155,51 @@ def port_in_use_message(exc: PortInUseError) -> str:
     )
 
 
+def _start_private_broker(args: argparse.Namespace, *, secure: bool) -> tuple[MosquittoBroker, Credentials | None]:
+    """The private Mosquitto; when secure, with its security directory and this server's own identity."""
+    from fedwire.dynsec import SERVER_ROLE
+    from fedwire.fleet import SECURITY_DIRNAME, SecurityDir
+    from fedwire.mosquitto import MosquittoBroker
+
+    data_dir = args.data_dir / "mosquitto"
+    if not secure:
+        return MosquittoBroker(data_dir=data_dir, port=args.listen_port, bind=args.bind).start(), None
+    hosts = [h for h in (args.bind, *args.hostname) if h not in ("0.0.0.0", "")]
+    if args.bind in ("0.0.0.0", ""):
+        hosts += _local_addresses()
+    security_dir = SecurityDir.ensure(args.data_dir / SECURITY_DIRNAME, hosts=hosts)
+    broker = MosquittoBroker(
+        data_dir=data_dir,
+        port=args.listen_port,
+        bind=args.bind,
+        security=security_dir.broker_security(tls_port=args.tls_port, cert_port=args.cert_port),
+    ).start()
+    try:
+        with security_dir.admin() as admin:
+            credentials = security_dir.ensure_service(admin, args.client_id, role=SERVER_ROLE)
+    except BaseException:
+        broker.stop()
+        raise
+    return broker, credentials
+
+
+def _local_addresses() -> list[str]:
+    """Every IPv4 address of this machine and its host name: what devices may use to reach a 0.0.0.0 broker."""
+    import socket
+
+    import psutil
+
+    addresses = [
+        a.address for nic in psutil.net_if_addrs().values() for a in nic if a.family == socket.AF_INET and a.address
+    ]
+    return [*addresses, socket.gethostname()]
+
+
+def _public(address: BrokerAddress, args: argparse.Namespace) -> str:
+    host = args.hostname[0] if args.hostname else address.host
+    return f"mqtts://{host}:{address.port}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["inspect"]:
@@ -129,18 +210,35 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     log = logging.getLogger("broker_server")
 
-    from fedwire.mosquitto import MosquittoBroker, PortInUseError, port_holder
-    from fedwire.mqtt import BrokerAddress
+    from fedwire.mosquitto import PortInUseError, port_holder
+    from fedwire.mqtt import BrokerAddress, Credentials
 
+    beyond_loopback = args.bind not in LOOPBACK_BINDS
+    if args.secure and args.insecure:
+        print("fedcache server: --secure and --insecure contradict each other", file=sys.stderr)
+        return EXIT_USAGE
+    secure = args.secure or (beyond_loopback and not args.insecure)
+    if beyond_loopback and args.insecure and not args.broker:
+        log.warning(
+            "INSECURE: the broker listens on %s without TLS or authentication; anyone who reaches it can read "
+            "and write every device's knowledge",
+            args.bind,
+        )
     args.data_dir.mkdir(parents=True, exist_ok=True)
     broker = None
+    credentials: Credentials | None = None
     if args.broker:
         address = BrokerAddress.parse(args.broker)
+        credentials = Credentials(
+            username=args.username,
+            password_file=args.password_file,
+            ca_file=args.ca_file,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
+        )
     else:
         try:
-            broker = MosquittoBroker(
-                data_dir=args.data_dir / "mosquitto", port=args.listen_port, bind=args.bind
-            ).start()
+            broker, credentials = _start_private_broker(args, secure=secure)
         except PortInUseError as exc:
             print(port_in_use_message(exc), file=sys.stderr)
             return EXIT_PORT_IN_USE
@@ -180,9 +278,18 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return EXIT_PORT_IN_USE
             log.info("metrics on http://127.0.0.1:%d/metrics", args.metrics_port)
-        server = CacheServer(service=service, address=address, client_id=args.client_id, metrics=metrics)
+        server = CacheServer(
+            service=service, address=address, client_id=args.client_id, metrics=metrics, credentials=credentials
+        )
         server.start()
-        log.info("ready: devices connect to %s", address.url)
+        if broker is not None and broker.security is not None:
+            log.info(
+                "ready: devices connect to %s (password) or %s (certificate)",
+                _public(broker.tls_address, args),
+                _public(broker.cert_address, args) if broker.security.cert_port > 0 else "-",
+            )
+        else:
+            log.info("ready: devices connect to %s", address.url)
         stop.wait()
         log.info("shutting down")
     finally:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from broker_server.handlers import CacheService
 from broker_server.metrics import ServerMetrics
@@ -19,6 +20,7 @@ from fedwire.messages import Message, Request
 from fedwire.mqtt import (
     AcknowledgedPublisher,
     BrokerAddress,
+    Credentials,
     connect_persistent,
     end_session_properties,
     make_client,
@@ -44,6 +46,7 @@ class _Inbound:
     mid: int
     qos: int
     arrived: float
+    retained: bool = False
 
 
 class CacheServer:
@@ -63,9 +66,11 @@ class CacheServer:
         client_id: str = "fedcache-server-0",
         share_group: str = SERVER_SHARE_GROUP,
         metrics: ServerMetrics | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self.service = service
         self.address = address
+        self.credentials = credentials
         self.share_group = share_group
         self.metrics = metrics or ServerMetrics()
         self._inbox: queue.Queue[_Inbound] = queue.Queue()
@@ -87,7 +92,7 @@ class CacheServer:
     def start(self, timeout: float = 30.0) -> None:
         """Connect with a persistent session (requests queue in the broker while we are down) and subscribe."""
         self._worker.start()
-        connect_persistent(self._client, self.address)
+        connect_persistent(self._client, self.address, credentials=self.credentials)
         self._client.loop_start()
         if not self._subscribed.wait(timeout):
             raise TimeoutError(f"could not subscribe on {self.address.url} within {timeout} s")
@@ -134,7 +139,11 @@ class CacheServer:
         if reason.is_failure:
             log.error("broker refused the server: %s", reason)
             return
-        client.subscribe(server_subscription(self.share_group), qos=DEFAULT_QOS)
+        # Retain handling 2: Mosquitto 2.0.11 hands a new share-group member the retained messages on the up tree,
+        # and a retained request (published once by anyone allowed on a device's up topic) would be handled again
+        # by every server that ever starts.
+        options = SubscribeOptions(qos=DEFAULT_QOS, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+        client.subscribe(server_subscription(self.share_group), options=options)
 
     def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, reasons: Any, _props: Any) -> None:
         if all(not r.is_failure for r in reasons):
@@ -143,7 +152,9 @@ class CacheServer:
             log.error("subscription refused: %s", reasons)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-        self._inbox.put(_Inbound(message.topic, bytes(message.payload), message.mid, message.qos, time.monotonic()))
+        self._inbox.put(
+            _Inbound(message.topic, bytes(message.payload), message.mid, message.qos, time.monotonic(), message.retain)
+        )
 
     # ------------------------------------------------------------ the worker
 
@@ -194,6 +205,11 @@ class CacheServer:
             log.warning("ignoring message on unexpected topic %s", item.topic)
             return None
         device, kind = parsed
+        if item.retained:
+            # Never acted on (see _on_connect); a device that wants an answer publishes without the retain flag.
+            log.warning("ignoring a retained %s on %s's topic", kind.value, device)
+            self.metrics.requests.labels(kind.value, "retained").inc()
+            return None
         self.metrics.bytes_in.labels(kind.value).inc(len(item.payload))
         self._last_seen[device] = item.arrived
         cid = 0  # what an error reply carries when the payload held no valid correlation id

@@ -9,6 +9,7 @@ from typing import Any
 
 from edge.backends import BACKENDS
 from fedwire import DEVICE_ID_PATTERN, HashKind, LogitEncoding, TeacherForm
+from fedwire.mqtt import BrokerAddress, Credentials
 
 # fd and fedavg are the comparison's baselines (edge/fd_client.py, edge/fedavg_client.py).
 ALGORITHMS = ("fedcache", "local", "fd", "fedavg")
@@ -64,6 +65,30 @@ class HashConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """How the device proves who it is (a provisioned bundle's files): a password file or a client certificate.
+
+    Paths are relative to the directory the device runs in, like every path of the config. With an
+    mqtts:// broker, `ca_file` is the project CA that signed the broker's certificate.
+    """
+
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def credentials(self) -> Credentials:
+        return Credentials(
+            username=self.username,
+            password_file=self.password_file,
+            ca_file=self.ca_file,
+            cert_file=self.cert_file,
+            key_file=self.key_file,
+        )
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     """Everything one device process needs."""
 
@@ -78,10 +103,15 @@ class DeviceConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hash: HashConfig = field(default_factory=HashConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         if not DEVICE_ID_PATTERN.match(self.id):
             raise ValueError(f"device id {self.id!r} must match [A-Za-z0-9_-]{{1,64}}")
+        address = BrokerAddress.parse(self.broker)  # a clear error for a bad URL at load time, not at connect
+        credentials = self.security.credentials()  # checks the pairs (certificate + key, username + password)
+        if credentials.cert_file and not address.tls:
+            raise ValueError(f"[security] cert_file needs an mqtts:// broker, not {self.broker}")
         if self.train.backend not in BACKENDS:
             raise ValueError(f"train.backend must be one of {BACKENDS}, got {self.train.backend!r}")
         if self.train.eval_backend not in EVAL_BACKENDS:
@@ -98,7 +128,12 @@ class DeviceConfig:
         return Path(self.state_dir)
 
 
-_SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "hash": HashConfig}
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "train": TrainConfig,
+    "hash": HashConfig,
+    "security": SecurityConfig,
+}
 _ENUM_FIELDS: dict[str, type] = {"logit_encoding": LogitEncoding, "teacher_form": TeacherForm, "kind": HashKind}
 
 
@@ -158,6 +193,7 @@ __all__ = [
     "DataConfig",
     "DeviceConfig",
     "HashConfig",
+    "SecurityConfig",
     "TrainConfig",
     "config_from_dict",
     "config_to_toml",

@@ -21,6 +21,7 @@ from fedwire.constants import DEFAULT_QOS
 from fedwire.mqtt import (
     AcknowledgedPublisher,
     BrokerAddress,
+    Credentials,
     connect_persistent,
     make_client,
     publish_packet_bytes,
@@ -67,9 +68,11 @@ class KnowledgeLink:
         device_id: str,
         address: BrokerAddress,
         on_reply: Callable[[Reply, int], None] | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self.device_id = device_id
         self.address = address
+        self.credentials = credentials
         self.on_reply = on_reply
         self._client = make_client(client_id=f"fedcache-device-{device_id}")
         self._client.on_connect = self._on_connect
@@ -98,7 +101,13 @@ class KnowledgeLink:
         With a timeout, wait that long for the first connection; without, return at once (a device
         that boots offline trains anyway).
         """
-        connect_persistent(self._client, self.address, keepalive=DEVICE_KEEPALIVE_S, asynchronous=True)
+        connect_persistent(
+            self._client,
+            self.address,
+            keepalive=DEVICE_KEEPALIVE_S,
+            asynchronous=True,
+            credentials=self.credentials,
+        )
         self._client.loop_start()
         if timeout is not None and not self._connected.wait(timeout):
             self.stop()

@@ -90,7 +90,11 @@ class DeviceRuntime:
             self.trainer.restore_checkpoint_state(checkpoint.trainer)
             self.position = checkpoint.position
             log.info("resuming at batch %d of %d from the checkpoint", self.position, len(self.schedule))
-        self.link = KnowledgeLink(device_id=config.id, address=BrokerAddress.parse(config.broker))
+        self.link = KnowledgeLink(
+            device_id=config.id,
+            address=BrokerAddress.parse(config.broker),
+            credentials=config.security.credentials(),
+        )
         self.algorithm: Algorithm = make_algorithm(
             DeviceParts(
                 config=config,

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import errno
 import getpass
+import json
 import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
 
+from fedwire.constants import MAX_PAYLOAD_BYTES
 from fedwire.mqtt import BrokerAddress
 
 if TYPE_CHECKING:
@@ -22,6 +27,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MOSQUITTO_BINARIES = ("mosquitto", "/usr/sbin/mosquitto")
+# The largest packet the broker takes: a payload at the wire's limit plus topic and properties. Bigger packets
+# are refused by the broker (DISCONNECT 0x95) and never reach the server. (`message_size_limit` would answer
+# with a PUBACK code that paho treats as a malformed packet.)
+MAX_PACKET_BYTES = MAX_PAYLOAD_BYTES + 64 * 1024
+LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 10.0
 # How often start() looks whether the broker listens yet, while it waits on the process's exit.
 LISTEN_CHECK_S = 0.05
@@ -86,18 +96,80 @@ def mosquitto_binary() -> str:
     raise FileNotFoundError("mosquitto is not installed: run `make setup` (apt-get install -y mosquitto)")
 
 
-def render_config(*, port: int, bind: str, data_dir: Path, persistence: bool, extra_binds: tuple[str, ...] = ()) -> str:
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """What makes a private broker secure: every client authenticated, ACLs per device, TLS off loopback.
+
+    Listeners: plaintext on loopback only (for the server on the same machine; authenticated all the same),
+    TLS with passwords on `tls_port`, and TLS with client certificates on `cert_port` (identity = the
+    certificate's CN, checked against `crl_file`). Every listener binds the client id to the authenticated
+    username, so no client can take over another's session. `run_file` tells tools which process to signal.
+    """
+
+    dynsec_config: Path
+    dynsec_plugin: str
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    crl_file: Path
+    run_file: Path
+    tls_port: int = 0  # 0: a free port
+    cert_port: int = 0  # 0: a free port; -1: no certificate listener
+
+
+def _listener_lines(port: int, address: str, *tls_lines: str) -> list[str]:
+    # `use_username_as_clientid` is a listener option in 2.0.11 even with per_listener_settings false: it has
+    # to follow every listener line (before the first one it silently creates a default listener on 1883).
+    return [f"listener {port} {address}", *tls_lines, "use_username_as_clientid true"]
+
+
+def _security_lines(security: BrokerSecurity, *, port: int, binds: tuple[str, ...]) -> list[str]:
+    server_tls = [
+        f"certfile {security.cert_file}",
+        f"keyfile {security.key_file}",
+        f"cafile {security.ca_file}",
+        "tls_version tlsv1.2",
+    ]
+    lines = [
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"plugin {security.dynsec_plugin}",
+        f"plugin_opt_config_file {security.dynsec_config}",
+        *_listener_lines(port, LOOPBACK),
+    ]
+    for address in binds:
+        lines += _listener_lines(security.tls_port, address, *server_tls)
+        if security.cert_port > 0:
+            lines += _listener_lines(
+                security.cert_port,
+                address,
+                *server_tls,
+                f"crlfile {security.crl_file}",
+                "require_certificate true",
+                "use_identity_as_username true",
+            )
+    return lines
+
+
+def render_config(
+    *,
+    port: int,
+    bind: str,
+    data_dir: Path,
+    persistence: bool,
+    extra_binds: tuple[str, ...] = (),
+    security: BrokerSecurity | None = None,
+) -> str:
     """mosquitto.conf text.
 
     - set_tcp_nodelay: without it request/reply runs at 12/s instead of ~2000/s.
     - max_queued_messages 0: the default of 1000 silently drops QoS 1 messages for a slow subscriber.
     - persistence + a user that can write the data dir: sessions and queued messages survive a restart.
+    - max_packet_size: oversized packets are refused at the broker.
     """
     lines = [
-        f"listener {port} {bind}",
-        *(f"listener {port} {address}" for address in extra_binds),
-        "allow_anonymous true",
         "set_tcp_nodelay true",
+        f"max_packet_size {MAX_PACKET_BYTES}",
         "max_queued_messages 0",
         "max_inflight_messages 1000",
         "persistent_client_expiration 14d",
@@ -111,7 +183,19 @@ def render_config(*, port: int, bind: str, data_dir: Path, persistence: bool, ex
     ]
     if persistence:
         lines += ["persistence true", f"persistence_location {data_dir}/", "autosave_interval 5"]
+    if security is None:
+        lines += ["allow_anonymous true", f"listener {port} {bind}", *(f"listener {port} {a}" for a in extra_binds)]
+    else:
+        lines += _security_lines(security, port=port, binds=(bind, *extra_binds))
     return "\n".join(lines) + "\n"
+
+
+def _with_free_ports(security: BrokerSecurity) -> BrokerSecurity:
+    return replace(
+        security,
+        tls_port=security.tls_port or free_port(),
+        cert_port=security.cert_port or free_port(),
+    )
 
 
 class MosquittoBroker:
@@ -125,18 +209,43 @@ class MosquittoBroker:
         bind: str = "127.0.0.1",
         persistence: bool = True,
         extra_binds: tuple[str, ...] = (),
+        security: BrokerSecurity | None = None,
     ):
         self.data_dir = Path(data_dir)
-        self.port = port or free_port(bind if bind != "0.0.0.0" else "127.0.0.1")
         self.bind = bind
         self.persistence = persistence
         self.extra_binds = extra_binds
+        self.security = security
+        plain_bind = LOOPBACK if security is not None else bind
+        self.port = port or free_port(plain_bind if plain_bind != "0.0.0.0" else LOOPBACK)
+        if security is not None:
+            self.security = security = _with_free_ports(security)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> BrokerAddress:
-        host = "127.0.0.1" if self.bind in ("0.0.0.0", "") else self.bind
+        """The plaintext listener: the broker's only one in an insecure set-up, loopback only in a secure one."""
+        host = LOOPBACK if self.bind in ("0.0.0.0", "") or self.security is not None else self.bind
         return BrokerAddress(host=host, port=self.port)
+
+    @property
+    def tls_address(self) -> BrokerAddress:
+        """The TLS listener for password clients (a secure broker only)."""
+        return BrokerAddress(host=self._tls_host, port=self._security().tls_port, tls=True)
+
+    @property
+    def cert_address(self) -> BrokerAddress:
+        """The TLS listener for certificate clients (a secure broker only)."""
+        return BrokerAddress(host=self._tls_host, port=self._security().cert_port, tls=True)
+
+    @property
+    def _tls_host(self) -> str:
+        return LOOPBACK if self.bind in ("0.0.0.0", "") else self.bind
+
+    def _security(self) -> BrokerSecurity:
+        if self.security is None:
+            raise RuntimeError("this broker was started without security: it has no TLS listener")
+        return self.security
 
     @property
     def config_path(self) -> Path:
@@ -148,8 +257,8 @@ class MosquittoBroker:
         Raises PortInUseError when another process holds the port: a client probe would otherwise find
         that process listening and take it for ours.
         """
-        for host in (self.bind, *self.extra_binds):
-            check_port_free(host, self.port)
+        for host, port in self._listeners():
+            check_port_free(host, port)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(
             render_config(
@@ -158,6 +267,7 @@ class MosquittoBroker:
                 data_dir=self.data_dir,
                 persistence=self.persistence,
                 extra_binds=self.extra_binds,
+                security=self.security,
             )
         )
         self.process = subprocess.Popen(
@@ -169,6 +279,8 @@ class MosquittoBroker:
         while time.monotonic() < deadline:
             if self._listening():
                 log.info("mosquitto pid %d listening on %s", self.process.pid, self.address.url)
+                if self.security is not None:
+                    self._write_run_file()
                 return self
             # Mosquitto signals nothing when it listens; its exit is the event worth waking up for at once.
             try:
@@ -191,8 +303,30 @@ class MosquittoBroker:
             return False
         return any(_listens_on(c, self.port) for c in connections)
 
+    def _listeners(self) -> list[tuple[str, int]]:
+        if self.security is None:
+            return [(host, self.port) for host in (self.bind, *self.extra_binds)]
+        tls_ports = [self.security.tls_port] + ([self.security.cert_port] if self.security.cert_port > 0 else [])
+        return [(LOOPBACK, self.port)] + [(h, p) for h in (self.bind, *self.extra_binds) for p in tls_ports]
+
+    def _write_run_file(self) -> None:
+        """Where tools find this broker: its pid (to reload certificates and the CRL) and its loopback port."""
+        assert self.process is not None and self.security is not None
+        info = {"pid": self.process.pid, "port": self.port, "config": str(self.config_path)}
+        temporary = self.security.run_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(info))
+        os.replace(temporary, self.security.run_file)
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto rereads certificates and the CRL (not listeners, not plugins), keeping every session."""
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError("the broker is not running")
+        os.kill(self.process.pid, signal.SIGHUP)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful stop (SIGTERM): Mosquitto writes its persistence file before it exits."""
+        if self.security is not None:
+            self.security.run_file.unlink(missing_ok=True)
         if self.process is None or self.process.poll() is not None:
             return
         self.process.terminate()

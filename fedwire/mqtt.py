@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -19,28 +21,84 @@ from fedwire.constants import DEFAULT_QOS, DEFAULT_SESSION_EXPIRY_S
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 1883
+DEFAULT_TLS_PORT = 8883
 KEEPALIVE_S = 30
+PLAIN_SCHEMES = ("mqtt", "tcp")
+TLS_SCHEMES = ("mqtts", "ssl", "tls")
 
 
 @dataclass(frozen=True)
 class BrokerAddress:
-    """Where a broker listens, parsed from `mqtt://host:port`."""
+    """Where a broker listens and whether over TLS, parsed from `mqtt://host:port` or `mqtts://host:port`."""
 
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
         parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-        if parsed.scheme not in ("mqtt", "tcp"):
-            raise ValueError(f"unsupported broker URL scheme '{parsed.scheme}' in {url!r} (use mqtt://host:port)")
+        if parsed.scheme not in PLAIN_SCHEMES + TLS_SCHEMES:
+            raise ValueError(
+                f"unsupported broker URL scheme '{parsed.scheme}' in {url!r} (use mqtt://host:port or mqtts://host:port)"
+            )
         if not parsed.hostname:
             raise ValueError(f"broker URL {url!r} has no host")
-        return cls(host=parsed.hostname, port=parsed.port or DEFAULT_PORT)
+        if parsed.username or parsed.password:
+            raise ValueError(f"broker URL {url!r} carries credentials: give them in a file, never in a URL")
+        tls = parsed.scheme in TLS_SCHEMES
+        return cls(host=parsed.hostname, port=parsed.port or (DEFAULT_TLS_PORT if tls else DEFAULT_PORT), tls=tls)
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Who a client is to the broker, and which CA it trusts: every secret stays in a file, never in an argument.
+
+    A password device gives `username` and `password_file`; a certificate device gives `cert_file` and
+    `key_file` (the broker takes its identity from the certificate's CN). `ca_file` is the project CA that
+    signed the broker's certificate; without it a TLS client trusts the system's CAs.
+    """
+
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("a client certificate needs both cert_file and key_file")
+        if self.password_file and not self.username:
+            raise ValueError("password_file given without a username")
+
+    @property
+    def empty(self) -> bool:
+        return not (self.username or self.password_file or self.ca_file or self.cert_file)
+
+    def password(self) -> str | None:
+        """The password, read from its file at connect time (files are 0600; the value is never logged)."""
+        if not self.password_file:
+            return None
+        return Path(self.password_file).read_text().strip()
+
+
+def apply_credentials(client: mqtt.Client, address: BrokerAddress, credentials: Credentials | None) -> None:
+    """Set username/password and, for an mqtts:// address, TLS (verifying the broker against the CA file)."""
+    credentials = credentials or Credentials()
+    if credentials.username:
+        client.username_pw_set(credentials.username, credentials.password())
+    if address.tls:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=credentials.ca_file or None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if credentials.cert_file:
+            context.load_cert_chain(credentials.cert_file, credentials.key_file)
+        client.tls_set_context(context)
+    elif credentials.cert_file:
+        raise ValueError(f"a client certificate needs a TLS broker URL (mqtts://), not {address.url}")
 
 
 def _disable_nagle(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
@@ -143,11 +201,13 @@ def connect_persistent(
     session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
     keepalive: int = KEEPALIVE_S,
     asynchronous: bool = False,
+    credentials: Credentials | None = None,
 ) -> None:
     """Connect with clean_start=False on every connect, so queued replies survive disconnects and broker restarts.
 
     `asynchronous` returns at once and lets paho's loop connect (and keep retrying) in the background.
     """
+    apply_credentials(client, address, credentials)
     connect = client.connect_async if asynchronous else client.connect
     connect(
         address.host,
