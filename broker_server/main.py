@@ -196,7 +196,10 @@ def _local_addresses() -> list[str]:
 
 
 def _public(address: BrokerAddress, args: argparse.Namespace) -> str:
-    host = args.hostname[0] if args.hostname else address.host
+    """The URL to give devices: the first --hostname, else this machine's name when listening on every address."""
+    import socket
+
+    host = args.hostname[0] if args.hostname else socket.gethostname() if args.bind in ("0.0.0.0", "") else address.host
     return f"mqtts://{host}:{address.port}"
 
 
