@@ -190,6 +190,16 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
+def _check_no_other_broker(run_file: Path) -> None:
+    """Two brokers on one security directory would overwrite each other's plugin config: refuse the second."""
+    try:
+        pid = int(json.loads(run_file.read_text())["pid"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return
+    if psutil.pid_exists(pid) and pid != os.getpid():
+        raise RuntimeError(f"another broker (pid {pid}) serves this security directory ({run_file.parent})")
+
+
 def _with_free_ports(security: BrokerSecurity) -> BrokerSecurity:
     return replace(
         security,
@@ -257,6 +267,8 @@ class MosquittoBroker:
         Raises PortInUseError when another process holds the port: a client probe would otherwise find
         that process listening and take it for ours.
         """
+        if self.security is not None:
+            _check_no_other_broker(self.security.run_file)
         for host, port in self._listeners():
             check_port_free(host, port)
         self.data_dir.mkdir(parents=True, exist_ok=True)
