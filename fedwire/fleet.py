@@ -14,8 +14,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from fedwire.constants import DEVICE_ID_PATTERN, SERVER_SHARE_GROUP
 from fedwire.dynsec import (
     DEVICE_ROLE_PREFIX,
@@ -29,7 +27,7 @@ from fedwire.dynsec import (
     plugin_path,
     server_acls,
 )
-from fedwire.mosquitto import LOOPBACK, BrokerSecurity, MosquittoBroker
+from fedwire.mosquitto import LOOPBACK, BrokerSecurity, MosquittoBroker, is_mosquitto
 from fedwire.mqtt import BrokerAddress, Credentials
 from fedwire.pki import (
     ensure_ca,
@@ -159,7 +157,7 @@ class SecurityDir:
             info: dict[str, Any] = json.loads(self.run_file.read_text())
         except (FileNotFoundError, ValueError):
             return None
-        return info if psutil.pid_exists(int(info["pid"])) else None
+        return info if is_mosquitto(int(info["pid"])) else None
 
     @contextmanager
     def admin(self) -> Iterator[DynsecAdmin]:

@@ -190,13 +190,21 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
+def is_mosquitto(pid: int) -> bool:
+    """Whether `pid` is a live Mosquitto process (a stale run file's pid may belong to anything by now)."""
+    try:
+        return psutil.Process(pid).name() == "mosquitto"
+    except psutil.Error:
+        return False
+
+
 def _check_no_other_broker(run_file: Path) -> None:
     """Two brokers on one security directory would overwrite each other's plugin config: refuse the second."""
     try:
         pid = int(json.loads(run_file.read_text())["pid"])
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return
-    if psutil.pid_exists(pid) and pid != os.getpid():
+    if is_mosquitto(pid):
         raise RuntimeError(f"another broker (pid {pid}) serves this security directory ({run_file.parent})")
 
 
