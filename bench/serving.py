@@ -10,10 +10,21 @@ and CPU and RSS of the server (psutil on its PID), of Mosquitto and of the load 
 raw Mosquitto QoS 1 rate, one paho publisher to one subscriber through the same broker: every request
 costs the broker two such messages (request in, reply out), so that rate bounds what any server can do.
 
+`--tls` measures the same steps twice in one run: on the plain broker above, then on a secure one
+(`fedwire.fleet`: dynamic-security plugin, per-device roles), where every simulated device is provisioned
+with a password (timed, one admin session) and connects over TLS to `broker.tls_address`, the server
+connects with its own identity to the authenticated loopback listener (as `broker_server/main.py` does on a
+secure private broker) and the raw baseline runs over TLS too. Per mode it reports the time from socket
+connect to CONNACK per device, bytes per request (device side from the kernel's TCP_INFO counters of every
+device socket, so TLS records are included; and Mosquitto's own `$SYS/broker/bytes/*` counters, which count
+MQTT packets, read by a bench observer identity allowed `$SYS/#`), server and Mosquitto CPU per request,
+and TLS/plain ratios. `--modes plain auth tls` adds devices authenticated over loopback plaintext (the
+plugin's cost without TLS's).
+
 Everything is loopback, bounded in message count and time, and stops by itself; the broker, server and
 load-generator processes are ended by their PIDs.
 
-    python -m bench serving [--quick] [--devices 10 100 1000] [--duration 20]
+    python -m bench serving [--quick] [--devices 10 100 1000] [--duration 20] [--tls | --modes plain auth tls]
 """
 
 from __future__ import annotations
@@ -22,14 +33,20 @@ import argparse
 import contextlib
 import multiprocessing as mp
 import os
+import secrets
 import selectors
 import signal
+import socket
+import ssl
+import struct
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -57,8 +74,11 @@ from fedwire import (
     encode,
     up_topic,
 )
+from fedwire.dynsec import SERVER_ROLE, DynsecAdmin
+from fedwire.fleet import SecurityDir
 from fedwire.mosquitto import MosquittoBroker
-from fedwire.mqtt import BrokerAddress, connect_persistent, make_client
+from fedwire.mqtt import BrokerAddress, Credentials, apply_credentials, connect_persistent, make_client
+from fedwire.topics import SERVER_STATUS
 
 CLASSES = 10
 HASH_BITS = 256
@@ -67,8 +87,67 @@ RAW_TOPIC = "bench/raw"
 STEP_TIMEOUT_S = 180.0  # registration or warm-up of one device count must finish within this
 DRAIN_S = 15.0  # after the timed window, how long devices wait for their last replies
 SERVER_START_S = 60.0
+MODES = ("plain", "auth", "tls")  # devices: anonymous plaintext | password over loopback plaintext | password over TLS
+SECURE_SERVER_ID = "fedcache-server-bench"  # username = client id on a secure broker
+OBSERVER_ID = "fedcache-bench-observer"
+RAW_IDS = ("fedcache-bench-raw-pub", "fedcache-bench-raw-sub")
+SYS_BYTES = ("$SYS/broker/bytes/received", "$SYS/broker/bytes/sent")
+SYS_PUBLISH_RECEIVED = "$SYS/broker/publish/messages/received"
+SYS_TOPICS = (*SYS_BYTES, SYS_PUBLISH_RECEIVED)
+# struct tcp_info (linux/tcp.h): tcpi_segs_out, tcpi_segs_in (u32) at 136; tcpi_bytes_acked, tcpi_bytes_received (u64)
+# at 120. Linux 4.2 and later.
+TCP_INFO_LEN = 144
+IPV4_TCP_HEADER_BYTES = 52  # 20 B IPv4 + 20 B TCP + 12 B timestamp option, per segment (no link layer)
 
 # --------------------------------------------------------------------------- load generator (worker side)
+
+
+@dataclass(frozen=True)
+class TcpCounters:
+    """A TCP socket's counters from the kernel (TCP_INFO): payload bytes and segments (pure ACKs included) both ways.
+
+    Counted below TLS, so a TLS connection's figures include its records' headers, nonces and tags.
+    """
+
+    bytes_sent: int = 0  # tcpi_bytes_acked: sent and acknowledged (1 more for the SYN)
+    bytes_received: int = 0
+    segments_out: int = 0
+    segments_in: int = 0
+
+    @classmethod
+    def parse(cls, info: bytes) -> TcpCounters:
+        acked, received = struct.unpack_from("<QQ", info, 120)
+        segments_out, segments_in = struct.unpack_from("<II", info, 136)
+        return cls(bytes_sent=acked, bytes_received=received, segments_out=segments_out, segments_in=segments_in)
+
+    @classmethod
+    def of(cls, sock: Any) -> TcpCounters:
+        """The counters of a socket (an SSL socket's underlying TCP one alike)."""
+        return cls.parse(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN))
+
+    def __add__(self, other: TcpCounters) -> TcpCounters:
+        return TcpCounters(*(a + b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def __sub__(self, other: TcpCounters) -> TcpCounters:
+        return TcpCounters(*(a - b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def astuple(self) -> tuple[int, int, int, int]:
+        return self.bytes_sent, self.bytes_received, self.segments_out, self.segments_in
+
+    @property
+    def wire_bytes(self) -> int:
+        """Payload both ways plus IPv4 and TCP headers of every segment."""
+        return self.bytes_sent + self.bytes_received + IPV4_TCP_HEADER_BYTES * (self.segments_out + self.segments_in)
+
+
+def tcp_totals(clients: Sequence[mqtt.Client]) -> TcpCounters:
+    """Sum of the TCP counters of the clients' connected sockets."""
+    total = TcpCounters()
+    for client in clients:
+        sock = client.socket()
+        if sock is not None:
+            total += TcpCounters.of(sock)
+    return total
 
 
 @dataclass(frozen=True)
@@ -84,6 +163,7 @@ class LoadSpec:
     encoding: LogitEncoding
     seed: int
     max_requests: int  # per device, so a run is bounded in messages as well as in time
+    credentials: tuple[Credentials, ...] = ()  # one per device on a secure broker; empty: anonymous
 
 
 @dataclass
@@ -101,6 +181,7 @@ class _Device:
     sent_kind: str = ""
     requests: int = 0
     subscribed: bool = False
+    connected_at: float = 0.0  # monotonic time of its CONNACK
     stage: str = "connect"  # connect -> hello -> register -> idle -> warm -> ready -> load -> done
 
 
@@ -116,6 +197,10 @@ class WorkerResult:
     late: int = 0  # replies after the window (drain)
     lost: int = 0  # requests never answered within the drain time
     last_reply: float = 0.0  # monotonic time of the last reply inside the window (the clock is system-wide)
+    handshake_s: list[float] = field(default_factory=list)  # per device: paho's connect() (TCP + TLS handshake)
+    connack_s: list[float] = field(default_factory=list)  # per device: socket connect to CONNACK
+    tcp: TcpCounters = TcpCounters()  # the devices' sockets over the timed window
+    tls: str = ""  # negotiated TLS version and cipher of the first device, "" over plaintext
 
 
 class _Loop:
@@ -140,7 +225,7 @@ class _Loop:
         for client in list(self.writers):
             client.loop_write()
         for key, _ in self.selector.select(timeout):
-            key.data.loop_read()
+            _read(key.data)
         now = time.monotonic()
         if now - self._last_misc > 1.0:
             self._last_misc = now
@@ -156,6 +241,16 @@ class _Loop:
         return True
 
 
+def _read(client: mqtt.Client) -> None:
+    """Read what the socket has; for TLS also what the SSL object already decrypted (select cannot see that)."""
+    client.loop_read()
+    for _ in range(64):
+        sock = client.socket()
+        pending = getattr(sock, "pending", None)
+        if pending is None or pending() <= 0 or client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+            return
+
+
 def _open_socket(loop: _Loop, previous: Any) -> Callable[[mqtt.Client, Any, Any], None]:
     def on_open(client: mqtt.Client, userdata: Any, sock: Any) -> None:
         if previous is not None:
@@ -163,6 +258,10 @@ def _open_socket(loop: _Loop, previous: Any) -> Callable[[mqtt.Client, Any, Any]
         loop.selector.register(sock, selectors.EVENT_READ, client)
 
     return on_open
+
+
+def _connected(device: _Device) -> bool:
+    return device.connected_at > 0
 
 
 def _synthetic_samples(spec: LoadSpec, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -251,12 +350,15 @@ def load_worker(spec: LoadSpec, control: Any, warm: Any, go: Any, window: Any) -
         device.subscribed = True
 
     def on_connect(client: mqtt.Client, device: _Device, _f: Any, reason: Any, _p: Any) -> None:
+        device.connected_at = time.monotonic()
         if reason.is_failure:
             raise RuntimeError(f"{device.name}: broker refused the connection: {reason}")
         client.subscribe(down_topic(device.name), qos=1)
 
-    for number, name in enumerate(spec.devices):
-        client = make_client(client_id=f"bench-{name}")
+    credentials = spec.credentials or (None,) * len(spec.devices)
+    for number, (name, identity) in enumerate(zip(spec.devices, credentials, strict=True)):
+        # On a secure broker the client id is the username (the broker enforces it).
+        client = make_client(client_id=name if identity is not None else f"bench-{name}")
         device = _Device(
             name=name, index=spec.first_index + number, client=client, ids=np.arange(spec.samples, dtype=np.uint32)
         )
@@ -266,8 +368,16 @@ def load_worker(spec: LoadSpec, control: Any, warm: Any, go: Any, window: Any) -
         client.on_message = on_message
         loop.attach(client)
         devices[name] = device
-        connect_persistent(client, spec.address)
-        loop.step(0)
+        # One device at a time, so that each one's time to CONNACK is its own (not its neighbours' handshakes).
+        started = time.monotonic()
+        connect_persistent(client, spec.address, credentials=identity)  # TCP connect and TLS handshake: blocking
+        result.handshake_s.append(time.monotonic() - started)
+        if not loop.run_until(partial(_connected, device), STEP_TIMEOUT_S):
+            raise TimeoutError(f"{name}: no CONNACK in time")
+        result.connack_s.append(device.connected_at - started)
+        sock = client.socket()
+        if not result.tls and isinstance(sock, ssl.SSLSocket):
+            result.tls = f"{sock.version()} {(sock.cipher() or ('?',))[0]}"
     everyone = list(devices.values())
     if not loop.run_until(lambda: all(d.subscribed for d in everyone), STEP_TIMEOUT_S):
         raise TimeoutError("devices did not connect and subscribe in time")
@@ -305,10 +415,12 @@ def load_worker(spec: LoadSpec, control: Any, warm: Any, go: Any, window: Any) -
         loop.step(0)
     state["start"], state["deadline"] = window[0], window[1]
     loop.run_until(lambda: time.monotonic() >= state["start"], 10.0)
+    tcp_before = tcp_totals([d.client for d in everyone])
     for device in everyone:
         device.stage = "load"
         send(device, next_request(device))
     loop.run_until(lambda: time.monotonic() > state["deadline"], state["deadline"] - time.monotonic() + 1.0)
+    result.tcp = tcp_totals([d.client for d in everyone]) - tcp_before
     loop.run_until(lambda: not outstanding, DRAIN_S)
     result.lost = len(outstanding)
     control.put(("result", result))
@@ -320,9 +432,13 @@ def load_worker(spec: LoadSpec, control: Any, warm: Any, go: Any, window: Any) -
 # --------------------------------------------------------------------------- raw Mosquitto rate
 
 
-def raw_publisher(address: BrokerAddress, messages: int, payload_bytes: int, done: Any) -> None:
+def raw_publisher(
+    address: BrokerAddress, messages: int, payload_bytes: int, done: Any, credentials: Credentials | None = None
+) -> None:
     """Publish `messages` QoS 1 messages as fast as paho lets one client, then wait for the last PUBACK."""
-    client = make_client(client_id=f"bench-raw-pub-{os.getpid()}", max_inflight=1000)
+    client_id = credentials.username if credentials else f"bench-raw-pub-{os.getpid()}"
+    client = make_client(client_id=client_id, max_inflight=1000)
+    apply_credentials(client, address, credentials)
     client.connect(address.host, address.port)
     client.loop_start()
     payload = bytes(payload_bytes)
@@ -349,8 +465,19 @@ class RawRate:
         return self.received / self.seconds if self.seconds > 0 else 0.0
 
 
-def measure_raw(address: BrokerAddress, *, messages: int, payload_bytes: int, timeout: float) -> RawRate:
-    """One paho publisher process -> this process subscribing, QoS 1 both ways; rate at the subscriber."""
+def measure_raw(
+    address: BrokerAddress,
+    *,
+    messages: int,
+    payload_bytes: int,
+    timeout: float,
+    credentials: tuple[Credentials, Credentials] | None = None,
+) -> RawRate:
+    """One paho publisher process -> this process subscribing, QoS 1 both ways; rate at the subscriber.
+
+    `credentials`: the publisher's and the subscriber's, on a secure broker.
+    """
+    publisher_identity, subscriber_identity = credentials or (None, None)
     received: list[float] = []
     subscribed = threading.Event()
     finished = threading.Event()
@@ -360,15 +487,19 @@ def measure_raw(address: BrokerAddress, *, messages: int, payload_bytes: int, ti
         if len(received) >= messages:
             finished.set()
 
-    client = make_client(client_id=f"bench-raw-sub-{os.getpid()}", max_inflight=1000)
+    client_id = subscriber_identity.username if subscriber_identity else f"bench-raw-sub-{os.getpid()}"
+    client = make_client(client_id=client_id, max_inflight=1000)
     client.on_message = on_message
     client.on_subscribe = lambda *_: subscribed.set()
     client.on_connect = lambda c, *_: c.subscribe(RAW_TOPIC, qos=1)
+    apply_credentials(client, address, subscriber_identity)
     client.connect(address.host, address.port)
     client.loop_start()
     ctx = mp.get_context("spawn")
     done = ctx.Event()
-    publisher = ctx.Process(target=raw_publisher, args=(address, messages, payload_bytes, done), daemon=True)
+    publisher = ctx.Process(
+        target=raw_publisher, args=(address, messages, payload_bytes, done, publisher_identity), daemon=True
+    )
     try:
         if not subscribed.wait(10):
             raise TimeoutError("raw subscriber could not subscribe")
@@ -410,6 +541,13 @@ class StepResult:
     server_rss_mb: float  # peak
     broker_cpu: float
     loadgen_cpu: float
+    window_s: float = 0.0  # the timed window the CPU percentages are over
+    provision_s: float = 0.0  # provisioning every device through one admin session (secure modes only)
+    handshake_ms: tuple[float, float] = (0.0, 0.0)  # p50, p99 of paho's connect(): TCP connect + TLS handshake
+    connack_ms: tuple[float, float] = (0.0, 0.0)  # p50, p99 from socket connect to CONNACK
+    tcp: TcpCounters = TcpCounters()  # the devices' sockets over the window (TLS records included)
+    sys_bytes: float | None = None  # per request, Mosquitto's $SYS counters: MQTT bytes in + out, both legs
+    tls: str = ""  # negotiated TLS version and cipher
 
     @property
     def samples_per_s(self) -> float:
@@ -418,6 +556,13 @@ class StepResult:
     @property
     def requests_per_s(self) -> float:
         return self.requests / self.duration_s
+
+    def per_request(self, count: int) -> float:
+        return count / self.requests if self.requests else 0.0
+
+    def cpu_us_per_request(self, percent: float) -> float:
+        """CPU time per request in µs, from a CPU percentage over the timed window."""
+        return percent / 100.0 * self.window_s / self.requests * 1e6 if self.requests else 0.0
 
 
 class _Sampler:
@@ -447,6 +592,85 @@ class _Sampler:
             self._stop.wait(self._every)
 
 
+class _Observer:
+    """A bench client reading Mosquitto's $SYS counters and the server status.
+
+    Mosquitto publishes a counter every ~2 s with `sys_interval 1` (its check is strict), and only when it changed.
+    On a secure broker the observer needs its own identity with a role that may read `$SYS/#` (`bench_identities`).
+    """
+
+    def __init__(self, address: BrokerAddress, credentials: Credentials | None) -> None:
+        self.online = threading.Event()
+        self._history: dict[str, list[tuple[float, int]]] = {topic: [] for topic in SYS_TOPICS}
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self._refused: list[str] = []
+        self._client = make_client(client_id=credentials.username if credentials else f"bench-observer-{os.getpid()}")
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in (*SYS_TOPICS, SERVER_STATUS)])
+        apply_credentials(self._client, address, credentials)
+        self._client.connect(address.host, address.port)
+        self._client.loop_start()
+
+    def __enter__(self) -> _Observer:
+        if not self._subscribed.wait(10):
+            self.close()
+            raise TimeoutError("the bench observer could not subscribe to $SYS")
+        if self._refused:
+            self.close()
+            raise RuntimeError(f"the broker refused the bench observer's subscriptions: {self._refused}")
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, codes: Any, _p: Any) -> None:
+        self._refused = [str(code) for code in codes if getattr(code, "is_failure", False)]
+        self._subscribed.set()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == SERVER_STATUS:
+            (self.online.set if message.payload == b"online" else self.online.clear)()
+            return
+        with self._lock:
+            self._history[message.topic].append((time.monotonic(), int(float(message.payload))))
+
+    def snapshot(self) -> dict[str, list[tuple[float, int]]]:
+        with self._lock:
+            return {topic: list(values) for topic, values in self._history.items()}
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+@dataclass
+class _BenchServer(ServerProcess):
+    """The server process, its start awaited through the bench observer.
+
+    android_harness' own online probe connects anonymously, which a secure broker refuses.
+    """
+
+    observer: _Observer | None = None
+
+    def start(self, *, timeout: float = SERVER_START_S) -> _BenchServer:
+        if self.observer is None:
+            raise RuntimeError("no observer to see the server come online")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
+            )
+        deadline = time.monotonic() + timeout
+        while not self.observer.online.wait(0.2):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the cache server exited with {self.process.returncode} before going online")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the cache server was not online within {timeout:.0f} s")
+        return self
+
+
 def _cpu_seconds(processes: list[psutil.Process]) -> float:
     total = 0.0
     for process in processes:
@@ -456,6 +680,33 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
         except psutil.Error:
             pass
     return total
+
+
+def counter_delta(samples: Sequence[tuple[float, int]], start: float, end: float) -> int | None:
+    """Growth of a $SYS counter from its first value that arrived after `start` to its last before `end`.
+
+    Mosquitto publishes a counter every sys_interval, and only when it changed; None with fewer than two values.
+    """
+    inside = [value for at, value in samples if start <= at <= end]
+    return inside[-1] - inside[0] if len(inside) >= 2 else None
+
+
+def sys_bytes_per_request(history: dict[str, list[tuple[float, int]]], start: float, end: float) -> float | None:
+    """MQTT bytes the broker received and sent per request, from its own counters over [start, end].
+
+    Each request is two PUBLISHes into the broker (the device's request, the server's reply), so the count of
+    PUBLISHes received over the same ticks gives the requests: no need to align the broker's ticks with our clock.
+    """
+    received, sent, publishes = (counter_delta(history.get(t, []), start, end) for t in SYS_TOPICS)
+    if received is None or sent is None or not publishes:
+        return None
+    return (received + sent) / (publishes / 2)
+
+
+def _percentiles_ms(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return 0.0, 0.0
+    return float(np.percentile(values, 50) * 1e3), float(np.percentile(values, 99) * 1e3)
 
 
 def _collect(control: Any, tag: str, count: int, timeout: float, procs: list[Any]) -> list[Any]:
@@ -478,6 +729,11 @@ def _collect(control: Any, tag: str, count: int, timeout: float, procs: list[Any
     return out
 
 
+def device_names(devices: int) -> list[str]:
+    """The simulated devices of one step (also their usernames on a secure broker)."""
+    return [f"b{devices}-{i:04d}" for i in range(devices)]
+
+
 def run_step(
     address: BrokerAddress,
     *,
@@ -491,15 +747,22 @@ def run_step(
     max_requests: int,
     server: psutil.Process,
     broker: psutil.Process,
+    observer: _Observer,
+    credentials: Sequence[Credentials] = (),
+    provision_s: float = 0.0,
 ) -> StepResult:
-    """Register `devices` simulated devices, warm the relations, then load the server for `duration` seconds."""
+    """Register `devices` simulated devices, warm the relations, then load the server for `duration` seconds.
+
+    `credentials`: one per device (in `device_names` order) on a secure broker.
+    """
     ctx = mp.get_context("spawn")
     control = ctx.Queue()
     warm, go = ctx.Event(), ctx.Event()
     window = ctx.Array("d", 2)
-    names = [f"b{devices}-{i:04d}" for i in range(devices)]
+    names = device_names(devices)
     processes = max(1, min(processes, devices))
     parts = [names[i::processes] for i in range(processes)]
+    identities = [tuple(credentials[i::processes]) for i in range(processes)]
     firsts = [devices * 10 + i for i in range(processes)]
     specs = [
         LoadSpec(
@@ -512,8 +775,9 @@ def run_step(
             encoding=LogitEncoding.FLOAT16,
             seed=seed,
             max_requests=max(1, -(-max_requests // devices)),
+            credentials=identity,
         )
-        for part, first in zip(parts, firsts, strict=True)
+        for part, first, identity in zip(parts, firsts, identities, strict=True)
     ]
     procs = [ctx.Process(target=load_worker, args=(s, control, warm, go, window), daemon=True) for s in specs]
     for proc in procs:
@@ -532,6 +796,8 @@ def run_step(
             time.sleep(max(0.0, start + duration - time.monotonic()))
             after = (_cpu_seconds([server]), _cpu_seconds([broker]), _cpu_seconds(loadgen))
         results: list[WorkerResult] = _collect(control, "result", processes, DRAIN_S + 30, procs)
+        # Mosquitto's ticks come every ~2 s: the drain after the window adds ticks of the same requests.
+        sys_bytes = sys_bytes_per_request(observer.snapshot(), start, time.monotonic())
     finally:
         for proc in procs:
             proc.join(timeout=10)
@@ -546,13 +812,15 @@ def run_step(
     cpu = [100.0 * (a - b) / duration for a, b in zip(after, before, strict=True)]
     # A run stopped by --max-requests before its window ended is rated over the time it actually ran.
     active = min(duration, max((r.last_reply for r in results), default=start + duration) - start)
+    requests = sum(r.requests for r in results)
+    tcp = sum((r.tcp for r in results), TcpCounters())
     return StepResult(
         devices=devices,
         processes=processes,
         register_s=register_s,
         warm_s=warm_s,
         duration_s=max(active, 1e-9),
-        requests=sum(r.requests for r in results),
+        requests=requests,
         served=sum(r.served for r in results),
         teachers=sum(r.teachers for r in results),
         errors=sum(r.errors for r in results),
@@ -565,6 +833,13 @@ def run_step(
         server_rss_mb=sampler.peak / 2**20,
         broker_cpu=cpu[1],
         loadgen_cpu=cpu[2],
+        window_s=duration,
+        provision_s=provision_s,
+        handshake_ms=_percentiles_ms([t for r in results for t in r.handshake_s]),
+        connack_ms=_percentiles_ms([t for r in results for t in r.connack_s]),
+        tcp=tcp,
+        sys_bytes=sys_bytes,
+        tls=next((r.tls for r in results if r.tls), ""),
     )
 
 
@@ -612,6 +887,187 @@ def format_steps(steps: list[StepResult], raw: RawRate) -> str:
     return markdown_table(headers, rows)
 
 
+@dataclass(frozen=True)
+class ModeResult:
+    """One broker set-up's figures: its raw baseline and every device count."""
+
+    mode: str
+    raw: RawRate
+    steps: list[StepResult]
+    security_s: float = 0.0  # SecurityDir.ensure: CA, broker certificate, plugin config
+
+
+def _write_password(path: Path) -> str:
+    password = secrets.token_urlsafe(16)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(password + "\n")
+    return password
+
+
+def _allow(topic: str, *kinds: str) -> list[dict[str, Any]]:
+    return [{"acltype": kind, "topic": topic, "allow": True} for kind in kinds]
+
+
+def bench_identities(sd: SecurityDir, admin: DynsecAdmin, *, secrets_dir: Path) -> dict[str, Credentials]:
+    """The server's identity (made as `broker_server/main.py` makes it on a secure private broker) and the bench's
+    own: an observer that may read `$SYS/#` and the server status, and the raw baseline's publisher and subscriber."""
+    read = ("subscribePattern", "publishClientReceive")
+    roles = {
+        OBSERVER_ID: [*_allow("$SYS/#", *read), *_allow(SERVER_STATUS, *read)],
+        RAW_IDS[0]: _allow(RAW_TOPIC, "publishClientSend"),
+        RAW_IDS[1]: _allow(RAW_TOPIC, *read),
+    }
+    identities = {SECURE_SERVER_ID: sd.ensure_service(admin, SECURE_SERVER_ID, role=SERVER_ROLE)}
+    for username, acls in roles.items():
+        admin.ensure_role(username, acls)
+        password = _write_password(secrets_dir / f"{username}.password")
+        admin.ensure_client_with(username=username, role=username, password=password)
+        identities[username] = Credentials(
+            username=username, password_file=str(secrets_dir / f"{username}.password"), ca_file=str(sd.ca_file)
+        )
+    return identities
+
+
+def provision_devices(
+    sd: SecurityDir, admin: DynsecAdmin, names: list[str], *, out: Path
+) -> tuple[list[Credentials], float]:
+    """Password credentials for every device through one admin session, and how long that took."""
+    started = time.monotonic()
+    credentials = [sd.provision(admin, name, auth="password", out=out / name).credentials for name in names]
+    return credentials, time.monotonic() - started
+
+
+@contextlib.contextmanager
+def _admin_session(sd: SecurityDir | None) -> Iterator[DynsecAdmin | None]:
+    if sd is None:
+        yield None
+        return
+    with sd.admin() as admin:
+        yield admin
+
+
+def run_mode(
+    mode: str, *, root: Path, args: argparse.Namespace, device_counts: list[int], duration: float, raw_messages: int
+) -> ModeResult:
+    """One broker set-up (plain, auth or tls, see MODES): its raw baseline, then the server under every device count."""
+    root.mkdir(parents=True)
+    started = time.monotonic()
+    sd = SecurityDir.ensure(root / "security") if mode != "plain" else None
+    security_s = time.monotonic() - started if sd is not None else 0.0
+    security = sd.broker_security(cert_port=-1) if sd is not None else None
+    with MosquittoBroker(data_dir=root / "mosquitto", security=security) as broker, _admin_session(sd) as admin:
+        assert broker.process is not None
+        identities = bench_identities(sd, admin, secrets_dir=root / "bench") if sd and admin else {}
+        device_address = broker.tls_address if mode == "tls" else broker.address
+        with _Observer(broker.address, identities.get(OBSERVER_ID)) as observer:
+            raw_identities = (identities[RAW_IDS[0]], identities[RAW_IDS[1]]) if identities else None
+            payload = _payload_bytes(args.batch)
+            raw = measure_raw(
+                device_address, messages=raw_messages, payload_bytes=payload, timeout=120, credentials=raw_identities
+            )
+            profile = ["-m", "cProfile", "-o", str(args.profile_server)] if args.profile_server else []
+            options = ["--log-level", "WARNING"]
+            if identities:
+                server_identity = identities[SECURE_SERVER_ID]
+                options += ["--username", server_identity.username, "--password-file", server_identity.password_file]
+            command = server_command(
+                broker=broker.address,
+                data_dir=root / "server" / "data",
+                client_id=SECURE_SERVER_ID if identities else f"bench-server-{os.getpid()}",
+                options=options,
+                interpreter=[sys.executable, *profile],
+            )
+            server = _BenchServer(
+                command=command, broker=broker.address, log=root / "server" / "server.log", observer=observer
+            )
+            steps: list[StepResult] = []
+            try:
+                server.start(timeout=SERVER_START_S)
+                server_ps, broker_ps = psutil.Process(server.pid), psutil.Process(broker.process.pid)
+                for count in tqdm(device_counts, desc=f"{mode}: device counts", leave=False):
+                    credentials: list[Credentials] = []
+                    provision_s = 0.0
+                    if sd is not None and admin is not None:
+                        names = device_names(count)
+                        credentials, provision_s = provision_devices(sd, admin, names, out=root / "devices")
+                    steps.append(
+                        run_step(
+                            device_address,
+                            devices=count,
+                            processes=args.processes,
+                            samples=args.samples,
+                            batch=args.batch,
+                            fetch_share=args.fetch_share,
+                            duration=duration,
+                            seed=args.seed,
+                            max_requests=args.max_requests,
+                            server=server_ps,
+                            broker=broker_ps,
+                            observer=observer,
+                            credentials=credentials,
+                            provision_s=provision_s,
+                        )
+                    )
+            finally:
+                server.stop(timeout=20.0)
+                if server.returncode not in (0, None):
+                    print((root / "server" / "server.log").read_text()[-3000:], file=sys.stderr)
+    return ModeResult(mode=mode, raw=raw, steps=steps, security_s=security_s)
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}" if value is not None and base else "-"
+
+
+def _mode_metrics(result: ModeResult, step: StepResult) -> list[tuple[str, float | None, str]]:
+    """(row name, value, format) of one mode at one device count, for the comparison table."""
+    secure = result.mode != "plain"
+    return [
+        ("provisioning s (password, one admin session)", step.provision_s if secure else None, "{:.2f}"),
+        ("connect(): TCP (+ TLS handshake) ms, p50", step.handshake_ms[0], "{:.2f}"),
+        ("socket connect → CONNACK ms, p50", step.connack_ms[0], "{:.2f}"),
+        ("socket connect → CONNACK ms, p99", step.connack_ms[1], "{:.2f}"),
+        ("raw QoS 1 msgs/s (1 pub → 1 sub)", result.raw.rate, "{:.0f}"),
+        ("requests/s", step.requests_per_s, "{:.0f}"),
+        ("request p50 ms", step.p50_ms, "{:.1f}"),
+        ("request p99 ms", step.p99_ms, "{:.1f}"),
+        ("server CPU µs/request", step.cpu_us_per_request(step.server_cpu), "{:.0f}"),
+        ("mosquitto CPU µs/request", step.cpu_us_per_request(step.broker_cpu), "{:.0f}"),
+        ("load generators CPU µs/request", step.cpu_us_per_request(step.loadgen_cpu), "{:.0f}"),
+        ("device TCP payload B/request sent", step.per_request(step.tcp.bytes_sent), "{:.0f}"),
+        ("device TCP payload B/request received", step.per_request(step.tcp.bytes_received), "{:.0f}"),
+        (
+            "device TCP segments/request (both ways)",
+            step.per_request(step.tcp.segments_out + step.tcp.segments_in),
+            "{:.1f}",
+        ),
+        ("device B/request on the wire (+ IPv4/TCP headers)", step.per_request(step.tcp.wire_bytes), "{:.0f}"),
+        ("broker MQTT B/request in+out ($SYS, both legs)", step.sys_bytes, "{:.0f}"),
+    ]
+
+
+def format_modes(results: list[ModeResult]) -> str:
+    """One table per device count: every mode's figures side by side and each secure mode's ratio to plain."""
+    tables = []
+    base = next((r for r in results if r.mode == "plain"), results[0])
+    others = [r for r in results if r is not base]
+    for index, step in enumerate(base.steps):
+        rows = []
+        metrics = [_mode_metrics(r, r.steps[index]) for r in results]
+        base_metrics = _mode_metrics(base, step)
+        for row, (name, base_value, fmt) in enumerate(base_metrics):
+            cells = [fmt.format(m[row][1]) if m[row][1] is not None else "-" for m in metrics]
+            ratios = [_ratio(_mode_metrics(r, r.steps[index])[row][1], base_value) for r in others]
+            rows.append((name, *cells, *ratios))
+        lost = [f"{r.steps[index].errors}/{r.steps[index].lost}" for r in results]
+        rows.append(("errors/lost", *lost, *("-" for _ in others)))
+        headers = (f"{step.devices} devices", *(r.mode for r in results), *(f"{r.mode}/{base.mode}" for r in others))
+        tables.append(markdown_table(headers, rows))
+    return "\n\n".join(tables)
+
+
 def _payload_bytes(batch: int) -> int:
     """Size of a typical request (an update_fetch of one batch, float16 logits), for the raw baseline."""
     rng = np.random.default_rng(SEED)
@@ -645,67 +1101,70 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-requests", type=int, default=1_000_000, help="cap on timed requests per device count")
     parser.add_argument("--raw-messages", type=int, default=None, help="messages of the raw baseline (20000)")
     parser.add_argument("--profile-server", type=Path, default=None, help="run the server under cProfile, save here")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also measure on a secure broker, devices provisioned with passwords over TLS (same as --modes plain tls; "
+        "default device count then 100)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=None,
+        help="broker set-ups, measured one after the other: plain (anonymous), auth (passwords over loopback "
+        "plaintext), tls (passwords over TLS)",
+    )
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
-    device_counts = args.devices or [10, 100, 1000]
+    modes = list(dict.fromkeys(args.modes or (["plain", "tls"] if args.tls else ["plain"])))
+    device_counts = args.devices or ([100] if modes != ["plain"] else [10, 100, 1000])
     duration = args.duration or (4.0 if args.quick else 20.0)
     raw_messages = args.raw_messages or (5000 if args.quick else 20000)
     if max(device_counts) > 1000:
         parser.error("at most 1000 devices (connections) on this benchmark")
 
     print(f"# serving: {machine_line()}")
+    results: list[ModeResult] = []
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
-        root = Path(tmp)
-        (root / "server").mkdir()
-        with MosquittoBroker(data_dir=root / "mosquitto") as broker:
-            assert broker.process is not None
-            payload = _payload_bytes(args.batch)
-            raw = measure_raw(broker.address, messages=raw_messages, payload_bytes=payload, timeout=120)
-            profile = ["-m", "cProfile", "-o", str(args.profile_server)] if args.profile_server else []
-            command = server_command(
-                broker=broker.address,
-                data_dir=root / "server" / "data",
-                client_id=f"bench-server-{os.getpid()}",
-                options=["--log-level", "WARNING"],
-                interpreter=[sys.executable, *profile],
+        for mode in modes:
+            results.append(
+                run_mode(
+                    mode,
+                    root=Path(tmp) / mode,
+                    args=args,
+                    device_counts=device_counts,
+                    duration=duration,
+                    raw_messages=raw_messages,
+                )
             )
-            server = ServerProcess(command=command, broker=broker.address, log=root / "server" / "server.log")
-            steps: list[StepResult] = []
-            try:
-                server.start(timeout=SERVER_START_S)
-                server_ps, broker_ps = psutil.Process(server.pid), psutil.Process(broker.process.pid)
-                for count in tqdm(device_counts, desc="device counts", leave=False):
-                    steps.append(
-                        run_step(
-                            broker.address,
-                            devices=count,
-                            processes=args.processes,
-                            samples=args.samples,
-                            batch=args.batch,
-                            fetch_share=args.fetch_share,
-                            duration=duration,
-                            seed=args.seed,
-                            max_requests=args.max_requests,
-                            server=server_ps,
-                            broker=broker_ps,
-                        )
-                    )
-            finally:
-                server.stop(timeout=20.0)
-            if server.returncode not in (0, None):
-                print((root / "server" / "server.log").read_text()[-3000:], file=sys.stderr)
-    print(
-        f"Raw Mosquitto QoS 1, one paho publisher -> one paho subscriber, {payload} B payloads: "
-        f"{raw.received}/{raw.messages} messages in {raw.seconds:.2f} s = {raw.rate:.0f} msgs/s "
-        "(a request costs the broker 2 messages: request, reply)"
-    )
+    payload = _payload_bytes(args.batch)
     print(
         f"Server: broker_server/main.py --broker, SQLite store; devices register {args.samples} samples each "
         f"(256-bit codes, {CLASSES} classes), then closed loop for {duration:.0f} s, one request in flight per "
         f"device, batch {args.batch}, {args.fetch_share:.0%} fetch / {1 - args.fetch_share:.0%} update_fetch, "
-        "float16 logits. Latency: publish to reply at the device. CPU % of one core over the window.\n"
+        "float16 logits. Latency: publish to reply at the device. CPU % of one core over the window."
     )
-    print(format_steps(steps, raw))
+    for result in results:
+        raw = result.raw
+        notes = [
+            f"raw Mosquitto QoS 1, one paho publisher -> one paho subscriber, {payload} B payloads: "
+            f"{raw.received}/{raw.messages} messages in {raw.seconds:.2f} s = {raw.rate:.0f} msgs/s "
+            "(a request costs the broker 2 messages: request, reply)"
+        ]
+        if result.security_s:
+            notes.append(f"security directory (CA, broker certificate) made in {result.security_s:.2f} s")
+        if result.steps and result.steps[0].tls:
+            notes.append(f"devices negotiated {result.steps[0].tls}")
+        print(f"\n## {result.mode}: " + "; ".join(notes) + "\n")
+        print(format_steps(result.steps, raw))
+    if len(results) > 1:
+        print(
+            "\n## modes side by side (device bytes: the devices' sockets' TCP_INFO over the window, TLS records "
+            f"included, headers at {IPV4_TCP_HEADER_BYTES} B per segment; broker bytes: Mosquitto's "
+            "$SYS/broker/bytes counters, MQTT packets of the device and the server legs)\n"
+        )
+        print(format_modes(results))
     if args.profile_server is not None and args.profile_server.exists():
         _print_profile(args.profile_server)
     return 0

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import numpy as np
 import pytest
 
 from bench.__main__ import available
 from bench.relations import drop_self, neighbour_recall, pair_distances
+from bench.serving import (
+    IPV4_TCP_HEADER_BYTES,
+    SYS_BYTES,
+    SYS_PUBLISH_RECEIVED,
+    TcpCounters,
+    counter_delta,
+    sys_bytes_per_request,
+)
 from bench.wire import packet_bytes, training_messages
 from fedwire import LogitEncoding, TeacherForm, encode, up_topic
 from fedwire.constants import Kind
@@ -72,3 +83,40 @@ def test_dispatcher_lists_the_benchmarks_with_a_main() -> None:
     names = available()
     assert {"relations", "serving", "wire"} <= set(names)
     assert all(not name.startswith("_") for name in names)
+
+
+def test_sys_counters_are_read_over_the_ticks_inside_the_window_only() -> None:
+    """Mosquitto's cumulative $SYS counters: ticks before the window (registration) and after it are left out."""
+    ticks = [9.5, 11.5, 13.5, 15.5, 17.5]  # arrival times; the window is [10, 16]
+    received = [1_000, 5_000, 8_000, 11_000, 99_000]
+    sent = [2_000, 6_000, 9_500, 13_000, 99_000]
+    publishes = [10, 50, 80, 110, 990]  # two PUBLISHes into the broker per request (request, reply)
+    history = {
+        SYS_BYTES[0]: list(zip(ticks, received, strict=True)),
+        SYS_BYTES[1]: list(zip(ticks, sent, strict=True)),
+        SYS_PUBLISH_RECEIVED: list(zip(ticks, publishes, strict=True)),
+    }
+    assert counter_delta(history[SYS_BYTES[0]], 10.0, 16.0) == 11_000 - 5_000
+    requests = (110 - 50) / 2
+    assert sys_bytes_per_request(history, 10.0, 16.0) == pytest.approx((6_000 + 7_000) / requests)
+    assert counter_delta(history[SYS_BYTES[0]], 10.0, 12.0) is None  # one tick inside: no growth to measure
+    assert sys_bytes_per_request(history, 10.0, 12.0) is None
+
+
+def test_tcp_counters_count_each_direction_of_a_real_socket() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        with client, peer:
+            before = TcpCounters.of(client)
+            client.sendall(b"x" * 1000)
+            assert len(peer.recv(4096)) == 1000
+            peer.sendall(b"y" * 300)
+            assert len(client.recv(4096)) == 300
+            time.sleep(0.05)  # the peer's ACK of our 1000 bytes (bytes_sent counts acknowledged bytes)
+            delta = TcpCounters.of(client) - before
+    assert (delta.bytes_sent, delta.bytes_received) == (1000, 300)
+    assert delta.segments_out >= 1 and delta.segments_in >= 1
+    segments = delta.segments_out + delta.segments_in
+    assert delta.wire_bytes == 1300 + IPV4_TCP_HEADER_BYTES * segments
+    assert (before + delta) - before == delta
