@@ -15,7 +15,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from fedwire.mqtt import BrokerAddress, make_client
+from fedwire.mqtt import BrokerAddress, Credentials, apply_credentials, make_client
 from fedwire.topics import SERVER_STATUS
 
 SERVER_START_TIMEOUT_S = 60.0
@@ -77,19 +77,33 @@ def kill_process(process: subprocess.Popen[bytes]) -> None:
 
 
 def wait_server_online(
-    address: BrokerAddress, process: subprocess.Popen[bytes], *, timeout: float = SERVER_START_TIMEOUT_S
+    address: BrokerAddress,
+    process: subprocess.Popen[bytes],
+    *,
+    timeout: float = SERVER_START_TIMEOUT_S,
+    credentials: Credentials | None = None,
 ) -> None:
     """Block until the server's retained status says 'online' (published once it is subscribed, so requests sent
-    from then on reach it); fail at once if it exits first."""
+    from then on reach it); fail at once if it exits first, or if the broker refuses the probe's `credentials`
+    (a secure broker: an observer identity of its own, since one username holds one connection)."""
     online = threading.Event()
+    refused: list[str] = []
 
     def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
         if message.payload == b"online":
             online.set()
 
+    def on_connect(c: mqtt.Client, _u: object, _flags: object, reason: object, _p: object) -> None:
+        if getattr(reason, "is_failure", False):
+            refused.append(str(reason))
+            online.set()
+            return
+        c.subscribe(SERVER_STATUS, qos=1)
+
     client = make_client(client_id=f"fedcache-status-probe-{os.getpid()}-{time.monotonic_ns()}")
     client.on_message = on_message
-    client.on_connect = lambda c, *_: c.subscribe(SERVER_STATUS, qos=1)
+    client.on_connect = on_connect
+    apply_credentials(client, address, credentials)
     client.connect(address.host, address.port)
     client.loop_start()
     try:
@@ -99,6 +113,9 @@ def wait_server_online(
                 raise RuntimeError(f"the cache server exited with {process.returncode} before going online")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the cache server was not online within {timeout:.0f} s")
+        if refused:
+            who = f" as {credentials.username}" if credentials is not None and credentials.username else ""
+            raise RuntimeError(f"the broker at {address.url} refused the status probe{who}: {refused[0]}")
     finally:
         client.disconnect()
         client.loop_stop()
@@ -106,13 +123,17 @@ def wait_server_online(
 
 @dataclass
 class ServerProcess:
-    """The cache server as a child process, its output appended to `log`."""
+    """The cache server as a child process, its output appended to `log`.
+
+    `credentials`: the identity the online probe connects with (a secure broker's observer, not the server's own).
+    """
 
     command: list[str]
     broker: BrokerAddress
     log: Path
     env: Mapping[str, str] | None = None
     cwd: Path | None = None
+    credentials: Credentials | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self, *, timeout: float = SERVER_START_TIMEOUT_S) -> ServerProcess:
@@ -122,7 +143,7 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
             )
-        wait_server_online(self.broker, self.process, timeout=timeout)
+        wait_server_online(self.broker, self.process, timeout=timeout, credentials=self.credentials)
         return self
 
     @property

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from android_harness.faults import FaultPlan
-from android_harness.trial import TrialSettings
+from android_harness.trial import AUTH_MODES, SECURITY_MODES, TrialSettings
 from edge.config import ALGORITHMS
 from fedwire import HashKind, LogitEncoding
 from fedwire.mqtt import BrokerAddress
@@ -30,7 +30,7 @@ _TRIAL_KEYS = (
     "description", "dataset", "epochs", "alpha", "seed", "algorithm", "timeout",
     "hash_kind", "hash_dim", "encoder_kind", "logit_encoding",
 )  # fmt: skip
-_BROKER_KEYS = ("url",)
+_BROKER_KEYS = ("url", "security", "auth")
 _SERVER_KEYS = ("neighbours",)
 _DEVICE_KEYS = ("count", "arch", "backend", "target", "start_after_s", "outages", "offline_fraction")
 _FAULT_KEYS = ("server_kill_at_s", "server_down_s", "broker_restart_at_s", "loss", "mean_outage_s")
@@ -98,6 +98,16 @@ def parse_spec(data: dict[str, Any], *, out: Path) -> TrialSpec:
         if target == "netns":
             raise SpecError("[broker].url: devices with target 'netns' need the trial's private broker; drop the url")
 
+    security = _choice(broker, "security", SECURITY_MODES, where="[broker]", default="none")
+    auth = _choice(broker, "auth", AUTH_MODES, where="[broker]", default="password")
+    if security == "none" and "auth" in broker:
+        raise SpecError('[broker].auth: devices authenticate only in a secure trial; add security = "tls"')
+    if security != "none" and url is not None:
+        raise SpecError(
+            f"[broker].security: {security!r} provisions devices on the trial's private broker; credentials for an "
+            'external broker ([broker].url) are not supported: drop the url or set security = "none"'
+        )
+
     neighbours = _opt_int(server, "neighbours", where="[server]", minimum=1)
     dataset = _choice(trial, "dataset", DATASETS, where="[trial]", default="fashion-mnist")
     algorithm = _choice(trial, "algorithm", ALGORITHMS, where="[trial]", default="fedcache")
@@ -124,6 +134,8 @@ def parse_spec(data: dict[str, Any], *, out: Path) -> TrialSpec:
         neighbours=neighbours,
         start_after_s=tuple(g.start_after_s for g in per_device) if any(g.start_after_s for g in per_device) else (),
         netns=True if target == "netns" else None,
+        security=security,
+        auth=auth,
     )
     plan = _fault_plan(faults, per_device, seed=settings.seed)
     if plan is not None and algorithm == "local":

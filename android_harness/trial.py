@@ -27,11 +27,13 @@ from android_harness.processes import (
     server_command,
 )
 from android_harness.progress import progress_bar
-from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_to_toml
+from edge.config import DataConfig, DeviceConfig, HashConfig, SecurityConfig, TrainConfig, config_to_toml
 from edge.state import EXIT_UNDELIVERED, read_last_report, read_progress
 from fedwire import HashKind, LogitEncoding
+from fedwire.dynsec import OBSERVER_ROLE, SERVER_ROLE
+from fedwire.fleet import SecurityDir
 from fedwire.mosquitto import MosquittoBroker
-from fedwire.mqtt import BrokerAddress, connect_persistent, make_client
+from fedwire.mqtt import BrokerAddress, Credentials, connect_persistent, make_client
 from fedwire.topics import ALL_METRICS, device_of_metrics_topic
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,14 @@ SERVER_START_TIMEOUT_S = 60.0
 REPORT_DELIVERY_GRACE_S = 30.0
 # Exit statuses of a device that finished training (the second: its last messages went unacknowledged).
 COMPLETED_EXITS = (0, EXIT_UNDELIVERED)
+# A secure trial's broker: none (plaintext, anonymous) or tls (per-device identities, ACLs, TLS for devices).
+SECURITY_MODES = ("none", "tls")
+# How a secure trial's devices authenticate; mixed alternates by device index (even: password, odd: certificate).
+AUTH_MODES = ("password", "certificate", "mixed")
+# Every concurrently connected tool has its own identity (one username holds one connection).
+SERVER_USERNAME = "fedcache-server-0"
+WATCHER_USERNAME = "fedcache-observer-watch"
+PROBE_USERNAME = "fedcache-observer-probe"
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,10 @@ class TrialSettings:
     # Devices in network namespaces: True = required (error when unavailable), False = never,
     # None = when a fault plan touches links and namespaces are available (else processes are paused).
     netns: bool | None = None
+    # "tls": the private broker is secure and every device is provisioned (SECURITY_MODES); "none": plaintext.
+    security: str = "none"
+    # With security "tls": how devices authenticate (AUTH_MODES).
+    auth: str = "password"
 
     def start_delay(self, index: int) -> float:
         return self.start_after_s[index] if index < len(self.start_after_s) else 0.0
@@ -80,6 +94,29 @@ class TrialSettings:
     def late_joiners(self) -> tuple[int, ...]:
         """Indices of the devices launched after the others began training."""
         return tuple(i for i in range(self.devices) if self.start_delay(i) > 0)
+
+    def device_auth(self, index: int) -> str:
+        """How device `index` authenticates in a secure trial: password or certificate."""
+        if self.auth == "mixed":
+            return ("password", "certificate")[index % 2]
+        return self.auth
+
+    def check(self) -> None:
+        """Refuse combinations a trial cannot run, before any process starts."""
+        if self.security not in SECURITY_MODES:
+            raise ValueError(f"security must be one of {SECURITY_MODES}, got {self.security!r}")
+        if self.auth not in AUTH_MODES:
+            raise ValueError(f"auth must be one of {AUTH_MODES}, got {self.auth!r}")
+        if self.security != "none" and self.broker_url is not None:
+            raise ValueError(
+                "a secure trial provisions its devices on its own private broker; credentials for an external "
+                f"broker ({self.broker_url}) are not supported: drop the broker url or run with security 'none'"
+            )
+        if self.algorithm == "fedavg" and (len(set(self.archs)) > 1 or set(self.backends) != {"torch"}):
+            raise ValueError(
+                f"FedAvg averages one architecture's PyTorch weights: got archs {self.archs}, backends "
+                f"{self.backends}; use a single --archs and --backends torch (FedCache and FD allow heterogeneity)"
+            )
 
 
 @dataclass(frozen=True)
@@ -167,14 +204,78 @@ class _Collector:
         return len(self.latest) == len(self.devices) and all(m["done"] for m in self.latest.values())
 
 
+@dataclass(frozen=True)
+class _TrialSecurity:
+    """A secure trial's identities: the server's, the two observers' and every device's (broker URL + files).
+
+    Only paths to secret files, never a secret itself: this object may be logged or put in a report.
+    """
+
+    server: Credentials
+    watcher: Credentials
+    probe: Credentials
+    device_brokers: dict[str, str]
+    device_security: dict[str, SecurityConfig]
+
+    def describe(self) -> dict[str, dict[str, str]]:
+        """device -> its auth kind and broker URL, for the report."""
+        return {
+            device: {"auth": "certificate" if security.cert_file else "password", "broker": self.device_brokers[device]}
+            for device, security in self.device_security.items()
+        }
+
+
+def _device_id(index: int) -> str:
+    return f"dev{index:03d}"
+
+
 def _state_dir(settings: TrialSettings, device: str) -> Path:
     """Where a device of this trial keeps its durable state (outbox, checkpoints, last report)."""
     return settings.out / "devices" / device
 
 
-def _device_configs(settings: TrialSettings, broker: BrokerAddress, encoder: Path) -> list[DeviceConfig]:
+def _credentials_dir(settings: TrialSettings, device: str) -> Path:
+    """Where a secure trial puts one device's credentials (its own only: CA certificate, password or key)."""
+    return settings.out / "credentials" / device
+
+
+def _security_dir(settings: TrialSettings, lab: NetnsLab | None) -> SecurityDir:
+    """The trial's CA, broker certificate (naming the lab's bridge when devices reach the broker there) and CRL."""
+    return SecurityDir.ensure(settings.out / "security", hosts=[lab.bridge_address] if lab is not None else [])
+
+
+def _provision(
+    settings: TrialSettings, security_dir: SecurityDir, broker: MosquittoBroker, *, device_host: str | None
+) -> _TrialSecurity:
+    """With one admin session on the running broker: the server's and observers' identities, then every device
+    provisioned into its own credentials directory, pointed at the TLS listener its authentication uses."""
+    brokers: dict[str, str] = {}
+    security: dict[str, SecurityConfig] = {}
+    with security_dir.admin() as admin:
+        server = security_dir.ensure_service(admin, SERVER_USERNAME, role=SERVER_ROLE)
+        watcher = security_dir.ensure_service(admin, WATCHER_USERNAME, role=OBSERVER_ROLE)
+        probe = security_dir.ensure_service(admin, PROBE_USERNAME, role=OBSERVER_ROLE)
+        for index in range(settings.devices):
+            device = _device_id(index)
+            auth = settings.device_auth(index)
+            given = security_dir.provision(admin, device, auth=auth, out=_credentials_dir(settings, device))
+            listener = broker.tls_address if auth == "password" else broker.cert_address
+            brokers[device] = BrokerAddress(device_host or listener.host, listener.port, tls=True).url
+            c = given.credentials
+            security[device] = SecurityConfig(
+                username=c.username, password_file=c.password_file, ca_file=c.ca_file, cert_file=c.cert_file,
+                key_file=c.key_file,
+            )  # fmt: skip
+    log.info("provisioned %d devices (%s)", settings.devices, settings.auth)
+    return _TrialSecurity(server=server, watcher=watcher, probe=probe, device_brokers=brokers, device_security=security)
+
+
+def _device_configs(
+    settings: TrialSettings, broker: BrokerAddress, encoder: Path, *, security: _TrialSecurity | None = None
+) -> list[DeviceConfig]:
     configs = []
     for index in range(settings.devices):
+        device = _device_id(index)
         train = TrainConfig(
             algorithm=settings.algorithm,
             arch=settings.archs[index % len(settings.archs)],
@@ -187,9 +288,9 @@ def _device_configs(settings: TrialSettings, broker: BrokerAddress, encoder: Pat
         )
         configs.append(
             DeviceConfig(
-                id=f"dev{index:03d}",
-                broker=broker.url,
-                state_dir=str(_state_dir(settings, f"dev{index:03d}")),
+                id=device,
+                broker=security.device_brokers[device] if security is not None else broker.url,
+                state_dir=str(_state_dir(settings, device)),
                 data=DataConfig(
                     dataset=settings.dataset,
                     num_devices=settings.devices,
@@ -201,6 +302,7 @@ def _device_configs(settings: TrialSettings, broker: BrokerAddress, encoder: Pat
                 hash=HashConfig(
                     encoder=str(encoder), kind=settings.hash_kind, dim=settings.hash_dim, seed=settings.seed
                 ),
+                security=security.device_security[device] if security is not None else SecurityConfig(),
             )
         )
     return configs
@@ -244,14 +346,26 @@ def _prepare_shared_artifacts(settings: TrialSettings) -> Path:
     return path
 
 
-def _server_command(settings: TrialSettings, broker: BrokerAddress) -> list[str]:
-    """The trial's cache server: through its broker, state under the trial's directory, its [server] options."""
+def _server_command(
+    settings: TrialSettings, broker: BrokerAddress, *, credentials: Credentials | None = None
+) -> list[str]:
+    """The trial's cache server: through its broker, state under the trial's directory, its [server] options.
+
+    With `credentials` (a secure trial) it logs in with its own identity; its password stays in its file.
+    """
     options = [
         *(["--neighbours", str(settings.neighbours)] if settings.neighbours is not None else []),
         # FedAvg rounds wait for every device of the trial, not only those that already said hello.
         *(["--fedavg-participants", str(settings.devices)] if settings.algorithm == "fedavg" else []),
     ]
-    return server_command(broker=broker, data_dir=settings.out / "server", options=options)
+    if credentials is not None:
+        options += ["--username", credentials.username, "--password-file", credentials.password_file]
+    return server_command(
+        broker=broker,
+        data_dir=settings.out / "server",
+        client_id=credentials.username if credentials is not None else None,
+        options=options,
+    )
 
 
 def _open_lab(settings: TrialSettings, faults: FaultPlan | None) -> NetnsLab | None:
@@ -274,11 +388,7 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
     """Run a trial end to end (optionally under a fault plan) and return (and write) its report."""
     from android_harness.report import build_report, write_report
 
-    if settings.algorithm == "fedavg" and (len(set(settings.archs)) > 1 or set(settings.backends) != {"torch"}):
-        raise ValueError(
-            f"FedAvg averages one architecture's PyTorch weights: got archs {settings.archs}, backends "
-            f"{settings.backends}; use a single --archs and --backends torch (FedCache and FD allow heterogeneity)"
-        )
+    settings.check()
     settings.out.mkdir(parents=True, exist_ok=True)
     logs = settings.out / "logs"
     logs.mkdir(exist_ok=True)
@@ -290,17 +400,36 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
     lab = _open_lab(settings, faults)
     started = time.monotonic()
     extra_binds = (lab.bridge_address,) if lab is not None else ()
-    broker_context: MosquittoBroker | _ExternalBroker = (
-        MosquittoBroker(data_dir=settings.out / "broker", extra_binds=extra_binds)
-        if settings.broker_url is None
-        else _ExternalBroker(BrokerAddress.parse(settings.broker_url))
-    )
+    trial_security: _TrialSecurity | None = None
     try:
+        security_dir = _security_dir(settings, lab) if settings.security != "none" else None
+        broker_context: MosquittoBroker | _ExternalBroker = (
+            MosquittoBroker(
+                data_dir=settings.out / "broker",
+                extra_binds=extra_binds,
+                security=security_dir.broker_security() if security_dir is not None else None,
+            )
+            if settings.broker_url is None
+            else _ExternalBroker(BrokerAddress.parse(settings.broker_url))
+        )
         with broker_context as broker:
+            if security_dir is not None:
+                assert isinstance(broker, MosquittoBroker)  # check() refused an external broker
+                device_host = lab.bridge_address if lab is not None else None
+                trial_security = _provision(settings, security_dir, broker, device_host=device_host)
 
             def start_server() -> None:
-                command = _server_command(settings, broker.address)
-                server.append(ServerProcess(command=command, broker=broker.address, log=logs / "server.log", env=env))
+                own = trial_security.server if trial_security is not None else None
+                command = _server_command(settings, broker.address, credentials=own)
+                server.append(
+                    ServerProcess(
+                        command=command,
+                        broker=broker.address,
+                        log=logs / "server.log",
+                        env=env,
+                        credentials=trial_security.probe if trial_security is not None else None,
+                    )
+                )
                 server[-1].start(timeout=SERVER_START_TIMEOUT_S)
 
             def kill_server() -> None:
@@ -311,12 +440,15 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
                 if settings.algorithm != "local":  # FD and FedAvg go through the same server
                     start_server()
                 device_broker = BrokerAddress(lab.bridge_address, broker.port) if lab is not None else broker.address
-                configs = _device_configs(settings, device_broker, encoder)
+                configs = _device_configs(settings, device_broker, encoder, security=trial_security)
                 collector = _Collector(devices=[c.id for c in configs], started=time.monotonic())
-                watcher = make_client(client_id=f"fedcache-trial-{os.getpid()}")
+                watcher_credentials = trial_security.watcher if trial_security is not None else None
+                watcher = make_client(
+                    client_id=WATCHER_USERNAME if watcher_credentials is not None else f"fedcache-trial-{os.getpid()}"
+                )
                 watcher.on_message = collector.on_message
                 watcher.on_connect = lambda c, *_: c.subscribe(ALL_METRICS, qos=1)
-                connect_persistent(watcher, broker.address, session_expiry_s=600)
+                connect_persistent(watcher, broker.address, session_expiry_s=600, credentials=watcher_credentials)
                 watcher.loop_start()
 
                 def launch(index: int) -> None:
@@ -374,6 +506,8 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
         wall_s=time.monotonic() - started,
     )
     report["launches"] = launched_at
+    if trial_security is not None:
+        report["security"] = {"mode": settings.security, "auth": settings.auth, "devices": trial_security.describe()}
     report["exit_status"] = {c.id: p.returncode for c, p in zip(configs, processes, strict=True) if p is not None}
     # Devices that finished but whose final report reached the trial only through their state directory.
     report["last_report_missing"] = sorted(collector.read_from_disk)

@@ -13,7 +13,7 @@ from android_harness.spec import SpecError, load_spec, parse_spec
 from android_harness.trial import _server_command
 from fedwire.mqtt import BrokerAddress
 
-SHIPPED = ("steady", "flaky_links", "server_crash", "broker_restart", "late_joiners")
+SHIPPED = ("steady", "flaky_links", "server_crash", "broker_restart", "late_joiners", "secure_mixed")
 MINIMAL = {"trial": {"dataset": "digits"}, "devices": [{"count": 2}]}
 
 
