@@ -1,4 +1,4 @@
-"""`python -m android_harness trial|faults|scenario|demo`: run local FedCache trials and write their reports."""
+"""`python -m android_harness trial|faults|scenario|demo|flash|provision|revoke`: trials, bundles, credentials."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from android_harness.faults import FaultPlan
-from android_harness.flash import add_flash_parser, run_flash
+from android_harness.flash import add_flash_parser, run_flash, run_provision, run_revoke
 from android_harness.spec import SpecError, TrialSpec, load_spec
-from android_harness.trial import TrialSettings, run_trial
+from android_harness.trial import AUTH_MODES, SECURITY_MODES, TrialSettings, run_trial
 from fedwire import HashKind, LogitEncoding, TeacherForm
 
 ARCH_CHOICES = ("resnet8", "resnet16", "resnet20", "cnn", "mobilenet")
@@ -46,6 +46,19 @@ def _add_trial_options(parser: argparse.ArgumentParser, *, epochs: int, devices:
         choices=[t.value for t in TeacherForm],
         help="fedcache: the server's mean of the R neighbours' logits (default) or every neighbour's row (raw)",
     )
+    parser.add_argument(
+        "--security",
+        default="none",
+        choices=SECURITY_MODES,
+        help="tls: the private broker is secure (dynamic security plugin, TLS for devices) and every device, the "
+        "server and the trial's observers get identities of their own (default none: plaintext, anonymous)",
+    )
+    parser.add_argument(
+        "--auth",
+        choices=AUTH_MODES,
+        help="with --security tls: devices authenticate by password, client certificate, or mixed (alternating by "
+        "device index); default password",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
 
 
@@ -57,6 +70,8 @@ def _settings(args: argparse.Namespace, *, algorithm: str, out: Path) -> TrialSe
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
     if not set(backends) <= {"torch", "executorch"}:
         raise SystemExit(f"unknown backends in {backends}; choose torch, executorch")
+    if args.auth is not None and args.security == "none":
+        raise SystemExit("--auth: devices authenticate only in a secure trial; add --security tls")
     return TrialSettings(
         out=out,
         backends=backends,
@@ -73,6 +88,8 @@ def _settings(args: argparse.Namespace, *, algorithm: str, out: Path) -> TrialSe
         logit_encoding=LogitEncoding(args.logit_encoding),
         extra_train={} if args.teacher == "mean" else {"teacher_form": TeacherForm(args.teacher)},
         timeout_s=args.timeout,
+        security=args.security,
+        auth=args.auth or "password",
     )
 
 
@@ -154,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     scenario = commands.add_parser(
         "scenario", help="run a bench scenario (a shipped trial file or a path) and check its invariants"
     )
-    scenario.add_argument("name", help="steady, flaky_links, server_crash, broker_restart, late_joiners, or a .toml")
+    scenario.add_argument(
+        "name", help="steady, flaky_links, server_crash, broker_restart, late_joiners, secure_mixed, or a .toml"
+    )
     scenario.add_argument("--out", type=Path, help="report directory (default runs/scenario-<name>)")
     faults = commands.add_parser("faults", help="a trial under injected faults, with invariants checked after")
     _add_trial_options(faults, epochs=3, devices=20)
@@ -175,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "flash":
         return run_flash(args)
+    if args.command == "provision":
+        return run_provision(args)
+    if args.command == "revoke":
+        return run_revoke(args)
 
     if args.command == "trial" and args.spec is not None:
         return _run_spec(_load(args.spec, out=args.out), out=args.out)

@@ -12,20 +12,28 @@ Layout (all paths relative to the bundle, which is the device's working director
     models/*.pte, *.train.pte   ExecuTorch inference and training programs (executorch devices only)
     models/encoder-*.onnx       the frozen hash encoder
     data/shard.npz              this device's train/test shard (edge/shard_file.py)
+    credentials/                a provisioned device's own credentials (0700): ca.pem and its password or its
+                                device.pem + device.key (secrets 0600); device.toml's [security] points here
+
+Credential files are checksummed like every other file (integrity; a sha256 of a 128-bit random password or of a
+key reveals neither) and keep their 0600 mode through the build and a local or scp install.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from android_harness.device_wheel import build_device_wheel
-from edge.config import DeviceConfig, config_to_toml
+from edge.config import DeviceConfig, SecurityConfig, config_to_toml
 from edge.data import device_shard, load_dataset
 from edge.shard_file import load_shard, save_shard
+from fedwire.mqtt import Credentials
 from models.loss import LossSettings
 from models.manifest import sha256_file
 
@@ -42,6 +50,9 @@ CONFIG_NAME = "device.toml"
 SHARD_PATH = "data/shard.npz"
 MODELS_DIR = "models"
 STATE_DIR = "state"
+CREDENTIALS_DIR = "credentials"
+# [security] keys that name a file, and whether that file is a secret (kept 0600).
+_CREDENTIAL_FILES = {"password_file": True, "ca_file": False, "cert_file": False, "key_file": True}
 
 
 class BundleError(ValueError):
@@ -176,6 +187,43 @@ def _write_shard(config: DeviceConfig, path: Path) -> Shard:
     return shard
 
 
+def _bundle_credentials(
+    config: DeviceConfig, out: Path, provision: Callable[[Path], Credentials] | None
+) -> SecurityConfig:
+    """The device's credentials inside the bundle (OUT/credentials) and its [security] with paths relative to OUT.
+
+    `provision` writes fresh credentials into the directory it is given; without it, the files the config's own
+    [security] names (relative to where flash runs) are copied, so the bundle never points outside itself.
+    """
+    directory = out / CREDENTIALS_DIR
+    if provision is not None:
+        given = provision(directory)
+        security = SecurityConfig(
+            username=given.username, password_file=given.password_file, ca_file=given.ca_file,
+            cert_file=given.cert_file, key_file=given.key_file,
+        )  # fmt: skip
+    elif any(getattr(config.security, key) for key in _CREDENTIAL_FILES):
+        directory.mkdir(mode=0o700)
+        copied = {}
+        for key, secret in _CREDENTIAL_FILES.items():
+            source = getattr(config.security, key)
+            if not source:
+                continue
+            if not Path(source).is_file():
+                raise BundleError(f"[security] {key} = {source!r}: no such file to put in the bundle")
+            target = directory / Path(source).name
+            if target.exists():
+                raise BundleError(f"[security] names two files called {target.name}; rename one")
+            shutil.copyfile(source, target)
+            os.chmod(target, 0o600 if secret else 0o644)
+            copied[key] = str(target)
+        security = replace(config.security, **copied)
+    else:
+        return config.security
+    named = {key: getattr(security, key) for key in _CREDENTIAL_FILES if getattr(security, key)}
+    return replace(security, **{key: str(Path(path).relative_to(out)) for key, path in named.items()})
+
+
 def _checksums(root: Path) -> dict[str, dict[str, Any]]:
     return {
         str(p.relative_to(root)): {"sha256": sha256_file(p), "size": p.stat().st_size}
@@ -184,10 +232,18 @@ def _checksums(root: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def build_bundle(config: DeviceConfig, out: Path, *, broker: str | None = None) -> Bundle:
+def build_bundle(
+    config: DeviceConfig,
+    out: Path,
+    *,
+    broker: str | None = None,
+    provision: Callable[[Path], Credentials] | None = None,
+) -> Bundle:
     """Build OUT as this device's bundle (OUT is replaced if it holds an older bundle, refused if it holds else).
 
     `broker` overrides the config's broker URL, e.g. the address a namespaced or remote device reaches.
+    `provision` gives the device its credentials: called with OUT/credentials, it writes them there (the
+    device's own only: `fedwire.fleet.SecurityDir.provision`) and returns them.
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -200,6 +256,7 @@ def build_bundle(config: DeviceConfig, out: Path, *, broker: str | None = None) 
     shard = _write_shard(config, out / SHARD_PATH)
     _write_models(config, models, input_shape=shard.input_shape, classes=shard.classes)
     encoder = _write_encoder(config, models, input_shape=shard.input_shape)
+    security = _bundle_credentials(config, out, provision)
     device_config = replace(
         config,
         broker=broker or config.broker,
@@ -207,6 +264,7 @@ def build_bundle(config: DeviceConfig, out: Path, *, broker: str | None = None) 
         data=replace(config.data, shard=SHARD_PATH),
         train=replace(config.train, artifacts_dir=MODELS_DIR),
         hash=replace(config.hash, encoder=encoder),
+        security=security,
     )
     (out / CONFIG_NAME).write_text(config_to_toml(device_config))
     files = _checksums(out)
@@ -228,4 +286,12 @@ def build_bundle(config: DeviceConfig, out: Path, *, broker: str | None = None) 
     return bundle
 
 
-__all__ = ["BUNDLE_FORMAT", "CONFIG_NAME", "MANIFEST_NAME", "Bundle", "BundleError", "build_bundle"]
+__all__ = [
+    "BUNDLE_FORMAT",
+    "CONFIG_NAME",
+    "CREDENTIALS_DIR",
+    "MANIFEST_NAME",
+    "Bundle",
+    "BundleError",
+    "build_bundle",
+]
