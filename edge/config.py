@@ -38,6 +38,9 @@ class TrainConfig:
     eval_backend: str = "executorch"  # for executorch devices: executorch | onnxruntime
     artifacts_dir: str = ""  # where exported programs live; empty: <state_dir>/artifacts
     epochs: int = 5
+    # Train on at most this many of the shard's samples (0 = all): a fixed class-stratified subset drawn
+    # from the split's seed (edge.data.limit_train_samples), so every run of a device keeps the same one.
+    max_samples: int = 0
     batch_size: int = 8
     lr: float = 0.01
     momentum: float = 0.9
@@ -118,6 +121,8 @@ class DeviceConfig:
             raise ValueError(f"train.eval_backend must be one of {EVAL_BACKENDS}, got {self.train.eval_backend!r}")
         if self.train.algorithm not in ALGORITHMS:
             raise ValueError(f"train.algorithm must be one of {ALGORITHMS}, got {self.train.algorithm!r}")
+        if self.train.max_samples < 0:
+            raise ValueError(f"train.max_samples must be >= 0 (0 = every sample), got {self.train.max_samples}")
         if not 0 <= self.data.index < self.data.num_devices:
             raise ValueError(f"data.index {self.data.index} outside [0, {self.data.num_devices})")
         if self.hash.kind is HashKind.BINARY and self.hash.dim % 8:

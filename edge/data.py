@@ -13,7 +13,7 @@ import io
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -358,6 +358,38 @@ def device_shard(dataset: Dataset, *, num_devices: int, alpha: float, seed: int,
     )
 
 
+def limit_train_samples(shard: Shard, *, max_samples: int, seed: int) -> Shard:
+    """The shard with at most `max_samples` training samples (0 or more than it holds: unchanged).
+
+    The subset is stratified by class (largest-remainder quotas of the shard's own label counts), so the
+    device keeps the label mix its test split follows; which samples of a class stay is drawn from
+    (seed, num_devices, index), so every run of a device keeps the same ones. The test split is untouched.
+    """
+    total = len(shard.y_train)
+    if max_samples < 0:
+        raise ValueError(f"max_samples must be >= 0, got {max_samples}")
+    if max_samples == 0 or total <= max_samples:
+        return shard
+    counts = np.bincount(shard.y_train, minlength=shard.classes)
+    exact = counts * (max_samples / total)
+    quotas = np.floor(exact).astype(np.int64)
+    # Largest remainders first, ties to the lower class: deterministic, and the quotas sum to max_samples.
+    by_remainder = np.lexsort((np.arange(len(exact)), -(exact - quotas)))
+    quotas[by_remainder[: max_samples - int(quotas.sum())]] += 1
+    rng = np.random.default_rng(np.random.SeedSequence([seed, shard.num_devices, shard.index, 2]))
+    keep = np.sort(
+        np.concatenate(
+            [rng.permutation(np.flatnonzero(shard.y_train == cls))[:quota] for cls, quota in enumerate(quotas)]
+        )
+    )
+    return replace(
+        shard,
+        x_train=np.ascontiguousarray(shard.x_train[keep]),
+        y_train=np.asarray(shard.y_train[keep]),
+        train_indices=np.asarray(shard.train_indices[keep]),
+    )
+
+
 __all__ = [
     "DATASETS",
     "Dataset",
@@ -368,6 +400,7 @@ __all__ = [
     "dirichlet_partition",
     "dirichlet_proportions",
     "fashion_mnist_dir",
+    "limit_train_samples",
     "load_dataset",
     "read_idx",
     "split_like",

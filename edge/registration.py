@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,8 @@ class Registration:
         self._thread: threading.Thread | None = None
         self._error: Exception | None = None
         self._hash_cache: tuple[np.ndarray, HashEncoder] | None = None
+        # Wall seconds of the last registration's parts (hashing, hello, chunks) and chunks sent again.
+        self.timings: dict[str, float] = {}
 
     @property
     def done(self) -> bool:
@@ -84,7 +87,9 @@ class Registration:
 
     def register(self) -> None:
         """Hello until the server answers, then send the chunks it does not hold yet (resumable)."""
+        started = time.monotonic()
         hashes, encoder = self._hashes()
+        hashed = time.monotonic()
         samples = len(self.shard.y_train)
         hello = say_hello(
             self.link,
@@ -97,7 +102,9 @@ class Registration:
                 hash_dim=encoder.hash_dim,
             ),
         )
+        greeted = time.monotonic()
         labels = self.shard.y_train.astype(np.uint16)
+        resent = 0
         # Chunks go in id order and each is acknowledged before the next, so the server's count is a prefix.
         start = min(hello.registered, samples)
         if start:
@@ -111,10 +118,18 @@ class Registration:
                 reply = self.link.call(request, timeout=self.config.reply_timeout_s)
             except TimeoutError:
                 log.warning("registration chunk at %d timed out; sending it again", start)
+                resent += 1
                 continue
             if not isinstance(reply, RegisterAck):
                 raise RegistrationError(f"registration chunk rejected: {reply}")
             start = int(ids[-1]) + 1
+        now = time.monotonic()
+        self.timings = {
+            "hash": round(hashed - started, 3),
+            "hello": round(greeted - hashed, 3),
+            "chunks": round(now - greeted, 3),
+            "resent": resent,
+        }
         if hello.registered < samples:
-            log.info("registered %d samples (%d hash bytes each)", samples, hashes.shape[1])
+            log.info("registered %d samples (%d hash bytes each) %s", samples, hashes.shape[1], self.timings)
         self._registered.set()

@@ -14,7 +14,7 @@ from edge.algorithms import DeviceParts, make_algorithm, model_seed
 from edge.backends import Trainer, make_trainer
 from edge.baseline import Algorithm
 from edge.config import DataConfig, DeviceConfig
-from edge.data import Shard, device_shard, load_dataset
+from edge.data import Shard, device_shard, limit_train_samples, load_dataset
 from edge.knowledge import BatchSchedule
 from edge.link import KnowledgeLink
 from edge.shard_file import load_shard
@@ -42,12 +42,36 @@ class UndeliveredError(RuntimeError):
         self.metrics = metrics
 
 
-def _device_shard(data: DataConfig) -> Shard:
-    """This device's shard: read from the file a flashed bundle ships, else derived from the whole dataset."""
+def _device_shard(data: DataConfig, *, max_samples: int = 0) -> Shard:
+    """This device's shard: read from the file a flashed bundle ships, else derived from the whole dataset;
+    then cut to `max_samples` training samples (train.max_samples) when that is set."""
     if data.shard:
-        return load_shard(Path(data.shard), dataset=data.dataset, index=data.index, num_devices=data.num_devices)
-    dataset = load_dataset(data.dataset)
-    return device_shard(dataset, num_devices=data.num_devices, alpha=data.alpha, seed=data.seed, index=data.index)
+        shard = load_shard(Path(data.shard), dataset=data.dataset, index=data.index, num_devices=data.num_devices)
+    else:
+        dataset = load_dataset(data.dataset)
+        shard = device_shard(dataset, num_devices=data.num_devices, alpha=data.alpha, seed=data.seed, index=data.index)
+    return limit_train_samples(shard, max_samples=max_samples, seed=data.seed)
+
+
+class StartupClock:
+    """Where a device's start-up went: wall seconds of each phase from process start to its first report.
+
+    Phases in order: `imports` (the interpreter's, torch's), `shard` (dataset and split), `model` (the
+    trainer), `state` (durable state, link, algorithm), `join` (the algorithm's start: hello, registration
+    and the wait for it), `first_eval` (the evaluation of the first report); plus `cpu`, the CPU seconds
+    the process had used by then. Reported in every metrics message as `startup_s`, so a trial can show
+    what its processes starting together on one host wait for.
+    """
+
+    def __init__(self, started: float | None = None) -> None:
+        self._last = time.monotonic() if started is None else started
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        """`phase` ended now: it took the time since the previous mark (or the process start)."""
+        now = time.monotonic()
+        self.phases[phase] = round(now - self._last, 3)
+        self._last = now
 
 
 class DeviceRuntime:
@@ -57,9 +81,14 @@ class DeviceRuntime:
     (`edge.baseline.Algorithm`), and a checkpoint lets a killed device resume where it was.
     """
 
-    def __init__(self, config: DeviceConfig) -> None:
+    def __init__(self, config: DeviceConfig, *, started: float | None = None) -> None:
+        """`started`: time.monotonic() when the process began (its imports count as start-up); default now."""
         self.config = config
-        self.shard: Shard = _device_shard(config.data)
+        self.startup = StartupClock(started)
+        if started is not None:
+            self.startup.mark("imports")
+        self.shard: Shard = _device_shard(config.data, max_samples=config.train.max_samples)
+        self.startup.mark("shard")
         self.classes = self.shard.classes
         self.input_shape = self.shard.input_shape
         torch.manual_seed(config.train.seed * 1000 + config.data.index)
@@ -79,6 +108,7 @@ class DeviceRuntime:
             batch_size=train.batch_size,
             eval_backend=train.eval_backend,
         )
+        self.startup.mark("model")
         self.state = DeviceState(config.state_path, classes=self.classes)
         self.schedule = BatchSchedule(
             samples=len(self.shard.y_train), batch_size=train.batch_size, epochs=train.epochs, seed=train.seed
@@ -107,6 +137,7 @@ class DeviceRuntime:
         )
         self.offline_steps = 0
         self._started = time.monotonic()
+        self.startup.mark("state")
 
     def _checkpoint(self) -> None:
         self.state.save_checkpoint(Checkpoint(position=self.position, trainer=self.trainer.checkpoint_state()))
@@ -114,6 +145,9 @@ class DeviceRuntime:
 
     def _report(self, *, epoch: int, done: bool) -> dict[str, Any]:
         accuracy = self.trainer.accuracy(self.shard.x_test, self.shard.y_test)
+        if "first_eval" not in self.startup.phases:  # the first report carries its own evaluation's time
+            self.startup.mark("first_eval")
+            self.startup.phases["cpu"] = round(time.process_time(), 3)
         latencies = self.link.latencies_s
         metrics: dict[str, Any] = {
             "device": self.config.id,
@@ -131,6 +165,7 @@ class DeviceRuntime:
             "latency_ms_p50": float(np.median(latencies) * 1000) if latencies else None,
             "train_samples": len(self.shard.y_train),
             "test_samples": len(self.shard.y_test),
+            "startup_s": self.startup.phases,
             "done": done,
         }
         metrics |= self.algorithm.metrics()
@@ -192,6 +227,7 @@ class DeviceRuntime:
         self.link.start()
         try:
             self.algorithm.start()
+            self.startup.mark("join")
             metrics = self.train()
         except BaseException:
             self.link.close(timeout=ABORT_DELIVERY_TIMEOUT_S)

@@ -17,6 +17,7 @@ from edge.data import (
     device_shard,
     dirichlet_partition,
     fashion_mnist_dir,
+    limit_train_samples,
     load_dataset,
     read_idx,
     write_idx,
@@ -222,3 +223,25 @@ def test_device_shard_of_digits() -> None:
     assert shard.index == 4 and shard.num_devices == 5 and shard.classes == 10
     with pytest.raises(ValueError):
         device_shard(data, num_devices=5, alpha=1.0, seed=0, index=5)
+
+
+def test_sample_cap_keeps_a_fixed_stratified_subset_and_the_whole_test_split() -> None:
+    data = _synthetic_dataset()
+    shard = device_shard(data, num_devices=10, alpha=0.5, seed=0, index=2)
+    cap = len(shard.y_train) // 3
+    capped = limit_train_samples(shard, max_samples=cap, seed=0)
+    assert len(capped.y_train) == cap
+    assert set(capped.train_indices) <= set(shard.train_indices)
+    np.testing.assert_array_equal(capped.x_train, data.x_train[capped.train_indices])
+    np.testing.assert_array_equal(capped.y_train, data.y_train[capped.train_indices])
+    expected = np.bincount(shard.y_train, minlength=10) * cap / len(shard.y_train)
+    assert np.abs(np.bincount(capped.y_train, minlength=10) - expected).max() < 1  # the device's label mix
+    np.testing.assert_array_equal(capped.test_indices, shard.test_indices)  # evaluated on the same split
+    again = limit_train_samples(device_shard(data, num_devices=10, alpha=0.5, seed=0, index=2), max_samples=cap, seed=0)
+    np.testing.assert_array_equal(again.train_indices, capped.train_indices)  # every run keeps the same samples
+    other_seed = limit_train_samples(shard, max_samples=cap, seed=1)
+    assert not np.array_equal(other_seed.train_indices, capped.train_indices)
+    assert limit_train_samples(shard, max_samples=0, seed=0) is shard
+    assert limit_train_samples(shard, max_samples=len(shard.y_train), seed=0) is shard
+    with pytest.raises(ValueError):
+        limit_train_samples(shard, max_samples=-1, seed=0)

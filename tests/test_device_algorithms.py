@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import re
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,21 @@ def test_device_without_a_server_reports_no_exchange_and_counts_offline_steps(tm
     )
     assert final["teacher_coverage"] == 0 and final["outbox"] == 0 and final["rejections"] == 0
     assert final["offline_steps"] == final["step"] == len(runtime.schedule)  # never connected, trained anyway
+    assert list(final["startup_s"]) == ["shard", "model", "state", "first_eval", "cpu"]  # start-up, phase by phase
+
+
+def test_a_capped_device_trains_and_reports_only_its_capped_samples(tmp_path: Path) -> None:
+    config = _config(tmp_path / "state", epochs=1)
+    capped = replace(config, train=replace(config.train, max_samples=50))
+    runtime = DeviceRuntime(capped)
+    try:
+        final = runtime.train()
+    finally:
+        runtime.state.close()
+    assert len(runtime.shard.y_train) == 50 and final["train_samples"] == 50
+    assert final["step"] == len(runtime.schedule) == -(-50 // capped.train.batch_size)
+    with pytest.raises(ValueError, match="max_samples"):
+        replace(config, train=replace(config.train, max_samples=-1))
 
 
 # ---------------------------------------------------------------- FedCache's hooks

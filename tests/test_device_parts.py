@@ -67,3 +67,68 @@ def test_config_round_trips_through_toml_and_rejects_typos(tmp_path: Path) -> No
         load_config(path)
     with pytest.raises(ValueError, match="device id"):
         DeviceConfig(id="bad/id")
+
+
+def _batches(steps: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [
+        (
+            rng.standard_normal((8, 1, 8, 8), dtype=np.float32),
+            rng.integers(0, 10, 8),
+            rng.standard_normal((8, 10), dtype=np.float32),
+            rng.random(8) < 0.7,
+        )
+        for _ in range(steps)
+    ]
+
+
+def test_sgd_is_torch_optim_sgd_bit_for_bit_and_checkpoints_cross_restore() -> None:
+    from edge.trainer import TorchTrainer
+    from models.zoo import build_model
+
+    settings = {"lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "loss": LossSettings()}
+    ours = TorchTrainer(model=build_model("resnet8", classes=10, in_channels=1, seed=3), **settings)
+    model = build_model("resnet8", classes=10, in_channels=1, seed=3)
+    reference = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    batches = _batches(6)
+    for x, y, teacher, mask in batches:
+        ours.step(x, y, teacher, mask)
+        model.train()
+        student = model(torch.from_numpy(x))
+        loss = fedcache_loss(
+            student, torch.from_numpy(y), torch.from_numpy(teacher), torch.from_numpy(mask.astype(np.float32)),
+            LossSettings(),
+        )  # fmt: skip
+        reference.zero_grad(set_to_none=True)
+        loss.backward()
+        reference.step()
+    for (name, mine), theirs in zip(ours.model.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(mine, theirs), name
+    # Our checkpoint restores into torch.optim.SGD and back, momentum buffers included.
+    reference.load_state_dict(ours.checkpoint_state()["optimizer"])
+    restored = TorchTrainer(model=build_model("resnet8", classes=10, in_channels=1, seed=3), **settings)
+    restored.restore_checkpoint_state({"model": model.state_dict(), "optimizer": reference.state_dict()})
+    x, y, teacher, mask = batches[0]
+    assert np.array_equal(restored.step(x, y, teacher, mask), ours.step(x, y, teacher, mask))
+    after = zip(restored.model.state_dict().values(), ours.model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in after)
+
+
+def test_a_torch_device_never_imports_torch_dynamo() -> None:
+    """torch.optim imports torch._dynamo (1.4 s of CPU per device process); the device's trainer must not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from edge.backends import make_trainer\n"
+        "from models.loss import LossSettings\n"
+        "t = make_trainer(backend='torch', arch='cnn', classes=10, in_channels=1, seed=0, lr=0.01, momentum=0.9,\n"
+        "    weight_decay=5e-4, loss=LossSettings(), artifacts_dir='.', input_shape=(1, 8, 8), batch_size=8)\n"
+        "x = np.zeros((8, 1, 8, 8), np.float32)\n"
+        "t.step(x, np.zeros(8, np.int64), np.zeros((8, 10), np.float32), np.ones(8, bool))\n"
+        "t.accuracy(x, np.zeros(8, np.int64)); t.restore_checkpoint_state(t.checkpoint_state())\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
