@@ -113,7 +113,7 @@ class BrokerSecurity:
     key_file: Path
     crl_file: Path
     run_file: Path
-    tls_port: int = 0  # 0: a free port
+    tls_port: int = 0  # 0: a free port; -1: no password listener over TLS
     cert_port: int = 0  # 0: a free port; -1: no certificate listener
 
 
@@ -138,7 +138,8 @@ def _security_lines(security: BrokerSecurity, *, port: int, binds: tuple[str, ..
         *_listener_lines(port, LOOPBACK),
     ]
     for address in binds:
-        lines += _listener_lines(security.tls_port, address, *server_tls)
+        if security.tls_port > 0:
+            lines += _listener_lines(security.tls_port, address, *server_tls)
         if security.cert_port > 0:
             lines += _listener_lines(
                 security.cert_port,
@@ -214,6 +215,11 @@ def _with_free_ports(security: BrokerSecurity) -> BrokerSecurity:
         tls_port=security.tls_port or free_port(),
         cert_port=security.cert_port or free_port(),
     )
+
+
+def _tls_ports(security: BrokerSecurity) -> list[int]:
+    """The TLS listeners' ports (a port of -1 means that listener is off)."""
+    return [p for p in (security.tls_port, security.cert_port) if p > 0]
 
 
 class MosquittoBroker:
@@ -326,7 +332,7 @@ class MosquittoBroker:
     def _listeners(self) -> list[tuple[str, int]]:
         if self.security is None:
             return [(host, self.port) for host in (self.bind, *self.extra_binds)]
-        tls_ports = [self.security.tls_port] + ([self.security.cert_port] if self.security.cert_port > 0 else [])
+        tls_ports = _tls_ports(self.security)
         return [(LOOPBACK, self.port)] + [(h, p) for h in (self.bind, *self.extra_binds) for p in tls_ports]
 
     def _write_run_file(self) -> None:
