@@ -33,6 +33,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 import broker_server
 from broker_server.handlers import CacheService
 from broker_server.mqtt_server import CacheServer
+from broker_server.state_factory import STATE_DIRNAME
 from fedwire import HashKind, Hello, HelloAck, Kind, Register, RegisterAck, decode, down_topic, encode, pki, up_topic
 from fedwire.dynsec import SERVER_ROLE, observer_acls, server_acls
 from fedwire.fleet import Provisioned, SecurityDir
@@ -277,10 +278,11 @@ class SecureStack:
         self.broker.stop()
 
 
-def serve(stack: SecureStack, client_id: str) -> CacheServer:
-    """A cache server (state in memory) under its own service identity, on the loopback listener."""
+def serve(stack: SecureStack, client_id: str, *, data_dir: Path | None = None) -> CacheServer:
+    """A cache server under its own service identity, on the loopback listener; its state in data_dir/state
+    (where `main.py inspect --data-dir` reads it), or in memory."""
     server = CacheServer(
-        service=CacheService.open(None, neighbours=4),
+        service=CacheService.open(data_dir / STATE_DIRNAME if data_dir else None, neighbours=4),
         address=stack.broker.address,
         client_id=client_id,
         credentials=stack.service(client_id),
