@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import replace
+from collections.abc import Sequence
 from pathlib import Path
 
 from android_harness.bundle import build_bundle
 from android_harness.targets import InstallOptions, make_target
 from edge.config import load_config
-from fedwire.dynsec import DynsecAdmin, admin_session
 from fedwire.fleet import (
     AUTH_KINDS,
     BUNDLE_CERT,
@@ -22,7 +19,6 @@ from fedwire.fleet import (
     SecurityDir,
     check_device_id,
 )
-from fedwire.mosquitto import MosquittoBroker
 from fedwire.mqtt import BrokerAddress, Credentials
 
 # The ports `broker_server/main.py` gives its TLS listeners by default (--tls-port, --cert-port).
@@ -81,28 +77,6 @@ def add_flash_parser(commands: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------- credentials
-
-
-@contextmanager
-def fleet_admin(security_dir: SecurityDir) -> Iterator[DynsecAdmin]:
-    """A control session with the broker serving `security_dir`, or with a short-lived private one.
-
-    What `SecurityDir.admin()` promises; its offline branch asks for a broker with no TLS listener (tls_port -1),
-    which fedwire.mosquitto does not support yet (it binds port -1), so the offline broker here gets a TLS
-    listener on a free loopback port instead, for the few seconds it runs.
-    """
-    if security_dir.running_broker() is not None:
-        with security_dir.admin() as admin:
-            yield admin
-        return
-    offline = replace(
-        security_dir.broker_security(), tls_port=0, cert_port=-1, run_file=security_dir.root / "offline-broker.json"
-    )
-    with (
-        MosquittoBroker(data_dir=security_dir.root / "offline-broker", persistence=False, security=offline) as broker,
-        admin_session(broker.address, security_dir.admin_credentials) as admin,
-    ):
-        yield admin
 
 
 def device_broker_url(url: str | None, *, auth: str, fallback_host: str = "127.0.0.1") -> BrokerAddress:
@@ -178,7 +152,7 @@ def run_provision(args: argparse.Namespace) -> int:
         raise SystemExit(f"--broker-url: {exc}") from exc
     security_dir, reissued = open_security_dir(args.data_dir, hosts=[broker.host])
     known = security_dir.devices()
-    with fleet_admin(security_dir) as admin:
+    with security_dir.admin() as admin:
         if reissued:
             security_dir.reload_broker(admin)  # new handshakes present a certificate that names broker.host
             print(f"broker certificate reissued to name {broker.host}")
@@ -212,7 +186,7 @@ def run_revoke(args: argparse.Namespace) -> int:
     running = security_dir.running_broker()
     where = f"the running broker (pid {running['pid']})" if running is not None else "the security directory"
     print(f"revoking {', '.join(args.devices)} through {where}", flush=True)
-    with fleet_admin(security_dir) as admin:
+    with security_dir.admin() as admin:
         for device in args.devices:
             security_dir.revoke(admin, device)
             what = "certificate on the CRL" if known[device].get("serial") is not None else "password deleted"
@@ -246,7 +220,7 @@ def run_flash(args: argparse.Namespace) -> int:
         auth = args.provision
 
         def provision(directory: Path) -> Credentials:
-            with fleet_admin(security_dir) as admin:
+            with security_dir.admin() as admin:
                 if reissued:
                     security_dir.reload_broker(admin)
                 return security_dir.provision(admin, config.id, auth=auth, out=directory).credentials
@@ -269,7 +243,6 @@ def run_flash(args: argparse.Namespace) -> int:
 __all__ = [
     "add_flash_parser",
     "device_broker_url",
-    "fleet_admin",
     "run_flash",
     "run_provision",
     "run_revoke",
