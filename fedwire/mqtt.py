@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fedwire.constants import DEFAULT_QOS, DEFAULT_SESSION_EXPIRY_S
+from fedwire.constants import DEFAULT_QOS, DEFAULT_SESSION_EXPIRY_S, MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,11 @@ class AcknowledgedPublisher:
     def publish(
         self, topic: str, payload: bytes | str, *, retain: bool = False, properties: Properties | None = None
     ) -> None:
+        size = len(payload.encode() if isinstance(payload, str) else payload)
+        if size > MAX_PAYLOAD_BYTES:
+            # The broker would refuse the packet by disconnecting us, and paho would resend it after every
+            # reconnect: one oversized message would stall everything queued behind it for good.
+            raise ValueError(f"a {size} B message for {topic} exceeds the wire's {MAX_PAYLOAD_BYTES} B limit")
         info = self._client.publish(topic, payload, qos=DEFAULT_QOS, retain=retain, properties=properties)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
             raise RuntimeError(f"paho refused to queue a message for {topic}: its outgoing queue is full")

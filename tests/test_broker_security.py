@@ -35,10 +35,11 @@ from broker_server.handlers import CacheService
 from broker_server.mqtt_server import CacheServer
 from broker_server.state_factory import STATE_DIRNAME
 from fedwire import HashKind, Hello, HelloAck, Kind, Register, RegisterAck, decode, down_topic, encode, pki, up_topic
+from fedwire.constants import MAX_PAYLOAD_BYTES
 from fedwire.dynsec import SERVER_ROLE, observer_acls, server_acls
 from fedwire.fleet import Provisioned, SecurityDir
 from fedwire.mosquitto import MAX_PACKET_BYTES, MosquittoBroker, free_port
-from fedwire.mqtt import BrokerAddress, Credentials, apply_credentials
+from fedwire.mqtt import AcknowledgedPublisher, BrokerAddress, Credentials, apply_credentials, make_client
 from fedwire.topics import SERVER_STATUS, metrics_topic
 
 NOT_AUTHORIZED = 0x87
@@ -847,6 +848,16 @@ def test_an_oversized_packet_is_refused_at_the_broker_and_never_reaches_the_serv
         device.close()
     assert handled(server) == served + 1
     assert [len(m.payload) for m in spy.since(spied) if m.topic == topic] == []
+
+
+def test_our_publisher_refuses_an_oversized_message_before_it_can_stall_the_link() -> None:
+    """paho would resend a packet the broker refused after every reconnect, blocking all queued behind it."""
+    publisher = AcknowledgedPublisher(make_client(client_id="oversize-probe"))
+    with pytest.raises(ValueError, match="exceeds the wire's"):
+        publisher.publish("fedcache/v1/A/up/update", b"\x00" * (MAX_PAYLOAD_BYTES + 1))
+    assert publisher.unacknowledged() == 0
+    publisher.publish("fedcache/v1/A/up/update", b"\x00" * MAX_PAYLOAD_BYTES)  # queued while offline: at the limit
+    assert publisher.unacknowledged() == 1
 
 
 # ---------------------------------------------------------------- 8. retained requests
