@@ -14,6 +14,8 @@ from fedwire.mqtt import BrokerAddress, Credentials
 # fd and fedavg are the comparison's baselines (edge/fd_client.py, edge/fedavg_client.py).
 ALGORITHMS = ("fedcache", "local", "fd", "fedavg")
 EVAL_BACKENDS = ("executorch", "onnxruntime")
+# Malicious behaviours a device can be given for robustness trials (edge/attacks.py, docs/robustness.md).
+ATTACKS = ("fdla", "pcfdla", "fdsa", "label_flip", "adaptive", "hub")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,29 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    """A malicious device's behaviour (edge/attacks.py); an empty `kind` is an honest device."""
+
+    kind: str = ""  # one of ATTACKS
+    seed: int = 0
+    shift: float = 20.0  # pcfdla: s ~ U(-shift, shift) per batch
+    scale: float = 2.0  # fdsa: the vector is multiplied by this (>= 2)
+    pull: float = 0.5  # fdsa: how far the swapped top two move towards their mean, in [0, 1)
+    fraction: float = 0.5  # label_flip: share of samples whose maximum moves to a wrong class
+    target: int = -1  # adaptive: the wrong class mass is pushed onto (-1: label + 1)
+    margin: float = 0.1  # adaptive: the target sits this share of the top-to-mean gap below the top logit
+    hub_copies: int = 64  # hub: crafted hashes registered per class besides the device's own samples
+
+    def __post_init__(self) -> None:
+        if self.kind and self.kind not in ATTACKS:
+            raise ValueError(f"attack.kind must be empty (honest) or one of {ATTACKS}, got {self.kind!r}")
+        if not self.shift > 0 or self.scale < 2 or not 0 <= self.pull < 1 or not 0 < self.fraction <= 1:
+            raise ValueError("attack: shift > 0, scale >= 2, 0 <= pull < 1 and 0 < fraction <= 1 are required")
+        if self.target < -1 or not 0 < self.margin < 1 or self.hub_copies < 0:
+            raise ValueError("attack: target >= -1, 0 < margin < 1 and hub_copies >= 0 are required")
+
+
+@dataclass(frozen=True)
 class DeviceConfig:
     """Everything one device process needs."""
 
@@ -107,6 +132,7 @@ class DeviceConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     hash: HashConfig = field(default_factory=HashConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def __post_init__(self) -> None:
         if not DEVICE_ID_PATTERN.match(self.id):
@@ -138,6 +164,7 @@ _SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "hash": HashConfig,
     "security": SecurityConfig,
+    "attack": AttackConfig,
 }
 _ENUM_FIELDS: dict[str, type] = {"logit_encoding": LogitEncoding, "teacher_form": TeacherForm, "kind": HashKind}
 
@@ -180,6 +207,8 @@ def config_to_toml(config: DeviceConfig) -> str:
         if f.name not in _SECTIONS:
             lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
     for name in _SECTIONS:
+        if name == "attack" and not config.attack.kind:
+            continue  # honest devices' files stay as they were
         lines.append(f"\n[{name}]")
         section = getattr(config, name)
         lines += [f"{f.name} = {_toml_value(getattr(section, f.name))}" for f in fields(section)]
@@ -195,6 +224,7 @@ def _toml_value(value: Any) -> str:
 
 
 __all__ = [
+    "AttackConfig",
     "DataConfig",
     "DeviceConfig",
     "HashConfig",

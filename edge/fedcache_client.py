@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge.attacks import logit_attack
 from edge.baseline import exchange_metrics, next_version
 from edge.config import DeviceConfig
 from edge.knowledge import BatchSchedule, TeacherCache
@@ -58,6 +59,8 @@ class FedCacheClient:
         self.registration = Registration(config=config, link=link, shard=shard)
         self.teachers = TeacherCache(samples=len(shard.y_train), classes=shard.classes)
         self.teachers.store_all(*state.load_teachers())
+        # A malicious device (config [attack]) uploads crafted logits; it trains on its own, like anyone.
+        self.attack = logit_attack(config.attack, device_index=config.data.index)
         self._replies: queue.SimpleQueue[tuple[Reply, int]] = queue.SimpleQueue()
         self._in_flight: dict[int, _InFlight] = {}
         self._fetched_upto = 0
@@ -82,7 +85,7 @@ class FedCacheClient:
         return self.teachers.lookup(ids)
 
     def after_step(self, *, ids: np.ndarray, labels: np.ndarray, logits: np.ndarray, position: int) -> None:
-        self.state.outbox_put(ids, logits)
+        self.state.outbox_put(ids, logits if self.attack is None else self.attack(logits, labels))
         self._exchange(position)
 
     def end_epoch(self, *, epoch: int, last: bool) -> None:

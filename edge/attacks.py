@@ -1,0 +1,193 @@
+"""Malicious device behaviours for robustness trials: poisoned logit uploads and hub (Sybil) registrations.
+
+A malicious device is an ordinary device process on the real wire: it registers, trains and uploads like
+anyone, passes every validation, and only the values it uploads (or the hashes it registers) are crafted.
+Every transform works on a whole batch at once (no per-sample Python loop) and draws from its own seeded
+generator, so a trial with attackers is repeatable. docs/robustness.md describes each attack and its source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.config import ATTACKS, AttackConfig
+from fedwire import HashKind
+
+# What a hub device's crafted samples upload: a confident vector whose top class is the one after the label.
+HUB_LOGIT = 10.0
+# Share of a crafted binary hash's bits flipped away from the class centre (near-copies, not one hash).
+HUB_FLIP_SHARE = 0.02
+_FLOAT16 = np.dtype("<f2")
+
+LogitAttack = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _ranked(logits: np.ndarray) -> np.ndarray:
+    """(n, C) class indices of each row ordered from the highest logit down (ties: lower class first)."""
+    return np.argsort(-logits, axis=1, kind="stable")
+
+
+def fdla(logits: np.ndarray) -> np.ndarray:
+    """FDLA: each row's values shifted one rank: the top value goes to the second class, the second's to the
+    third, ..., and the lowest to the top class (a cyclic shift of the ranking)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    order = _ranked(logits)
+    values = np.take_along_axis(logits, order, axis=1)
+    out = np.empty_like(logits)
+    np.put_along_axis(out, np.roll(order, -1, axis=1), values, axis=1)
+    return out
+
+
+def pcfdla(logits: np.ndarray, *, shift: float) -> np.ndarray:
+    """PCFDLA with one drawn `shift` s: every class lowered by s except the second-highest, raised by s.
+
+    With s > 0 the second class gains 2s on all others (a large s makes it the top); with s < 0 the top
+    class is sharpened instead. The caller draws s ~ U(-20, 20) once per batch.
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    out = logits - np.float32(shift)
+    second = _ranked(logits)[:, 1:2]
+    np.put_along_axis(out, second, np.take_along_axis(logits, second, axis=1) + np.float32(shift), axis=1)
+    return out
+
+
+def fdsa(logits: np.ndarray, *, scale: float, pull: float) -> np.ndarray:
+    """FDSA: the top two values swapped and pulled towards their mean by `pull`, then the row times `scale`."""
+    logits = np.asarray(logits, dtype=np.float32)
+    two = _ranked(logits)[:, :2]
+    top = np.take_along_axis(logits, two, axis=1)  # (n, 2): highest, second
+    mean = top.mean(axis=1, keepdims=True)
+    swapped = mean + (1 - np.float32(pull)) * (top[:, ::-1] - mean)
+    out = logits.copy()
+    np.put_along_axis(out, two, swapped, axis=1)
+    return out * np.float32(scale)
+
+
+def label_flip(logits: np.ndarray, labels: np.ndarray, *, rng: np.random.Generator, fraction: float) -> np.ndarray:
+    """On a `fraction` of the rows (drawn), the maximum swapped with a random class other than the label."""
+    logits = np.asarray(logits, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    count, classes = logits.shape
+    chosen = rng.random(count) < fraction
+    wrong = (labels + rng.integers(1, classes, size=count)) % classes
+    top = logits.argmax(axis=1)
+    rows = np.flatnonzero(chosen)
+    out = logits.copy()
+    out[rows, wrong[rows]] = logits[rows, top[rows]]
+    out[rows, top[rows]] = logits[rows, wrong[rows]]
+    return out
+
+
+def adaptive(logits: np.ndarray, labels: np.ndarray, *, target: int, margin: float) -> np.ndarray:
+    """Top class kept equal to the label and the row's L2 norm kept, but the wrong class `target` (label + 1
+    where the label is the target, or target -1) raised to just below the top: `margin` of the top-to-mean gap.
+
+    It passes every check a server can make on one row (argmax equals the registered label, an ordinary
+    norm) while a teacher built from it puts almost as much mass on `target` as on the true class.
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    classes = logits.shape[1]
+    wrong = (labels + 1) % classes if target < 0 else np.where(labels == target, (target + 1) % classes, target)
+    top = logits.max(axis=1)
+    gap = np.maximum(top - logits.mean(axis=1), np.float32(1e-3))
+    rows = np.arange(logits.shape[0])
+    out = logits.copy()
+    out[rows, labels] = top + np.float32(margin) * gap
+    out[rows, wrong] = top
+    norm = np.linalg.norm(logits, axis=1, keepdims=True)
+    scaled: np.ndarray = out * (norm / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12)))
+    return scaled.astype(np.float32)
+
+
+def logit_attack(config: AttackConfig, *, device_index: int = 0) -> LogitAttack | None:
+    """The upload transform `(logits, labels) -> logits` a device with this attack applies; None when honest.
+
+    The generator is seeded from (attack seed, device index), so two attackers of one trial differ and a
+    rerun repeats. A hub device uploads its own samples honestly (its crafted samples carry the poison).
+    """
+    if config.kind not in ATTACKS or config.kind == "hub":
+        return None
+    rng = np.random.default_rng([config.seed, device_index])
+    kind = config.kind
+
+    def attack(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        if kind == "fdla":
+            return fdla(logits)
+        if kind == "pcfdla":
+            return pcfdla(logits, shift=float(rng.uniform(-config.shift, config.shift)))
+        if kind == "fdsa":
+            return fdsa(logits, scale=config.scale, pull=config.pull)
+        if kind == "label_flip":
+            return label_flip(logits, labels, rng=rng, fraction=config.fraction)
+        return adaptive(logits, labels, target=config.target, margin=config.margin)
+
+    return attack
+
+
+@dataclass(frozen=True, eq=False)
+class HubSamples:
+    """Crafted samples a hub device registers after its own: ids continue its local ids."""
+
+    ids: np.ndarray  # uint32 (m,)
+    labels: np.ndarray  # uint16 (m,)
+    hashes: np.ndarray  # uint8 (m, hash_bytes)
+    logits: np.ndarray  # float32 (m, classes): what it uploads for them
+
+    @property
+    def count(self) -> int:
+        return int(self.ids.size)
+
+
+def hub_samples(
+    hashes: np.ndarray,
+    labels: np.ndarray,
+    *,
+    kind: HashKind,
+    classes: int,
+    copies: int,
+    rng: np.random.Generator,
+) -> HubSamples:
+    """Per class the device holds, `copies` near-copies of the class centre of its own hashes.
+
+    In a few hundred dimensions a class centre lies nearer to most of the class's samples than they lie to
+    each other (hubness), so near-copies of it fill the R slots of honest samples of every device. Binary
+    hashes: the per-bit majority with HUB_FLIP_SHARE of the bits flipped at random per copy; float16 hashes:
+    the mean plus small Gaussian noise. Their logits put a confident maximum on the class after the label.
+    """
+    hashes = np.asarray(hashes, dtype=np.uint8)
+    labels = np.asarray(labels, dtype=np.int64)
+    held = np.unique(labels)
+    count = held.size * copies
+    crafted_labels = np.repeat(held, copies)
+    if count == 0:
+        crafted = np.zeros((0, hashes.shape[1]), np.uint8)
+    elif kind is HashKind.BINARY:
+        bits = np.unpackbits(hashes, axis=1).astype(np.float32)
+        sums = np.zeros((classes, bits.shape[1]), np.float32)
+        np.add.at(sums, labels, bits)
+        centres = sums[held] / np.bincount(labels, minlength=classes)[held, None] >= 0.5
+        flips = rng.random((count, bits.shape[1])) < HUB_FLIP_SHARE
+        crafted = np.packbits(np.repeat(centres, copies, axis=0) ^ flips, axis=1)
+    else:
+        features = np.ascontiguousarray(hashes).view(_FLOAT16).astype(np.float32)
+        sums = np.zeros((classes, features.shape[1]), np.float32)
+        np.add.at(sums, labels, features)
+        centres = sums[held] / np.bincount(labels, minlength=classes)[held, None]
+        noise = rng.normal(0.0, 0.01 * float(features.std() or 1.0), size=(count, features.shape[1]))
+        crafted = (np.repeat(centres, copies, axis=0) + noise).astype(_FLOAT16).view(np.uint8)
+    logits = np.zeros((count, classes), np.float32)
+    logits[np.arange(count), (crafted_labels + 1) % classes] = HUB_LOGIT
+    first = labels.size
+    return HubSamples(
+        ids=np.arange(first, first + count, dtype=np.uint32),
+        labels=crafted_labels.astype(np.uint16),
+        hashes=np.ascontiguousarray(crafted, dtype=np.uint8),
+        logits=logits,
+    )
+
+
+__all__ = ["HubSamples", "LogitAttack", "adaptive", "fdla", "fdsa", "hub_samples", "label_flip", "logit_attack"]
