@@ -83,7 +83,8 @@ def label_flip(logits: np.ndarray, labels: np.ndarray, *, rng: np.random.Generat
 
 def adaptive(logits: np.ndarray, labels: np.ndarray, *, target: int, margin: float) -> np.ndarray:
     """Top class kept equal to the label and the row's L2 norm kept, but the wrong class `target` (label + 1
-    where the label is the target, or target -1) raised to just below the top: `margin` of the top-to-mean gap.
+    where the label is the target, or target -1) raised above every other class, just below the label: the
+    label `margin` of the row's top-to-mean gap above the old top, the target half as far.
 
     It passes every check a server can make on one row (argmax equals the registered label, an ordinary
     norm) while a teacher built from it puts almost as much mass on `target` as on the true class.
@@ -97,7 +98,7 @@ def adaptive(logits: np.ndarray, labels: np.ndarray, *, target: int, margin: flo
     rows = np.arange(logits.shape[0])
     out = logits.copy()
     out[rows, labels] = top + np.float32(margin) * gap
-    out[rows, wrong] = top
+    out[rows, wrong] = top + np.float32(margin / 2) * gap
     norm = np.linalg.norm(logits, axis=1, keepdims=True)
     scaled: np.ndarray = out * (norm / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), np.float32(1e-12)))
     return scaled.astype(np.float32)
@@ -109,19 +110,19 @@ def logit_attack(config: AttackConfig, *, device_index: int = 0) -> LogitAttack 
     The generator is seeded from (attack seed, device index), so two attackers of one trial differ and a
     rerun repeats. A hub device uploads its own samples honestly (its crafted samples carry the poison).
     """
-    if config.kind not in ATTACKS or config.kind == "hub":
+    if config.mode not in ATTACKS or config.mode == "hub":
         return None
     rng = np.random.default_rng([config.seed, device_index])
-    kind = config.kind
+    mode = config.mode
 
     def attack(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        if kind == "fdla":
+        if mode == "fdla":
             return fdla(logits)
-        if kind == "pcfdla":
+        if mode == "pcfdla":
             return pcfdla(logits, shift=float(rng.uniform(-config.shift, config.shift)))
-        if kind == "fdsa":
+        if mode == "fdsa":
             return fdsa(logits, scale=config.scale, pull=config.pull)
-        if kind == "label_flip":
+        if mode == "label_flip":
             return label_flip(logits, labels, rng=rng, fraction=config.fraction)
         return adaptive(logits, labels, target=config.target, margin=config.margin)
 

@@ -95,21 +95,21 @@ class SecurityConfig:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """A malicious device's behaviour (edge/attacks.py); an empty `kind` is an honest device."""
+    """A malicious device's behaviour (edge/attacks.py); an empty `mode` is an honest device."""
 
-    kind: str = ""  # one of ATTACKS
+    mode: str = ""  # one of ATTACKS
     seed: int = 0
     shift: float = 20.0  # pcfdla: s ~ U(-shift, shift) per batch
     scale: float = 2.0  # fdsa: the vector is multiplied by this (>= 2)
     pull: float = 0.5  # fdsa: how far the swapped top two move towards their mean, in [0, 1)
     fraction: float = 0.5  # label_flip: share of samples whose maximum moves to a wrong class
     target: int = -1  # adaptive: the wrong class mass is pushed onto (-1: label + 1)
-    margin: float = 0.1  # adaptive: the target sits this share of the top-to-mean gap below the top logit
+    margin: float = 0.1  # adaptive: the label this share of the top-to-mean gap above the old top, the target half
     hub_copies: int = 64  # hub: crafted hashes registered per class besides the device's own samples
 
     def __post_init__(self) -> None:
-        if self.kind and self.kind not in ATTACKS:
-            raise ValueError(f"attack.kind must be empty (honest) or one of {ATTACKS}, got {self.kind!r}")
+        if self.mode and self.mode not in ATTACKS:
+            raise ValueError(f"attack.mode must be empty (honest) or one of {ATTACKS}, got {self.mode!r}")
         if not self.shift > 0 or self.scale < 2 or not 0 <= self.pull < 1 or not 0 < self.fraction <= 1:
             raise ValueError("attack: shift > 0, scale >= 2, 0 <= pull < 1 and 0 < fraction <= 1 are required")
         if self.target < -1 or not 0 < self.margin < 1 or self.hub_copies < 0:
@@ -207,7 +207,7 @@ def config_to_toml(config: DeviceConfig) -> str:
         if f.name not in _SECTIONS:
             lines.append(f"{f.name} = {_toml_value(getattr(config, f.name))}")
     for name in _SECTIONS:
-        if name == "attack" and not config.attack.kind:
+        if name == "attack" and not config.attack.mode:
             continue  # honest devices' files stay as they were
         lines.append(f"\n[{name}]")
         section = getattr(config, name)

@@ -1,0 +1,145 @@
+"""Malicious uploads and registrations (edge/attacks.py): each transform does what issue 13 says, seeded."""
+
+from __future__ import annotations
+
+import tomllib
+
+import numpy as np
+import pytest
+
+from edge.attacks import adaptive, fdla, fdsa, hub_samples, label_flip, logit_attack, pcfdla
+from edge.config import AttackConfig, DeviceConfig, config_from_dict, config_to_toml
+from fedwire import HashKind
+
+CLASSES = 5
+
+
+def _logits(rows: int = 6, seed: int = 0) -> np.ndarray:
+    """Distinct values per row (no ties), so every rank is well defined."""
+    rng = np.random.default_rng(seed)
+    return (rng.permutation(rows * CLASSES).reshape(rows, CLASSES) * 0.37 - 4).astype(np.float32)
+
+
+def test_fdla_moves_each_value_one_rank_down_the_ranking() -> None:
+    row = np.array([[3.0, 1.0, 5.0, 2.0, 4.0]], np.float32)  # ranking: class 2, 4, 0, 3, 1
+    assert fdla(row).tolist() == [[4.0, 2.0, 1.0, 3.0, 5.0]]  # 5 to class 4, 4 to class 0, ..., lowest to class 2
+    logits = _logits()
+    out = fdla(logits)
+    order = np.argsort(-logits, axis=1)
+    rows = np.arange(logits.shape[0])
+    assert np.array_equal(out[rows, order[:, 1]], logits[rows, order[:, 0]])
+    assert np.array_equal(np.sort(out, axis=1), np.sort(logits, axis=1))  # the same values, moved
+
+
+def test_pcfdla_lowers_every_class_but_the_second_which_it_raises() -> None:
+    logits = _logits()
+    second = np.argsort(-logits, axis=1)[:, 1]
+    for shift in (7.5, -3.0):
+        delta = pcfdla(logits, shift=shift) - logits
+        expected = np.full_like(logits, -shift)
+        expected[np.arange(len(logits)), second] = shift
+        assert np.allclose(delta, expected)
+    assert np.array_equal(pcfdla(logits, shift=20.0).argmax(axis=1), second)  # a large s makes the second the top
+
+
+def test_pcfdla_draws_one_shift_per_batch_from_its_bound_seeded_per_device() -> None:
+    logits = _logits(rows=8)
+    labels = np.zeros(8, np.int64)
+
+    def shifts(seed: int, device: int) -> list[float]:
+        attack = logit_attack(AttackConfig(mode="pcfdla", seed=seed, shift=20.0), device_index=device)
+        assert attack is not None
+        drawn = []
+        for _ in range(50):
+            delta = attack(logits, labels) - logits
+            shift = -float(np.median(delta))  # 4 of 5 classes were lowered by s
+            assert np.allclose(np.abs(delta), abs(shift), atol=1e-4)  # one s for the whole batch
+            drawn.append(shift)
+        return drawn
+
+    drawn = shifts(3, 0)
+    assert max(abs(s) for s in drawn) <= 20.0
+    assert min(drawn) < -5 and max(drawn) > 5  # both signs, spread over the interval
+    assert shifts(3, 0) == drawn  # a rerun repeats
+    assert shifts(3, 1) != drawn  # another attacker of the same trial draws its own
+
+
+def test_fdsa_swaps_the_top_two_pulls_them_together_and_scales() -> None:
+    logits = _logits()
+    order = np.argsort(-logits, axis=1)
+    rows = np.arange(len(logits))
+    out = fdsa(logits, scale=2.0, pull=0.5)
+    assert np.array_equal(out.argmax(axis=1), order[:, 1])  # the old second class is on top
+    gap_before = logits[rows, order[:, 0]] - logits[rows, order[:, 1]]
+    gap_after = (out[rows, order[:, 1]] - out[rows, order[:, 0]]) / 2.0
+    assert np.allclose(gap_after, 0.5 * gap_before)  # pulled half-way towards their mean, reversed
+    others = np.ones_like(logits, bool)
+    others[rows, order[:, 0]] = others[rows, order[:, 1]] = False
+    assert np.allclose(out[others], 2.0 * logits[others])  # the rest of the vector only scaled
+
+
+def test_label_flip_moves_the_maximum_to_a_wrong_class_on_about_half_the_rows() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2000, CLASSES)).astype(np.float32)
+    labels = logits.argmax(axis=1)  # an honest device that classifies its samples right
+    out = label_flip(logits, labels, rng=np.random.default_rng(1), fraction=0.5)
+    flipped = out.argmax(axis=1) != labels
+    assert 0.45 < flipped.mean() < 0.55
+    assert np.array_equal(np.sort(out, axis=1), np.sort(logits, axis=1))  # values swapped, none invented
+    assert np.array_equal(out[~flipped], logits[~flipped])
+    wrong = out[flipped].argmax(axis=1)
+    assert len(np.unique(wrong)) == CLASSES  # any wrong class, drawn
+    assert np.array_equal(
+        label_flip(logits, labels, rng=np.random.default_rng(1), fraction=0.5), out
+    )  # seeded: the same draw again
+
+
+def test_adaptive_keeps_label_on_top_and_the_norm_but_puts_mass_on_the_target() -> None:
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, CLASSES, size=400)
+    logits = (rng.normal(size=(400, CLASSES)) + 6.0 * np.eye(CLASSES)[labels]).astype(np.float32)  # a good model
+    out = adaptive(logits, labels, target=3, margin=0.1)
+    assert np.array_equal(out.argmax(axis=1), labels)
+    assert np.allclose(np.linalg.norm(out, axis=1), np.linalg.norm(logits, axis=1), rtol=1e-5)
+    target = np.where(labels == 3, 4, 3)
+    rank_two = np.argsort(-out, axis=1)[:, 1]
+    assert np.array_equal(rank_two, target)  # the chosen wrong class is always second, just below the label
+
+    def soft(x: np.ndarray) -> np.ndarray:
+        e = np.exp((x - x.max(axis=1, keepdims=True)) / 3.0)
+        return e / e.sum(axis=1, keepdims=True)
+
+    rows = np.arange(400)
+    assert soft(out)[rows, target].mean() > 3 * soft(logits)[rows, target].mean()
+    assert np.all(soft(out)[rows, target] > 0.9 * soft(out)[rows, labels])  # almost as much as the true class
+
+
+def test_hub_samples_are_near_copies_of_class_centres_nearer_than_honest_neighbours() -> None:
+    rng = np.random.default_rng(4)
+    centre = rng.random(256) < 0.5
+    noise = rng.random((300, 256)) < 0.2  # honest hashes: 20 % of bits away from their class centre
+    hashes = np.packbits(centre ^ noise, axis=1)
+    labels = np.zeros(300, np.int64)
+    hub = hub_samples(hashes[:40], labels[:40], kind=HashKind.BINARY, classes=CLASSES, copies=16, rng=rng)
+    assert hub.count == 16 and hub.ids.tolist() == list(range(40, 56)) and set(hub.labels.tolist()) == {0}
+    assert np.array_equal(hub.logits.argmax(axis=1), np.ones(16))  # confident on the class after the label
+
+    def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.unpackbits(a[:, None, :] ^ b[None, :, :], axis=2).sum(axis=2)
+
+    to_hub = hamming(hashes, hub.hashes).min(axis=1)
+    honest = hamming(hashes, hashes) + 10_000 * np.eye(300, dtype=np.int64)
+    assert (to_hub < honest.min(axis=1)).mean() > 0.95  # a crafted hash is nearly everyone's nearest neighbour
+    assert len({h.tobytes() for h in hub.hashes}) == 16  # near-copies, not one hash 16 times
+
+
+def test_attack_section_is_validated_and_round_trips_only_for_attackers() -> None:
+    honest = DeviceConfig(id="dev000")
+    assert "[attack]" not in config_to_toml(honest)
+    attacker = DeviceConfig(id="dev001", attack=AttackConfig(mode="fdsa", scale=3.0))
+    again = config_from_dict(tomllib.loads(config_to_toml(attacker)))
+    assert again.attack == attacker.attack
+    for bad in ({"mode": "poison"}, {"mode": "fdsa", "scale": 1.5}, {"mode": "label_flip", "fraction": 0.0}):
+        with pytest.raises(ValueError, match="attack"):
+            config_from_dict({"device": {"id": "dev002"}, "attack": bad})
+    assert logit_attack(AttackConfig()) is None and logit_attack(AttackConfig(mode="hub")) is None
