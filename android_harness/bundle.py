@@ -197,11 +197,7 @@ def _bundle_credentials(
     """
     directory = out / CREDENTIALS_DIR
     if provision is not None:
-        given = provision(directory)
-        security = SecurityConfig(
-            username=given.username, password_file=given.password_file, ca_file=given.ca_file,
-            cert_file=given.cert_file, key_file=given.key_file,
-        )  # fmt: skip
+        security = provision(directory)
     elif any(getattr(config.security, key) for key in _CREDENTIAL_FILES):
         directory.mkdir(mode=0o700)
         copied = {}

@@ -261,11 +261,7 @@ def _provision(
             given = security_dir.provision(admin, device, auth=auth, out=_credentials_dir(settings, device))
             listener = broker.tls_address if auth == "password" else broker.cert_address
             brokers[device] = BrokerAddress(device_host or listener.host, listener.port, tls=True).url
-            c = given.credentials
-            security[device] = SecurityConfig(
-                username=c.username, password_file=c.password_file, ca_file=c.ca_file, cert_file=c.cert_file,
-                key_file=c.key_file,
-            )  # fmt: skip
+            security[device] = given.credentials
     log.info("provisioned %d devices (%s)", settings.devices, settings.auth)
     return _TrialSecurity(server=server, watcher=watcher, probe=probe, device_brokers=brokers, device_security=security)
 

@@ -69,28 +69,10 @@ class HashConfig:
     seed: int = 0
 
 
-@dataclass(frozen=True)
-class SecurityConfig:
-    """How the device proves who it is (a provisioned bundle's files): a password file or a client certificate.
-
-    Paths are relative to the directory the device runs in, like every path of the config. With an
-    mqtts:// broker, `ca_file` is the project CA that signed the broker's certificate.
-    """
-
-    username: str = ""
-    password_file: str = ""
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-
-    def credentials(self) -> Credentials:
-        return Credentials(
-            username=self.username,
-            password_file=self.password_file,
-            ca_file=self.ca_file,
-            cert_file=self.cert_file,
-            key_file=self.key_file,
-        )
+# How the device proves who it is (a provisioned bundle's files: a password file or a client certificate, and
+# the CA that signed the broker's certificate); paths are relative to where the device runs, like every path
+# of the config. The wire's own credentials type serves as the config section.
+SecurityConfig = Credentials
 
 
 @dataclass(frozen=True)
@@ -138,8 +120,7 @@ class DeviceConfig:
         if not DEVICE_ID_PATTERN.match(self.id):
             raise ValueError(f"device id {self.id!r} must match [A-Za-z0-9_-]{{1,64}}")
         address = BrokerAddress.parse(self.broker)  # a clear error for a bad URL at load time, not at connect
-        credentials = self.security.credentials()  # checks the pairs (certificate + key, username + password)
-        if credentials.cert_file and not address.tls:
+        if self.security.cert_file and not address.tls:
             raise ValueError(f"[security] cert_file needs an mqtts:// broker, not {self.broker}")
         if self.train.backend not in BACKENDS:
             raise ValueError(f"train.backend must be one of {BACKENDS}, got {self.train.backend!r}")

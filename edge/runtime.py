@@ -123,7 +123,7 @@ class DeviceRuntime:
         self.link = KnowledgeLink(
             device_id=config.id,
             address=BrokerAddress.parse(config.broker),
-            credentials=config.security.credentials(),
+            credentials=config.security,
         )
         self.algorithm: Algorithm = make_algorithm(
             DeviceParts(

@@ -59,7 +59,7 @@ def test_a_device_config_carries_its_security_section() -> None:
         "security": {"ca_file": "credentials/ca.pem", "cert_file": "credentials/device.pem", "key_file": "k.key"},
     }
     config = config_from_dict(raw)
-    assert config.security.credentials().cert_file == "credentials/device.pem"
+    assert config.security.cert_file == "credentials/device.pem"
     again = config_from_dict(tomllib.loads(config_to_toml(config)))
     assert again == config
 

@@ -360,7 +360,7 @@ def test_revoke_drops_and_refuses_devices_of_a_running_server_and_spares_the_oth
         snippet = tomllib.loads((out / name / "security.toml").read_text())
         fields = {k: str(out / name / v) if v and k != "username" else v for k, v in snippet["security"].items()}
         config = DeviceConfig(id=name, broker=snippet["device"]["broker"], security=SecurityConfig(**fields))
-        devices[name] = _Device(name, BrokerAddress.parse(config.broker), config.security.credentials())
+        devices[name] = _Device(name, BrokerAddress.parse(config.broker), config.security)
     try:
         for device in devices.values():
             assert device.wait("up", after=0.0, deadline=time.monotonic() + 10), (device.name, device.events)
