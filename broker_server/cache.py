@@ -8,6 +8,7 @@ from types import MappingProxyType
 
 import numpy as np
 
+from broker_server.defences import DefenceConfig, Defences
 from broker_server.records import Admission, CacheStats, DeviceRecord, Registration, Rejected, Teachers
 from broker_server.relations import EXACT_SEARCH_LIMIT, RelationTable, hash_bytes_of
 from broker_server.store import StoredState
@@ -92,6 +93,8 @@ class KnowledgeCache:
         self._config: CacheConfig | None = None
         self._relations: RelationTable | None = None
         self._rebuilt_unsaved: set[int] = set()
+        # Set by defend(): robust teachers, capped relations, trust (broker_server/defences.py); None: plain.
+        self.defences: Defences | None = None
         self._devices: dict[str, DeviceRecord] = {}
         self._records: list[DeviceRecord] = []
         # Per device index: its local ids sorted, and the global row of each.
@@ -113,6 +116,7 @@ class KnowledgeCache:
         self._hashes = _Growable(np.uint8, width=config.hash_bytes)
         self._knowledge = _Growable(np.float32, width=config.classes)
         self._relations = RelationTable(kind=config.hash_kind, neighbours=self.neighbours, exact_limit=self.exact_limit)
+        self._relations.policy = self.defences
 
     @classmethod
     def from_state(
@@ -162,6 +166,28 @@ class KnowledgeCache:
         if cache._relations is not None:
             cache._relations.mark_dirty(cache._labels.view)
         return cache
+
+    def defend(self, config: DefenceConfig | None = None) -> Defences:
+        """Serve with defences from now on: every class related again under their policy, evidence taken
+        from the knowledge held. Relations built under the policy are not handed to the store (it keeps
+        plain relations, which a restart without defences may reuse), and stored ones are not restored.
+        """
+        self.defences = Defences(config)
+        if self._relations is not None:
+            self._relations.policy = self.defences
+            self._relations.mark_dirty(self._labels.view)
+            self.refresh_relations()
+        return self.defences
+
+    def _observe(self, rows: np.ndarray, logits: np.ndarray) -> None:
+        """Hand freshly applied knowledge to the defences' trust evidence."""
+        if self.defences is not None and self._relations is not None:
+            self.refresh_relations(rows)  # the consensus needs the rows' neighbours, as their next fetch would
+            self.defences.observe(
+                rows=rows, logits=logits, labels=self._labels.view, owners=self._sample_devices.view,
+                knowledge=self._knowledge.view, table=self._relations.table, versions=self._versions.view,
+                devices=len(self._records),
+            )  # fmt: skip
 
     # ------------------------------------------------------------ read access
 
@@ -396,6 +422,7 @@ class KnowledgeCache:
         chosen = rows[newer]
         self._knowledge.view[chosen] = logits[newer]
         self._versions.view[chosen] = version
+        self._observe(chosen, logits[newer])
         return newer
 
     def refresh_relations(self, rows: np.ndarray | None = None) -> tuple[int, ...]:
@@ -404,8 +431,15 @@ class KnowledgeCache:
             return ()
         labels = self._labels.view
         classes = None if rows is None else np.unique(labels[rows]).tolist()
-        rebuilt = self._relations.refresh(labels=labels, hashes=self._hashes.view, classes=classes)
-        self._rebuilt_unsaved.update(rebuilt)
+        owners = self._sample_devices.view if self.defences is not None else None
+        rebuilt = self._relations.refresh(labels=labels, hashes=self._hashes.view, classes=classes, owners=owners)
+        if self.defences is None:
+            self._rebuilt_unsaved.update(rebuilt)
+        elif rows is None:
+            self.defences.settle(
+                labels=labels, owners=self._sample_devices.view, knowledge=self._knowledge.view,
+                table=self._relations.table, versions=self._versions.view, devices=len(self._records),
+            )  # fmt: skip
         return rebuilt
 
     def take_rebuilt_relations(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -421,7 +455,7 @@ class KnowledgeCache:
 
     def restore_relations(self, stored: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[int, ...]:
         """Take the stored relations that still match their classes' rows; returns the classes restored."""
-        if self._relations is None:
+        if self._relations is None or self.defences is not None:
             return ()
         labels = self._labels.view
         restored = [
@@ -446,6 +480,11 @@ class KnowledgeCache:
         present = neighbours >= 0
         safe = np.where(present, neighbours, 0)
         contributing = present & (self._versions.view[safe] >= 0)
+        if self.defences is not None:
+            return self.defences.teachers(
+                knowledge=self._knowledge.view, owners=self._sample_devices.view, neighbours=safe,
+                contributing=contributing, devices=len(self._records), raw=raw, gather_limit=FETCH_GATHER_LIMIT,
+            )  # fmt: skip
         counts = contributing.sum(axis=1)
         if raw:  # boolean indexing walks row by row: each row's contributors, in neighbour order
             return Teachers(counts=counts.astype(np.uint16), logits=self._knowledge.view[safe[contributing]].copy())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -43,35 +44,75 @@ def _faiss_threads(count: int) -> Iterator[None]:
         faiss.omp_set_num_threads(previous)
 
 
+class ClassIndex:
+    """One class's hashes in a faiss index (exact, or HNSW above `exact_limit`), searched as often as needed.
+
+    The plain relation searches once; a neighbour policy (broker_server/defences.py) searches again, wider,
+    for the few rows its caps left short, without building the index twice.
+    """
+
+    def __init__(self, hashes: np.ndarray, *, kind: HashKind, exact: bool) -> None:
+        self.kind = kind
+        self.size = int(hashes.shape[0])
+        self._hnsw: faiss.HNSW | None = None
+        self._binary: faiss.IndexBinary | None = None
+        self._flat: faiss.Index | None = None
+        with _faiss_threads(FAISS_THREADS):
+            if kind is HashKind.BINARY:
+                self._bits = np.ascontiguousarray(hashes, dtype=np.uint8)
+                width = self._bits.shape[1] * 8
+                if exact:
+                    self._binary = faiss.IndexBinaryFlat(width)
+                else:
+                    self._binary = binary_hnsw = faiss.IndexBinaryHNSW(width, HNSW_M)
+                    self._hnsw = binary_hnsw.hnsw
+                    self._hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+                self._binary.add(self._bits)
+            else:
+                self._vectors = _float_vectors(hashes)
+                if exact:
+                    self._flat = faiss.IndexFlatL2(self._vectors.shape[1])
+                else:
+                    self._flat = float_hnsw = faiss.IndexHNSWFlat(self._vectors.shape[1], HNSW_M)
+                    self._hnsw = float_hnsw.hnsw
+                    self._hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+                self._flat.add(self._vectors)
+
+    def search(self, k: int, positions: np.ndarray | None = None) -> np.ndarray:
+        """Positions of the k nearest hashes of every hash (or of those at `positions`), as faiss returns them."""
+        with _faiss_threads(FAISS_THREADS):
+            if self._hnsw is not None:
+                _tune(self._hnsw, k=k)
+            if self._binary is not None:
+                bits = self._bits if positions is None else np.ascontiguousarray(self._bits[positions])
+                _, found = self._binary.search(bits, k)
+            else:
+                assert self._flat is not None
+                vectors = self._vectors if positions is None else np.ascontiguousarray(self._vectors[positions])
+                _, found = self._flat.search(vectors, k)
+        return np.asarray(found, dtype=np.int64)
+
+
 def _search(hashes: np.ndarray, *, kind: HashKind, k: int, exact: bool) -> np.ndarray:
     """Positions of the k nearest hashes of every hash (itself usually among them), as faiss returns them."""
-    with _faiss_threads(FAISS_THREADS):
-        if kind is HashKind.BINARY:
-            bits = np.ascontiguousarray(hashes, dtype=np.uint8)
-            binary: faiss.IndexBinary
-            if exact:
-                binary = faiss.IndexBinaryFlat(bits.shape[1] * 8)
-            else:
-                binary = binary_hnsw = faiss.IndexBinaryHNSW(bits.shape[1] * 8, HNSW_M)
-                _tune(binary_hnsw.hnsw, k=k)
-            binary.add(bits)
-            _, found = binary.search(bits, k)
-        else:
-            vectors = _float_vectors(hashes)
-            flat: faiss.Index
-            if exact:
-                flat = faiss.IndexFlatL2(vectors.shape[1])
-            else:
-                flat = float_hnsw = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M)
-                _tune(float_hnsw.hnsw, k=k)
-            flat.add(vectors)
-            _, found = flat.search(vectors, k)
-    return np.asarray(found, dtype=np.int64)
+    return ClassIndex(hashes, kind=kind, exact=exact).search(k)
+
+
+def drop_self(found: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """`found` (n, k) with each row's own position and faiss's -1 moved to the back as -1, nearest-first kept.
+
+    The sample is excluded by position, never by distance (see build_class_neighbours).
+    """
+    dropped = (found == positions[:, None]) | (found < 0)
+    # Stable sort moves dropped entries to the back while keeping the nearest-first order of the rest.
+    order = np.argsort(dropped, axis=1, kind="stable")
+    kept = np.take_along_axis(found, order, axis=1)
+    kept[np.take_along_axis(dropped, order, axis=1)] = -1
+    return kept
 
 
 def _tune(hnsw: faiss.HNSW, *, k: int) -> None:
-    """HNSW effort: build once thoroughly, search at least 2k candidates so k neighbours come back."""
-    hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    """HNSW search effort: at least 2k candidates so k neighbours come back (the build is set in ClassIndex)."""
     hnsw.efSearch = max(HNSW_EF_SEARCH_MIN, 2 * k)
 
 
@@ -96,14 +137,26 @@ def build_class_neighbours(
         return table
     k = min(neighbours + 1, count)
     found = _search(hashes, kind=kind, k=k, exact=count <= exact_limit)
-    dropped = (found == np.arange(count)[:, None]) | (found < 0)
-    # Stable sort moves dropped entries to the back while keeping the nearest-first order of the rest.
-    order = np.argsort(dropped, axis=1, kind="stable")
-    kept = np.take_along_axis(found, order, axis=1)
-    kept[np.take_along_axis(dropped, order, axis=1)] = -1
+    kept = drop_self(found, np.arange(count))
     width = min(neighbours, k)
     table[:, :width] = kept[:, :width]
     return table
+
+
+class NeighbourPolicy(Protocol):
+    """Chooses one class's neighbour lists instead of the plain R nearest (broker_server/defences.py)."""
+
+    def class_neighbours(
+        self,
+        *,
+        rows: np.ndarray,
+        hashes: np.ndarray,
+        owners: np.ndarray,
+        kind: HashKind,
+        neighbours: int,
+        exact_limit: int,
+    ) -> np.ndarray:
+        """(n, neighbours) positions within the class (-1 padded) for its `rows`, hashes and owning devices."""
 
 
 class RelationTable:
@@ -126,6 +179,8 @@ class RelationTable:
         self._table = np.full((0, neighbours), -1, dtype=np.int64)
         self._size = 0
         self._dirty: set[int] = set()
+        # Set by KnowledgeCache.defend(): classes are then related by the policy (given `owners` on refresh).
+        self.policy: NeighbourPolicy | None = None
 
     @property
     def dirty(self) -> frozenset[int]:
@@ -149,11 +204,13 @@ class RelationTable:
         labels: np.ndarray,
         hashes: np.ndarray,
         classes: Iterable[int] | None = None,
+        owners: np.ndarray | None = None,
     ) -> tuple[int, ...]:
         """Rebuild the dirty classes (only those among `classes` when given); returns the classes rebuilt.
 
         `labels` (N,) and `hashes` (N, hash_bytes) describe every registered row; the table grows to
-        N rows, with rows of classes not rebuilt yet left at -1.
+        N rows, with rows of classes not rebuilt yet left at -1. With a policy, `owners` (N,) are the
+        rows' device indices it needs.
         """
         self._grow(labels.shape[0])
         wanted = self._dirty if classes is None else self._dirty.intersection(int(c) for c in classes)
@@ -165,9 +222,15 @@ class RelationTable:
         for label in rebuilt:
             lo, hi = np.searchsorted(sorted_labels, [label, label + 1])
             rows = order[lo:hi]
-            local = build_class_neighbours(
-                hashes[rows], kind=self.kind, neighbours=self.neighbours, exact_limit=self.exact_limit
-            )
+            if self.policy is not None and owners is not None:
+                local = self.policy.class_neighbours(
+                    rows=rows, hashes=hashes[rows], owners=owners[rows], kind=self.kind,
+                    neighbours=self.neighbours, exact_limit=self.exact_limit,
+                )  # fmt: skip
+            else:
+                local = build_class_neighbours(
+                    hashes[rows], kind=self.kind, neighbours=self.neighbours, exact_limit=self.exact_limit
+                )
             self._table[rows] = np.where(local >= 0, rows[np.maximum(local, 0)], -1)
             self._dirty.discard(label)
         return rebuilt

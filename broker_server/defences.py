@@ -1,0 +1,499 @@
+"""Defences against malicious devices: robust teachers, capped and hub-free relations, quotas, per-device trust.
+
+The server knows what no parameter-averaging defence knows: every sample's registered label and which device
+owns each neighbour. `Defences` uses both, in three places of `KnowledgeCache` (docs/robustness.md):
+
+* relation build (`class_neighbours`, the `NeighbourPolicy` of broker_server/relations.py): a sample that
+  appears in many more other devices' lists than R (a hub) is no one's neighbour; a device's samples of a class
+  beyond its quota are no one's neighbour; no device other than the sample's owner holds more than `device_cap`
+  of its R slots. Rows the caps leave short are searched again, wider, only those rows.
+* fetch (`teachers`): the same one gather over the N x R table, then a coordinate-wise trimmed mean (or
+  median) over the contributors whose devices the server trusts, instead of the plain mean.
+* update (`observe`): evidence per uploaded row, kept as the row's latest: does the upload's argmax equal the
+  row's registered label, and how close is its distribution to the robust consensus of the row's neighbours on
+  other devices. A device's trust is its evidence relative to the fleet's median.
+
+Evidence is derived from the rows' latest knowledge, which the store keeps: after a restart `settle` rebuilds
+it from the state, so trust needs no table of its own. Relations built under the policy are not saved (the
+store keeps plain relations only, see `KnowledgeCache.defend`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from broker_server.records import Teachers
+from broker_server.relations import ClassIndex, drop_self
+from fedwire.constants import HashKind
+
+AGGREGATIONS = ("mean", "trimmed", "median")
+_NO_EVIDENCE = np.float32(np.nan)
+# Hub detection repeats while it finds new hubs, at most this often (each round one pass over the class's lists).
+HUB_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class DefenceConfig:
+    """What the defences do; the defaults are the ones `--defences on` serves with."""
+
+    aggregation: str = "trimmed"  # "mean" | "trimmed" | "median": over a sample's trusted contributors
+    trim: float = 0.25  # trimmed: share of contributors cut from each end, per class coordinate
+    device_cap: int = 4  # R slots at most one device (other than the sample's owner) holds; 0: no cap
+    class_share: float = 0.5  # quota: a device's samples of a class beyond this share of it are no neighbours
+    quota_floor: int = 64  # ... and beyond this many (small classes are not quota'd)
+    hub_factor: float = 1.5  # a sample in more than hub_factor * R lists of other devices' samples ...
+    hub_device_factor: float = 2.5  # ... whose device draws this many times its share of the class's edges: a hub
+    refill_slack: int = 4  # rows the caps leave more than this many slots short are searched again, wider
+    trust: bool = True  # gate contributors by their device's trust
+    # Trust: how far a device's evidence lies below the fleet's median, in robust deviations (1.4826 MAD, at
+    # least trust_spread): up to trust_z_low deviations trust 1, from trust_z_high on 0 (its knowledge unused).
+    trust_z_low: float = 2.0
+    trust_z_high: float = 3.5
+    trust_spread: float = 0.05
+    min_evidence: int = 16  # rows of evidence a device needs before its trust can fall
+    consensus_rows: int = 16  # rows of each update compared with their neighbours' consensus
+    memory: float = 0.5  # a row's evidence: this much of what it was, the rest from the new upload
+    temperature: float = 1.0  # upload and consensus compared as softmax(logits / temperature)
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if not 0 <= self.trim < 0.5 or not 0 < self.class_share <= 1 or self.temperature <= 0:
+            raise ValueError("defences: 0 <= trim < 0.5, 0 < class_share <= 1 and temperature > 0 are required")
+        if min(self.device_cap, self.quota_floor, self.refill_slack, self.min_evidence, self.consensus_rows) < 0:
+            raise ValueError("defences: caps, quotas, slack and evidence counts must be >= 0")
+        if min(self.hub_factor, self.hub_device_factor) < 0 or not 0 <= self.trust_z_low < self.trust_z_high:
+            raise ValueError("defences: hub factors >= 0 and 0 <= trust_z_low < trust_z_high are required")
+        if self.trust_spread <= 0:
+            raise ValueError("defences: trust_spread must be > 0")
+
+
+def _grown(array: np.ndarray, size: int, fill: Any) -> np.ndarray:
+    """`array` extended to `size` entries (amortised doubling of its capacity is the caller's `size`)."""
+    if array.shape[0] >= size:
+        return array
+    grown = np.full((max(size, 2 * array.shape[0]), *array.shape[1:]), fill, dtype=array.dtype)
+    grown[: array.shape[0]] = array
+    return grown
+
+
+def _occurrence(keys: np.ndarray) -> np.ndarray:
+    """(n, k): how many earlier entries of the same row hold the same key (0 for the first of each)."""
+    width = keys.shape[1]
+    if width == 0:
+        return np.zeros(keys.shape, np.int64)
+    order = np.argsort(keys, axis=1, kind="stable")
+    ranked = np.take_along_axis(keys, order, axis=1)
+    starts = np.ones(keys.shape, bool)
+    starts[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+    positions = np.broadcast_to(np.arange(width), keys.shape)
+    first = np.maximum.accumulate(np.where(starts, positions, 0), axis=1)
+    occurrence = np.empty(keys.shape, np.int64)
+    np.put_along_axis(occurrence, order, positions - first, axis=1)
+    return occurrence
+
+
+def robust_mean(values: np.ndarray, mask: np.ndarray, *, aggregation: str, trim: float) -> np.ndarray:
+    """(t, C) per row the mean, trimmed mean or median over axis 1 of `values` (t, R, C) where `mask` (t, R).
+
+    Coordinate-wise: each class's values are sorted over the row's contributors and the lowest and highest
+    floor(trim * count) of them (median: all but the middle one or two) dropped. Every row needs a contributor.
+    """
+    counts = mask.sum(axis=1)
+    if aggregation == "mean":
+        sums: np.ndarray = np.einsum("nr,nrc->nc", mask.astype(np.float32), values)
+        mean: np.ndarray = sums / counts[:, None]
+        return mean
+    ranked = np.sort(np.where(mask[:, :, None], values, np.float32(np.inf)), axis=1)  # missing ones last
+    low = (counts - 1) // 2 if aggregation == "median" else np.floor(trim * counts).astype(np.int64)
+    high = counts - low
+    positions = np.arange(values.shape[1])
+    keep = (positions >= low[:, None]) & (positions < high[:, None])
+    kept: np.ndarray = np.where(keep[:, :, None], ranked, np.float32(0)).sum(axis=1)
+    trimmed: np.ndarray = (kept / (high - low)[:, None]).astype(np.float32)
+    return trimmed
+
+
+def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    scaled = logits / np.float32(temperature)
+    scaled = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    out: np.ndarray = scaled / scaled.sum(axis=1, keepdims=True)
+    return out
+
+
+class Defences:
+    """The defences' state: per row hub/quota flags and evidence, per device evidence sums and trust.
+
+    Not thread-safe, like the cache that owns it; `describe` may be called from a metrics thread (it reads
+    copies). Arrays grow with the cache's rows and devices.
+    """
+
+    def __init__(self, config: DefenceConfig | None = None) -> None:
+        self.config = config or DefenceConfig()
+        self._hub = np.zeros(0, bool)
+        self._in_degree = np.zeros(0, np.int32)
+        self._over_quota = np.zeros(0, bool)
+        self._label_evidence = np.zeros(0, np.float32)  # per row: argmax == label (1/0), NaN: none
+        self._consensus_evidence = np.zeros(0, np.float32)  # per row: 1 - TV to the consensus, NaN: none
+        self._sums = np.zeros((0, 4), np.float64)  # per device: label sum, label rows, consensus sum, rows
+        self._trust: np.ndarray | None = None  # cached per device, None when evidence changed since
+        self.widened_rows = 0  # rows searched again, wider, because caps left them short
+        self._rng = np.random.default_rng(0)  # which rows of an update are compared with their consensus
+
+    # ------------------------------------------------------------ relation build
+
+    def class_neighbours(
+        self,
+        *,
+        rows: np.ndarray,
+        hashes: np.ndarray,
+        owners: np.ndarray,
+        kind: HashKind,
+        neighbours: int,
+        exact_limit: int,
+    ) -> np.ndarray:
+        """One class's neighbour lists (positions within the class): hubs and over-quota samples excluded,
+        other devices capped; records the class's hub and quota flags by global row."""
+        cfg = self.config
+        count = rows.size
+        table = np.full((count, neighbours), -1, np.int64)
+        self._ensure_rows(int(rows.max()) + 1 if count else 0)
+        if count <= 1 or neighbours == 0:
+            self._hub[rows] = False
+            self._over_quota[rows] = False
+            self._in_degree[rows] = 0
+            return table
+        owners = np.asarray(owners, dtype=np.int64)
+        index = ClassIndex(hashes, kind=kind, exact=count <= exact_limit)
+        first = drop_self(index.search(min(neighbours + 1, count)), np.arange(count))
+        # Quotas: a device's samples of the class past max(quota_floor, class_share * count), in row order.
+        quota = max(cfg.quota_floor, math.ceil(cfg.class_share * count))
+        over_quota = _occurrence(owners[None, :])[0] >= quota
+        hubs = np.zeros(count, bool)
+        in_degree = np.zeros(count, np.int64)
+        # Hubs: samples in more than hub_factor * R lists of other devices' samples, counted on uncapped lists.
+        # Excluding the strongest hubs lets the next ones take their slots, so detection repeats (a few rounds,
+        # each only while it finds new hubs: once without an attack).
+        limit = cfg.hub_factor * neighbours
+        devices = int(owners.max()) + 1
+        for _ in range(HUB_ROUNDS if cfg.hub_factor > 0 and count > limit else 0):
+            lists = self._fill(index, first, owners=owners, eligible=~(hubs | over_quota), k=neighbours, cap=0)
+            foreign = (lists >= 0) & (owners[np.maximum(lists, 0)] != owners[:, None])
+            degree = np.bincount(lists[foreign], minlength=count)
+            in_degree = np.maximum(in_degree, degree)
+            # Natural hubs (samples central to their class) are spread over honest devices; crafted ones make
+            # their device draw far more of the class's foreign edges than its share of the class's samples.
+            edges = np.bincount(owners, weights=degree, minlength=devices) / max(1, int(degree.sum()))
+            samples = np.bincount(owners, minlength=devices) / count
+            excess = np.divide(edges, samples, out=np.zeros(devices), where=samples > 0)
+            found = (degree > limit) & (excess[owners] > cfg.hub_device_factor) & ~hubs
+            if not found.any():
+                break
+            hubs |= found
+        self._hub[rows], self._over_quota[rows], self._in_degree[rows] = hubs, over_quota, in_degree
+        eligible = ~(hubs | over_quota)
+        table[:] = self._fill(index, first, owners=owners, eligible=eligible, k=neighbours, cap=cfg.device_cap)
+        return table
+
+    def _fill(
+        self, index: ClassIndex, first: np.ndarray, *, owners: np.ndarray, eligible: np.ndarray, k: int, cap: int
+    ) -> np.ndarray:
+        """(n, k) lists from the first search's candidates; rows left short are searched again, twice as
+        wide each time, only those rows, until filled or the whole class was searched."""
+        chosen, short = self._select(first, rows_owners=owners, owners=owners, eligible=eligible, k=k, cap=cap)
+        table = np.full((first.shape[0], k), -1, np.int64)
+        table[:, : chosen.shape[1]] = chosen
+        width = first.shape[1] + 1
+        while short.size and width < index.size:
+            width = min(2 * width, index.size)
+            self.widened_rows += int(short.size)
+            wider = drop_self(index.search(width, short), short)
+            chosen, still = self._select(
+                wider, rows_owners=owners[short], owners=owners, eligible=eligible, k=k, cap=cap
+            )
+            table[short] = -1
+            table[short, : chosen.shape[1]] = chosen
+            short = short[still]
+        return table
+
+    def _select(
+        self,
+        candidates: np.ndarray,
+        *,
+        rows_owners: np.ndarray,
+        owners: np.ndarray,
+        eligible: np.ndarray,
+        k: int,
+        cap: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The first `k` eligible candidates of each row (positions in the class, nearest first) within the
+        cap (0: none), -1 padded, and the rows (indices into `candidates`) left more than refill_slack slots short.
+
+        `rows_owners` are the querying rows' devices, `owners` and `eligible` the whole class's.
+        """
+        cfg = self.config
+        safe = np.maximum(candidates, 0)
+        valid = (candidates >= 0) & eligible[safe]
+        if cap > 0:
+            candidate_owners = np.where(valid, owners[safe], -1)
+            other = candidate_owners != rows_owners[:, None]  # the sample's own device is not capped
+            valid &= ~other | (_occurrence(candidate_owners) < cap)
+        order = np.argsort(~valid, axis=1, kind="stable")
+        taken = np.take_along_axis(valid, order, axis=1)[:, :k]
+        chosen = np.where(taken, np.take_along_axis(candidates, order, axis=1)[:, :k], -1)
+        short = np.flatnonzero(taken.sum(axis=1) < k - cfg.refill_slack)
+        return chosen, short
+
+    # ------------------------------------------------------------ fetch
+
+    def teachers(
+        self,
+        *,
+        knowledge: np.ndarray,
+        owners: np.ndarray,
+        neighbours: np.ndarray,
+        contributing: np.ndarray,
+        devices: int,
+        raw: bool = False,
+        gather_limit: int = 1 << 22,
+    ) -> Teachers:
+        """Robust teachers of the rows whose (safe) neighbour rows and contributing mask are given."""
+        used = contributing & self.trusted(devices)[owners[neighbours]] if self.config.trust else contributing
+        counts = used.sum(axis=1)
+        if raw:
+            return Teachers(counts=counts.astype(np.uint16), logits=knowledge[neighbours[used]].copy())
+        teach = np.flatnonzero(counts)
+        return Teachers(
+            counts=counts.astype(np.uint16),
+            logits=self.aggregate(knowledge, neighbours[teach], used[teach], gather_limit=gather_limit),
+        )
+
+    def aggregate(
+        self, knowledge: np.ndarray, neighbours: np.ndarray, mask: np.ndarray, *, gather_limit: int = 1 << 22
+    ) -> np.ndarray:
+        """The robust mean of each row's masked neighbours' knowledge, sliced only when the gather is huge."""
+        classes = knowledge.shape[1]
+        out = np.empty((neighbours.shape[0], classes), np.float32)
+        step = max(1, gather_limit // max(1, neighbours.shape[1] * classes))
+        for start in range(0, neighbours.shape[0], step):
+            stop = start + step
+            out[start:stop] = robust_mean(
+                knowledge[neighbours[start:stop]],
+                mask[start:stop],
+                aggregation=self.config.aggregation,
+                trim=self.config.trim,
+            )
+        return out
+
+    # ------------------------------------------------------------ trust
+
+    def observe(
+        self,
+        *,
+        rows: np.ndarray,
+        logits: np.ndarray,
+        labels: np.ndarray,
+        owners: np.ndarray,
+        knowledge: np.ndarray,
+        table: np.ndarray,
+        versions: np.ndarray,
+        devices: int,
+    ) -> None:
+        """Evidence from freshly applied knowledge of `rows` (logits as stored); replaces those rows' evidence.
+
+        `labels`, `owners`, `knowledge` and `versions` are the cache's per-row arrays, `table` its neighbour
+        table for the rows it covers so far.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return
+        self._ensure_rows(labels.shape[0])
+        self._ensure_devices(devices)
+        logits = np.asarray(logits, dtype=np.float32)
+        label = (logits.argmax(axis=1) == labels[rows]).astype(np.float32)
+        self._replace(self._label_evidence, rows, label, owners=owners, column=0, memory=self.config.memory)
+        if not self.config.consensus_rows or not table.shape[0]:
+            return
+        picked = np.sort(self._rng.choice(rows.size, size=min(rows.size, self.config.consensus_rows), replace=False))
+        sample = rows[picked]
+        agreement = self._consensus_agreement(
+            rows=sample,
+            logits=logits[picked],
+            owners=owners,
+            knowledge=knowledge,
+            table=table,
+            versions=versions,
+            devices=devices,
+        )
+        self._replace(self._consensus_evidence, sample, agreement, owners=owners, column=2, memory=self.config.memory)
+
+    def _consensus_agreement(
+        self,
+        *,
+        rows: np.ndarray,
+        logits: np.ndarray,
+        owners: np.ndarray,
+        knowledge: np.ndarray,
+        table: np.ndarray,
+        versions: np.ndarray,
+        devices: int,
+    ) -> np.ndarray:
+        """Per row 1 - total variation between its upload and its other-device neighbours' robust consensus
+        (as softmax at `temperature`); NaN where no other device's neighbour holds knowledge."""
+        covered = rows < table.shape[0]
+        neighbours = np.full((rows.size, table.shape[1]), -1, np.int64)
+        neighbours[covered] = table[rows[covered]]
+        present = neighbours >= 0
+        safe = np.where(present, neighbours, 0)
+        used = present & (versions[safe] >= 0) & (owners[safe] != owners[rows][:, None])
+        if self.config.trust:
+            used &= self.trusted(devices)[owners[safe]]
+        agreement = np.full(rows.size, _NO_EVIDENCE, np.float32)
+        some = np.flatnonzero(used.any(axis=1))
+        if some.size:
+            consensus = self.aggregate(knowledge, safe[some], used[some])
+            t = self.config.temperature
+            distance = 0.5 * np.abs(_softmax(logits[some], t) - _softmax(consensus, t)).sum(axis=1)
+            agreement[some] = 1.0 - distance
+        return agreement
+
+    def _replace(
+        self,
+        evidence: np.ndarray,
+        rows: np.ndarray,
+        values: np.ndarray,
+        *,
+        owners: np.ndarray,
+        column: int,
+        memory: float = 0.0,
+    ) -> None:
+        """Swap rows' evidence for `values`, keeping the per-device sums (columns: sum, rows) in step."""
+        devices = owners[rows]
+        old = evidence[rows]
+        had = ~np.isnan(old)
+        fresh = ~np.isnan(values)
+        if memory:  # what the row showed before still counts: one good upload does not wipe out a bad record
+            values = np.where(had & fresh, memory * old + (1 - memory) * values, values)
+        values = np.where(fresh, values, old)  # no new evidence (no consensus yet): the old one stands
+        np.subtract.at(self._sums[:, column], devices[had], old[had])
+        np.subtract.at(self._sums[:, column + 1], devices[had], 1)
+        has = ~np.isnan(values)
+        np.add.at(self._sums[:, column], devices[has], values[has])
+        np.add.at(self._sums[:, column + 1], devices[has], 1)
+        evidence[rows] = values
+        self._trust = None
+
+    def settle(
+        self,
+        *,
+        labels: np.ndarray,
+        owners: np.ndarray,
+        knowledge: np.ndarray,
+        table: np.ndarray,
+        versions: np.ndarray,
+        devices: int,
+    ) -> int:
+        """Evidence for every row holding knowledge but none yet (after a restart, or once defences are
+        switched on); returns how many rows it took."""
+        self._ensure_rows(labels.shape[0])
+        pending = np.flatnonzero((versions >= 0) & np.isnan(self._label_evidence[: labels.shape[0]]))
+        step = 4096
+        for start in range(0, pending.size, step):
+            part = pending[start : start + step]
+            held = {"labels": labels, "owners": owners, "knowledge": knowledge, "table": table, "versions": versions}
+            # Each part counts as an update: its consensus evidence is a sample of it, as for uploads.
+            self.observe(rows=part, logits=knowledge[part], devices=devices, **held)
+        return int(pending.size)
+
+    def scores(self, devices: int) -> tuple[np.ndarray, np.ndarray]:
+        """(devices,) each: the lower of a device's label and consensus agreement relative to the fleet's median
+        (1: typical, 0: never agrees), and the larger of their robust deviations below the median (0: typical).
+
+        A kind of evidence counts once at least one device has min_evidence rows of it; devices with fewer
+        rows (just joined) score 1 and deviate 0 on it.
+        """
+        self._ensure_devices(devices)
+        cfg = self.config
+        relative = np.ones(self._sums.shape[0])
+        deviation = np.zeros(self._sums.shape[0])
+        for column in (0, 2):
+            enough = self._sums[:, column + 1] >= max(1, cfg.min_evidence)
+            if not enough.any():
+                continue
+            share = self._sums[enough, column] / self._sums[enough, column + 1]
+            median = float(np.median(share))
+            spread = max(1.4826 * float(np.median(np.abs(share - median))), cfg.trust_spread)
+            relative[enough] = np.fmin(relative[enough], share / median if median > 0 else 1.0)
+            deviation[enough] = np.fmax(deviation[enough], (median - share) / spread)
+        return relative[:devices], deviation[:devices]
+
+    def trust(self, devices: int) -> np.ndarray:
+        """(devices,) trust in [0, 1] from the deviation of `scores`: 1 up to trust_z_low, 0 from trust_z_high."""
+        self._ensure_devices(devices)
+        if self._trust is None or self._trust.size < devices:
+            cfg = self.config
+            _, deviation = self.scores(self._sums.shape[0])
+            span = cfg.trust_z_high - cfg.trust_z_low
+            self._trust = np.clip((cfg.trust_z_high - deviation) / span, 0.0, 1.0)
+        return self._trust[:devices]
+
+    def trusted(self, devices: int) -> np.ndarray:
+        """(devices,) whether each device's knowledge is used (trust above 0)."""
+        trusted: np.ndarray = self.trust(devices) > 0
+        return trusted
+
+    # ------------------------------------------------------------ reporting
+
+    def describe(self, names: list[str], *, owners: np.ndarray) -> dict[str, Any]:
+        """Per device (by index: `names`) its trust and evidence, hub and over-quota samples; totals."""
+        devices = len(names)
+        trust = self.trust(devices).copy()
+        relative, deviation = self.scores(devices)
+        sums = self._sums[:devices].copy()
+        size = owners.shape[0]
+        self._ensure_rows(size)
+        hubs = np.bincount(owners[self._hub[:size]], minlength=devices)
+        over = np.bincount(owners[self._over_quota[:size]], minlength=devices)
+        per_device = {
+            name: {
+                "trust": round(float(trust[i]), 4),
+                "score": round(float(relative[i]), 4),
+                "deviation": round(float(deviation[i]), 2),
+                "label_agreement": round(float(sums[i, 0] / sums[i, 1]), 4) if sums[i, 1] else None,
+                "consensus_agreement": round(float(sums[i, 2] / sums[i, 3]), 4) if sums[i, 3] else None,
+                "evidence_rows": int(sums[i, 1]),
+                "hub_samples": int(hubs[i]),
+                "over_quota_samples": int(over[i]),
+            }
+            for i, name in enumerate(names)
+        }
+        return {
+            "config": {k: v for k, v in self.config.__dict__.items()},
+            "hub_samples": int(self._hub[:size].sum()),
+            "over_quota_samples": int(self._over_quota[:size].sum()),
+            "widened_rows": self.widened_rows,
+            "devices": per_device,
+        }
+
+    def hub_flags(self, size: int) -> np.ndarray:
+        """(size,) whether each row was flagged a hub at its class's last relation build."""
+        self._ensure_rows(size)
+        return self._hub[:size].copy()
+
+    # ------------------------------------------------------------ growth
+
+    def _ensure_rows(self, size: int) -> None:
+        self._hub = _grown(self._hub, size, False)
+        self._in_degree = _grown(self._in_degree, size, 0)
+        self._over_quota = _grown(self._over_quota, size, False)
+        self._label_evidence = _grown(self._label_evidence, size, _NO_EVIDENCE)
+        self._consensus_evidence = _grown(self._consensus_evidence, size, _NO_EVIDENCE)
+
+    def _ensure_devices(self, devices: int) -> None:
+        if self._sums.shape[0] < devices:
+            self._sums = _grown(self._sums, devices, 0.0)
+            self._trust = None

@@ -1,0 +1,295 @@
+"""Server defences (broker_server/defences.py) on a real KnowledgeCache with honest and malicious devices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from broker_server.cache import CacheConfig, KnowledgeCache
+from broker_server.cached_state import CachedState
+from broker_server.defences import DefenceConfig, robust_mean
+from broker_server.state_factory import open_state
+from edge.attacks import adaptive, fdla, hub_samples, pcfdla
+from fedwire.constants import HashKind
+
+CLASSES = 5
+HASH_DIM = 256
+R = 16
+CONFIG = CacheConfig(classes=CLASSES, hash_kind=HashKind.BINARY, hash_dim=HASH_DIM)
+NO_TRUST = DefenceConfig(trust=False)
+
+
+class Fleet:
+    """Devices with samples clustered by class (class centre hashes plus 20 % bit noise) and honest logits."""
+
+    def __init__(self, *, devices: int = 20, per_device: int = 60, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.devices = devices
+        self.per_device = per_device
+        self.centres = self.rng.random((CLASSES, HASH_DIM)) < 0.5
+        self.labels = [self.rng.integers(0, CLASSES, size=per_device) for _ in range(devices)]
+        self.hashes = [self._hashes(labels) for labels in self.labels]
+        # What an honest, well-trained model says: the label clearly on top, some noise.
+        self.honest = [
+            (3.0 * np.eye(CLASSES)[labels] + self.rng.normal(scale=0.7, size=(per_device, CLASSES))).astype(np.float32)
+            for labels in self.labels
+        ]
+
+    def _hashes(self, labels: np.ndarray) -> np.ndarray:
+        noise = self.rng.random((labels.size, HASH_DIM)) < 0.2
+        return np.packbits(self.centres[labels] ^ noise, axis=1)
+
+    def cache(self, defences: DefenceConfig | None = None) -> KnowledgeCache:
+        cache = KnowledgeCache(config=CONFIG, neighbours=R)
+        if defences is not None:
+            cache.defend(defences)
+        for index in range(self.devices):
+            self.join(cache, index)
+        return cache
+
+    def join(self, cache: KnowledgeCache, index: int, *, extra: int = 0) -> None:
+        cache.hello(
+            device=f"dev{index:02d}", model="cnn", classes=CLASSES, samples=self.per_device + extra,
+            hash_kind=HashKind.BINARY, hash_dim=HASH_DIM,
+        )  # fmt: skip
+        cache.register(
+            device=f"dev{index:02d}",
+            ids=np.arange(self.per_device, dtype=np.uint32),
+            labels=self.labels[index].astype(np.uint16),
+            hashes=self.hashes[index],
+        )
+
+    def upload(self, cache: KnowledgeCache, index: int, logits: np.ndarray, *, version: int = 1) -> None:
+        rows = cache.rows_of(f"dev{index:02d}", np.arange(logits.shape[0], dtype=np.uint32))
+        cache.apply_update(rows=rows, logits=logits, version=version)
+
+
+def _teachers(cache: KnowledgeCache, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(teacher means, counts) of `rows`; every row must have a teacher."""
+    teachers = cache.fetch(rows)
+    assert np.all(teachers.counts > 0)
+    return teachers.logits, teachers.counts
+
+
+def _honest_rows(cache: KnowledgeCache, attackers: set[int]) -> np.ndarray:
+    return np.flatnonzero(~np.isin(cache.sample_devices, sorted(attackers)))
+
+
+def test_trimmed_mean_and_median_equal_a_per_row_reference() -> None:
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(300, R, CLASSES)).astype(np.float32)
+    mask = rng.random((300, R)) < 0.7
+    mask[:, 0] = True
+    trimmed = robust_mean(values, mask, aggregation="trimmed", trim=0.25)
+    median = robust_mean(values, mask, aggregation="median", trim=0.25)
+    for row in range(300):
+        kept = np.sort(values[row][mask[row]], axis=0)
+        cut = int(np.floor(0.25 * kept.shape[0]))
+        assert np.allclose(trimmed[row], kept[cut : kept.shape[0] - cut].mean(axis=0), atol=1e-5)
+        assert np.allclose(median[row], np.median(kept, axis=0), atol=1e-5)
+
+
+def test_pcfdla_pulls_the_mean_away_from_the_honest_consensus_and_the_defended_teacher_stays() -> None:
+    fleet = Fleet()
+    attackers = {3, 8, 13, 18}  # 4 of 20
+    honest_plain, honest_defended = fleet.cache(), fleet.cache(NO_TRUST)
+    plain, defended = fleet.cache(), fleet.cache(NO_TRUST)  # robust aggregation and caps alone, no trust
+    for index in range(fleet.devices):
+        logits = fleet.honest[index]
+        if index in attackers:
+            logits = _pcfdla_batches(logits, np.random.default_rng(index))
+        for cache, upload in ((honest_plain, fleet.honest[index]), (honest_defended, fleet.honest[index])):
+            fleet.upload(cache, index, upload)
+        for cache in (plain, defended):
+            fleet.upload(cache, index, logits)
+    rows = _honest_rows(plain, attackers)
+    truth, _ = _teachers(honest_plain, rows)
+    poisoned, _ = _teachers(plain, rows)
+    robust, _ = _teachers(defended, rows)
+    unpoisoned, _ = _teachers(honest_defended, rows)
+    poisoned_error = np.abs(poisoned - truth).mean()
+    assert poisoned_error > 1.0  # logits of a few units pulled by a unit or more on average
+    assert np.abs(robust - unpoisoned).mean() < poisoned_error / 5  # the attack barely moves the robust teacher
+    assert np.abs(robust - truth).mean() < poisoned_error / 3  # which stays near the honest mean
+    labels = plain.labels[rows]
+    assert (robust.argmax(axis=1) == labels).mean() > 0.99
+    assert (poisoned.argmax(axis=1) == labels).mean() < 0.95
+
+
+def _pcfdla_batches(logits: np.ndarray, rng: np.random.Generator, batch: int = 8) -> np.ndarray:
+    """PCFDLA as a device applies it: one s ~ U(-20, 20) per batch of `batch` rows."""
+    return np.concatenate(
+        [pcfdla(logits[i : i + batch], shift=float(rng.uniform(-20, 20))) for i in range(0, len(logits), batch)]
+    )
+
+
+def test_without_attack_the_defended_teacher_stays_close_to_the_plain_one() -> None:
+    fleet = Fleet(seed=2)
+    plain, defended = fleet.cache(), fleet.cache(DefenceConfig())
+    for index in range(fleet.devices):
+        fleet.upload(plain, index, fleet.honest[index])
+        fleet.upload(defended, index, fleet.honest[index])
+    rows = np.arange(plain.size)
+    mean, _counts = _teachers(plain, rows)
+    robust, robust_counts = _teachers(defended, rows)
+    assert np.array_equal(robust.argmax(axis=1), mean.argmax(axis=1))
+    assert np.abs(robust - mean).mean() < 0.2
+    assert robust_counts.min() >= R - DefenceConfig().refill_slack  # caps left every list nearly full
+    assert defended.defences is not None
+    assert np.all(defended.defences.trust(fleet.devices) == 1.0)  # no honest device distrusted
+
+
+def test_caps_bound_every_other_device_to_its_share_of_each_samples_slots() -> None:
+    fleet = Fleet(devices=6, per_device=200, seed=3)
+    cache = fleet.cache(DefenceConfig(device_cap=3))
+    cache.refresh_relations()
+    table = cache.relations.table
+    owners = cache.sample_devices
+    neighbour_owners = np.where(table >= 0, owners[np.maximum(table, 0)], -1)
+    for device in range(fleet.devices):
+        held = ((neighbour_owners == device) & (owners[:, None] != device)).sum(axis=1)
+        assert held.max() <= 3
+    plain = fleet.cache()
+    plain.refresh_relations()
+    plain_owners = np.where(plain.relations.table >= 0, owners[np.maximum(plain.relations.table, 0)], -1)
+    most = max(((plain_owners == d) & (owners[:, None] != d)).sum(axis=1).max() for d in range(fleet.devices))
+    assert most > 3  # without the cap some device holds more: the cap did something
+    assert (table >= 0).sum(axis=1).min() >= R - DefenceConfig().refill_slack
+
+
+def test_hub_hashes_take_honest_slots_without_defences_and_are_flagged_and_capped_with_them() -> None:
+    fleet = Fleet(devices=10, per_device=120, seed=4)
+    attacker = 9
+    hub = hub_samples(
+        fleet.hashes[attacker], fleet.labels[attacker], kind=HashKind.BINARY, classes=CLASSES, copies=32,
+        rng=np.random.default_rng(5),
+    )  # fmt: skip
+    owners = None
+    holdings = {}
+    for name, defences in (("plain", None), ("defended", DefenceConfig())):
+        cache = KnowledgeCache(config=CONFIG, neighbours=R)
+        if defences is not None:
+            cache.defend(defences)
+        for index in range(fleet.devices):
+            fleet.join(cache, index, extra=hub.count if index == attacker else 0)
+        cache.register(device=f"dev{attacker:02d}", ids=hub.ids, labels=hub.labels, hashes=hub.hashes)
+        cache.refresh_relations()
+        owners = cache.sample_devices
+        table = cache.relations.table
+        honest = np.flatnonzero(owners != attacker)
+        holdings[name] = ((table[honest] >= 0) & (owners[np.maximum(table[honest], 0)] == attacker)).sum(axis=1)
+        if defences is not None:
+            assert cache.defences is not None
+            flags = cache.defences.hub_flags(cache.size)
+            crafted = cache.rows_of(f"dev{attacker:02d}", hub.ids)
+            real = np.setdiff1d(np.arange(cache.size), crafted)
+            assert flags[crafted].mean() >= 0.9
+            assert flags[real].mean() <= 0.01
+            assert not np.isin(table, crafted[flags[crafted]]).any()  # a flagged hub is nobody's neighbour
+    assert np.median(holdings["plain"]) >= R / 2  # the threat is real: half the slots or more
+    assert holdings["defended"].max() <= DefenceConfig().device_cap
+
+
+def test_quota_keeps_a_devices_samples_beyond_its_share_of_a_class_out_of_every_list() -> None:
+    fleet = Fleet(devices=4, per_device=40, seed=6)
+    cache = fleet.cache(DefenceConfig(class_share=0.25, quota_floor=8, hub_factor=0))
+    flood = 400  # a device floods class 0 with near-copies of real class-0 samples
+    hashes = np.packbits(fleet.centres[np.zeros(flood, int)] ^ (fleet.rng.random((flood, HASH_DIM)) < 0.2), axis=1)
+    cache.hello(
+        device="flood", model="cnn", classes=CLASSES, samples=flood, hash_kind=HashKind.BINARY, hash_dim=HASH_DIM
+    )
+    cache.register(
+        device="flood", ids=np.arange(flood, dtype=np.uint32), labels=np.zeros(flood, np.uint16), hashes=hashes
+    )
+    for index in range(fleet.devices):
+        fleet.upload(cache, index, fleet.honest[index])
+    rows = cache.rows_of("flood", np.arange(flood, dtype=np.uint32))
+    cache.apply_update(rows=rows, logits=np.tile(np.eye(CLASSES, dtype=np.float32)[0], (flood, 1)), version=1)
+    class_size = int((cache.labels == 0).sum())
+    quota = max(8, int(np.ceil(0.25 * class_size)))
+    listed = np.unique(cache.relations.table[cache.relations.table >= 0])
+    assert np.isin(rows[:quota], listed).any()
+    assert not np.isin(rows[quota:], listed).any()  # past the quota: registered, taught, never a neighbour
+    assert cache.fetch(rows[quota:]).counts.min() > 0
+
+
+def test_trust_falls_for_a_device_whose_uploads_disagree_with_its_labels_and_its_knowledge_stops_counting() -> None:
+    fleet = Fleet(seed=7)
+    cache = fleet.cache(DefenceConfig())
+    liar = 5
+    for index in range(fleet.devices):
+        fleet.upload(cache, index, fdla(fleet.honest[index]) if index == liar else fleet.honest[index])
+    assert cache.defences is not None
+    trust = cache.defences.trust(fleet.devices)
+    assert trust[liar] == 0.0
+    assert np.all(np.delete(trust, liar) == 1.0)
+    report = cache.defences.describe([f"dev{i:02d}" for i in range(fleet.devices)], owners=cache.sample_devices)
+    assert report["devices"]["dev05"]["label_agreement"] < 0.1 < 0.9 < report["devices"]["dev00"]["label_agreement"]
+    # The liar's rows are nobody's contributors any more: fetched counts equal its neighbours from others.
+    rows = np.arange(cache.size)
+    table = cache.relations.table[rows]
+    from_others = ((table >= 0) & (cache.sample_devices[np.maximum(table, 0)] != liar)).sum(axis=1)
+    assert np.array_equal(cache.fetch(rows).counts, from_others)
+
+
+def test_trust_ranks_adaptive_and_pcfdla_attackers_below_every_honest_device() -> None:
+    fleet = Fleet(seed=8)
+    cache = fleet.cache(DefenceConfig())
+    sneaky, loud = {2, 11}, {6, 15}
+    rng = np.random.default_rng(9)
+    for round_ in range(1, 4):  # a few epochs
+        for index in range(fleet.devices):
+            logits = fleet.honest[index]
+            if index in sneaky:
+                logits = adaptive(logits, fleet.labels[index], target=-1, margin=0.1)
+            elif index in loud:
+                logits = _pcfdla_batches(logits, rng)
+            fleet.upload(cache, index, logits, version=round_)
+    assert cache.defences is not None
+    _, deviation = cache.defences.scores(fleet.devices)  # how far below the fleet's median, in deviations
+    honest = [i for i in range(fleet.devices) if i not in sneaky | loud]
+    assert min(deviation[sorted(sneaky | loud)]) > max(deviation[honest])
+    trust = cache.defences.trust(fleet.devices)
+    assert np.all(trust[honest] == 1.0) and np.all(trust[sorted(loud)] == 0.0)
+
+
+def test_evidence_and_trust_come_back_after_a_restart(tmp_path: Path) -> None:
+    """Trust is derived from the knowledge the store keeps, so a restarted server trusts as before."""
+    fleet = Fleet(seed=10)
+    liar = 4
+    state = open_state(tmp_path / "state", config=CONFIG, neighbours=R)
+    assert isinstance(state, CachedState)
+    for index in range(fleet.devices):
+        name = f"dev{index:02d}"
+        state.hello(
+            device=name, model="cnn", classes=CLASSES, samples=fleet.per_device, hash_kind=HashKind.BINARY,
+            hash_dim=HASH_DIM,
+        )  # fmt: skip
+        ids = np.arange(fleet.per_device, dtype=np.uint32)
+        state.register(device=name, ids=ids, labels=fleet.labels[index].astype(np.uint16), hashes=fleet.hashes[index])
+        logits = fdla(fleet.honest[index]) if index == liar else fleet.honest[index]
+        state.apply_update(rows=state.rows(name, ids), logits=logits, version=1)
+    state.commit()
+    before = state.cache.defend(DefenceConfig()).trust(fleet.devices).copy()
+    state.close()
+    assert before[liar] == 0.0 and np.all(np.delete(before, liar) == 1.0)
+    again = open_state(tmp_path / "state", config=CONFIG, neighbours=R)
+    assert isinstance(again, CachedState)
+    after = again.cache.defend(DefenceConfig()).trust(fleet.devices)  # evidence rebuilt from stored knowledge
+    assert np.array_equal(after, before)
+    again.close()
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_defences_off_leave_the_fetch_as_it_was(raw: bool) -> None:
+    fleet = Fleet(seed=11)
+    cache = fleet.cache()
+    for index in range(fleet.devices):
+        fleet.upload(cache, index, fleet.honest[index])
+    assert cache.defences is None
+    rows = np.arange(cache.size)
+    teachers = cache.fetch(rows, raw=raw)
+    table = cache.relations.table
+    assert np.array_equal(teachers.counts, (table >= 0).sum(axis=1))
