@@ -21,14 +21,20 @@ store keeps plain relations only, see `KnowledgeCache.defend`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from broker_server.records import Teachers
 from broker_server.relations import ClassIndex, drop_self
 from fedwire.constants import HashKind
+
+if TYPE_CHECKING:
+    from broker_server.cache import KnowledgeCache
 
 AGGREGATIONS = ("mean", "trimmed", "median")
 _NO_EVIDENCE = np.float32(np.nan)
@@ -123,6 +129,28 @@ def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     scaled = np.exp(scaled - scaled.max(axis=1, keepdims=True))
     out: np.ndarray = scaled / scaled.sum(axis=1, keepdims=True)
     return out
+
+
+def _scores(sums: np.ndarray, config: DefenceConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per device (rows of `sums`: label sum, rows, consensus sum, rows) its relative score and deviation."""
+    relative = np.ones(sums.shape[0])
+    deviation = np.zeros(sums.shape[0])
+    for column in (0, 2):
+        enough = sums[:, column + 1] >= max(1, config.min_evidence)
+        if not enough.any():
+            continue
+        share = sums[enough, column] / sums[enough, column + 1]
+        median = float(np.median(share))
+        spread = max(1.4826 * float(np.median(np.abs(share - median))), config.trust_spread)
+        relative[enough] = np.fmin(relative[enough], share / median if median > 0 else 1.0)
+        deviation[enough] = np.fmax(deviation[enough], (median - share) / spread)
+    return relative, deviation
+
+
+def _trust_of(deviation: np.ndarray, config: DefenceConfig) -> np.ndarray:
+    span = config.trust_z_high - config.trust_z_low
+    trust: np.ndarray = np.clip((config.trust_z_high - deviation) / span, 0.0, 1.0)
+    return trust
 
 
 class Defences:
@@ -417,28 +445,14 @@ class Defences:
         rows (just joined) score 1 and deviate 0 on it.
         """
         self._ensure_devices(devices)
-        cfg = self.config
-        relative = np.ones(self._sums.shape[0])
-        deviation = np.zeros(self._sums.shape[0])
-        for column in (0, 2):
-            enough = self._sums[:, column + 1] >= max(1, cfg.min_evidence)
-            if not enough.any():
-                continue
-            share = self._sums[enough, column] / self._sums[enough, column + 1]
-            median = float(np.median(share))
-            spread = max(1.4826 * float(np.median(np.abs(share - median))), cfg.trust_spread)
-            relative[enough] = np.fmin(relative[enough], share / median if median > 0 else 1.0)
-            deviation[enough] = np.fmax(deviation[enough], (median - share) / spread)
+        relative, deviation = _scores(self._sums, self.config)
         return relative[:devices], deviation[:devices]
 
     def trust(self, devices: int) -> np.ndarray:
         """(devices,) trust in [0, 1] from the deviation of `scores`: 1 up to trust_z_low, 0 from trust_z_high."""
         self._ensure_devices(devices)
         if self._trust is None or self._trust.size < devices:
-            cfg = self.config
-            _, deviation = self.scores(self._sums.shape[0])
-            span = cfg.trust_z_high - cfg.trust_z_low
-            self._trust = np.clip((cfg.trust_z_high - deviation) / span, 0.0, 1.0)
+            self._trust = _trust_of(_scores(self._sums, self.config)[1], self.config)
         return self._trust[:devices]
 
     def trusted(self, devices: int) -> np.ndarray:
@@ -449,15 +463,18 @@ class Defences:
     # ------------------------------------------------------------ reporting
 
     def describe(self, names: list[str], *, owners: np.ndarray) -> dict[str, Any]:
-        """Per device (by index: `names`) its trust and evidence, hub and over-quota samples; totals."""
+        """Per device (by index: `names`) its trust and evidence, hub and over-quota samples; totals.
+
+        Changes nothing and reads each array once, so a metrics thread may call it while the server serves.
+        """
         devices = len(names)
-        trust = self.trust(devices).copy()
-        relative, deviation = self.scores(devices)
-        sums = self._sums[:devices].copy()
-        size = owners.shape[0]
-        self._ensure_rows(size)
-        hubs = np.bincount(owners[self._hub[:size]], minlength=devices)
-        over = np.bincount(owners[self._over_quota[:size]], minlength=devices)
+        sums = _grown(self._sums.copy(), devices, 0.0)
+        relative, deviation = _scores(sums, self.config)
+        trust = _trust_of(deviation, self.config)
+        hub, over_quota = self._hub, self._over_quota
+        size = min(owners.shape[0], hub.shape[0], over_quota.shape[0])
+        hubs = np.bincount(owners[:size][hub[:size]], minlength=devices)
+        over = np.bincount(owners[:size][over_quota[:size]], minlength=devices)
         per_device = {
             name: {
                 "trust": round(float(trust[i]), 4),
@@ -472,9 +489,9 @@ class Defences:
             for i, name in enumerate(names)
         }
         return {
-            "config": {k: v for k, v in self.config.__dict__.items()},
-            "hub_samples": int(self._hub[:size].sum()),
-            "over_quota_samples": int(self._over_quota[:size].sum()),
+            "config": dict(self.config.__dict__),
+            "hub_samples": int(hubs.sum()),
+            "over_quota_samples": int(over.sum()),
             "widened_rows": self.widened_rows,
             "devices": per_device,
         }
@@ -497,3 +514,36 @@ class Defences:
         if self._sums.shape[0] < devices:
             self._sums = _grown(self._sums, devices, 0.0)
             self._trust = None
+
+
+class DefenceCollector(Collector):
+    """Prometheus series of a defended cache, read at each scrape: per device trust, score and hub samples."""
+
+    def __init__(self, cache: KnowledgeCache) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        defences = self.cache.defences
+        if defences is None:
+            return
+        records = sorted(self.cache.devices.values(), key=lambda record: record.index)
+        report = defences.describe([record.device for record in records], owners=self.cache.sample_devices)
+        series = {
+            "trust": GaugeMetricFamily(
+                "fedcache_device_trust", "Trust in a device's knowledge (0: unused)", labels=["device"]
+            ),
+            "score": GaugeMetricFamily(
+                "fedcache_device_trust_score", "A device's evidence relative to the fleet median", labels=["device"]
+            ),
+            "hub_samples": GaugeMetricFamily(
+                "fedcache_device_hub_samples", "A device's samples flagged as hubs", labels=["device"]
+            ),
+            "over_quota_samples": GaugeMetricFamily(
+                "fedcache_device_over_quota_samples", "A device's samples beyond its class quota", labels=["device"]
+            ),
+        }
+        for name, entry in report["devices"].items():
+            for key, family in series.items():
+                family.add_metric([name], float(entry[key]))
+        yield from series.values()
+        yield GaugeMetricFamily("fedcache_hub_samples", "Samples flagged as hubs", value=report["hub_samples"])

@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--neighbours", type=int, default=16, help="R: neighbours per sample in the relation")
     parser.add_argument(
+        "--defences",
+        choices=("on", "off"),
+        default="off",
+        help="on: robust teachers, capped and hub-free relations, per-class quotas and per-device trust against "
+        "malicious devices (docs/robustness.md); trust is exported as fedcache_device_trust (default off)",
+    )
+    parser.add_argument(
         "--round-timeout",
         type=float,
         default=120.0,
@@ -267,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
             min_participants=args.fedavg_participants,
         )
         metrics = ServerMetrics()
+        if args.defences == "on":
+            from broker_server.defences import DefenceCollector
+
+            defences = service.cache.defend()
+            metrics.registry.register(DefenceCollector(service.cache))
+            log.info("defences on: %s", defences.config)
         if args.metrics_port:
             try:
                 metrics.serve(args.metrics_port)

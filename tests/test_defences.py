@@ -293,3 +293,20 @@ def test_defences_off_leave_the_fetch_as_it_was(raw: bool) -> None:
     teachers = cache.fetch(rows, raw=raw)
     table = cache.relations.table
     assert np.array_equal(teachers.counts, (table >= 0).sum(axis=1))
+
+
+def test_trust_is_exported_to_prometheus_per_device() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from broker_server.defences import DefenceCollector
+
+    fleet = Fleet(seed=12)
+    cache = fleet.cache(DefenceConfig())
+    for index in range(fleet.devices):
+        fleet.upload(cache, index, fdla(fleet.honest[index]) if index == 7 else fleet.honest[index])
+    registry = CollectorRegistry()
+    registry.register(DefenceCollector(cache))
+    text = generate_latest(registry).decode()
+    assert 'fedcache_device_trust{device="dev07"} 0.0' in text
+    assert 'fedcache_device_trust{device="dev00"} 1.0' in text
+    assert "fedcache_hub_samples 0.0" in text
