@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from broker_server.cache import KnowledgeCache
 from broker_server.state import KnowledgeState
 from broker_server.state_factory import STATE_DIRNAME, open_state
 
@@ -64,6 +65,20 @@ def describe(state: KnowledgeState, *, devices: Sequence[str] = (), logits: bool
     }
 
 
+def trust_report(state: KnowledgeState) -> dict[str, Any] | None:
+    """The defences' view of a state (docs/robustness.md): per device trust, evidence, hub and over-quota samples.
+
+    Relations are built under the defences' policy and evidence taken from the knowledge held, in memory only
+    (the state is not changed); None for a backend without an in-memory KnowledgeCache.
+    """
+    cache = getattr(state, "cache", None)
+    if not isinstance(cache, KnowledgeCache):
+        return None
+    defences = cache.defences if cache.defences is not None else cache.defend()
+    records = sorted(cache.devices.values(), key=lambda record: record.index)
+    return defences.describe([record.device for record in records], owners=cache.sample_devices)
+
+
 def _summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         f"{report['devices_registered']} devices, {report['samples']} samples, "
@@ -78,6 +93,9 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
             f"{name}: model {entry['model']}, registered {entry['registered']} of {entry['declared']}, "
             f"{entry['with_knowledge']} holding knowledge, newest version {newest}"
         )
+    if report.get("defences"):
+        trust = report["defences"]["devices"]
+        lines.append("trust: " + ", ".join(f"{name} {entry['trust']:.2f}" for name, entry in trust.items()))
     return lines
 
 
@@ -97,6 +115,12 @@ def build_parser(*, prog: str, default_data_dir: Path) -> argparse.ArgumentParse
     parser.add_argument("--device", action="append", default=[], help="only this device (repeatable)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout instead of a summary")
     parser.add_argument("--logits", action="store_true", help="with --json: each sample's logits too")
+    parser.add_argument(
+        "--trust",
+        action="store_true",
+        help="also the defences' per-device trust, evidence and hub samples (under `defences`; relations are "
+        "rebuilt in memory under their policy, which takes a while on a large state)",
+    )
     return parser
 
 
@@ -110,6 +134,8 @@ def main(argv: Sequence[str], *, prog: str, default_data_dir: Path) -> int:
         return 2
     with state:
         report = describe(state, devices=args.device, logits=args.logits)
+        if args.trust:
+            report["defences"] = trust_report(state)
     if args.json:
         json.dump(report, sys.stdout, separators=(",", ":"))
         sys.stdout.write("\n")

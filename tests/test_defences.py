@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -255,11 +256,9 @@ def test_trust_ranks_adaptive_and_pcfdla_attackers_below_every_honest_device() -
     assert np.all(trust[honest] == 1.0) and np.all(trust[sorted(loud)] == 0.0)
 
 
-def test_evidence_and_trust_come_back_after_a_restart(tmp_path: Path) -> None:
-    """Trust is derived from the knowledge the store keeps, so a restarted server trusts as before."""
-    fleet = Fleet(seed=10)
-    liar = 4
-    state = open_state(tmp_path / "state", config=CONFIG, neighbours=R)
+def _stored_fleet(directory: Path, fleet: Fleet, *, liar: int) -> CachedState:
+    """A durable state in `directory` where every device registered and uploaded once (`liar` with FDLA)."""
+    state = open_state(directory, config=CONFIG, neighbours=R)
     assert isinstance(state, CachedState)
     for index in range(fleet.devices):
         name = f"dev{index:02d}"
@@ -272,6 +271,14 @@ def test_evidence_and_trust_come_back_after_a_restart(tmp_path: Path) -> None:
         logits = fdla(fleet.honest[index]) if index == liar else fleet.honest[index]
         state.apply_update(rows=state.rows(name, ids), logits=logits, version=1)
     state.commit()
+    return state
+
+
+def test_evidence_and_trust_come_back_after_a_restart(tmp_path: Path) -> None:
+    """Trust is derived from the knowledge the store keeps, so a restarted server trusts as before."""
+    fleet = Fleet(seed=10)
+    liar = 4
+    state = _stored_fleet(tmp_path / "state", fleet, liar=liar)
     before = state.cache.defend(DefenceConfig()).trust(fleet.devices).copy()
     state.close()
     assert before[liar] == 0.0 and np.all(np.delete(before, liar) == 1.0)
@@ -280,6 +287,23 @@ def test_evidence_and_trust_come_back_after_a_restart(tmp_path: Path) -> None:
     after = again.cache.defend(DefenceConfig()).trust(fleet.devices)  # evidence rebuilt from stored knowledge
     assert np.array_equal(after, before)
     again.close()
+
+
+def test_inspect_reports_trust_without_changing_the_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from broker_server.inspection import main as inspect
+
+    fleet = Fleet(seed=13)
+    _stored_fleet(tmp_path / "state", fleet, liar=9).close()
+    args = ["--data-dir", str(tmp_path), "--json"]
+    assert inspect(args, prog="inspect", default_data_dir=tmp_path) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert "defences" not in before  # only when asked: it rebuilds relations
+    assert inspect([*args, "--trust"], prog="inspect", default_data_dir=tmp_path) == 0
+    report = json.loads(capsys.readouterr().out)
+    trust = {name: entry["trust"] for name, entry in report["defences"]["devices"].items()}
+    assert trust.pop("dev09") == 0.0 and set(trust.values()) == {1.0}
+    assert inspect(args, prog="inspect", default_data_dir=tmp_path) == 0
+    assert json.loads(capsys.readouterr().out) == before  # versions and logit digests unchanged
 
 
 @pytest.mark.parametrize("raw", [False, True])
