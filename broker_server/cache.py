@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -69,6 +69,14 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     return view
 
 
+_NO_DEVICE = np.uint64(0xFFFFFFFF)  # the device index of an unknown device in a key: no sample has it
+
+
+def _sample_keys(devices: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(device index << 32) | local id, the key a sample is found by."""
+    return (np.asarray(devices, dtype=np.uint64) << np.uint64(32)) | np.asarray(ids, dtype=np.uint64)
+
+
 def _shown(ids: np.ndarray) -> str:
     text = ", ".join(str(int(i)) for i in ids[:_SHOWN_IDS])
     return text + (", ..." if ids.size > _SHOWN_IDS else "")
@@ -99,6 +107,9 @@ class KnowledgeCache:
         self._records: list[DeviceRecord] = []
         # Per device index: its local ids sorted, and the global row of each.
         self._lookup: list[tuple[np.ndarray, np.ndarray]] = []
+        # Every sample's (device index << 32 | local id), sorted, and its global row: one search for a batch.
+        self._keys = np.zeros(0, np.uint64)
+        self._key_rows = np.zeros(0, np.int64)
         self._sample_devices = _Growable(np.int32)
         self._sample_ids = _Growable(np.uint32)
         self._labels = _Growable(np.uint16)
@@ -157,6 +168,8 @@ class KnowledgeCache:
         cache._lookup = (
             [(state.sample_ids[part], part.astype(np.int64)) for part in np.split(order, bounds)] if devices else []
         )
+        cache._keys = _sample_keys(state.sample_devices[order], state.sample_ids[order])
+        cache._key_rows = order.astype(np.int64)
         if state.knowledge_rows.size:
             rows = state.knowledge_rows
             if rows.max() >= count or state.knowledge_logits.shape != (rows.size, cache.classes):
@@ -345,6 +358,12 @@ class KnowledgeCache:
         merged_ids = np.concatenate([old_ids, ids[fresh]])
         order = np.argsort(merged_ids, kind="stable")
         self._lookup[record.index] = (merged_ids[order], np.concatenate([old_rows, new_rows])[order])
+        if added:
+            keys = _sample_keys(np.full(added, record.index), ids[fresh])
+            by_key = np.argsort(keys)
+            at = np.searchsorted(self._keys, keys[by_key])
+            self._keys = np.insert(self._keys, at, keys[by_key])
+            self._key_rows = np.insert(self._key_rows, at, new_rows[by_key])
         if self._relations is not None:
             self._relations.mark_dirty(labels[fresh])
         return Registration(accepted=int(ids.size), registered=registered + added, fresh=fresh, new_rows=new_rows)
@@ -389,6 +408,29 @@ class KnowledgeCache:
             raise Rejected(ErrorCode.UNKNOWN_SAMPLE, f"sample ids not registered: {_shown(ids[~known])}")
         return rows
 
+    def rows_many(self, devices: Sequence[str], ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of several messages' ids in one search: `counts[i]` of `ids` belong to `devices[i]`.
+
+        Returns one row per id and, per message, whether rows_of() would answer it (device known, every id
+        registered); an unresolved message's rows are junk.
+        """
+        indices = np.fromiter(
+            (record.index if (record := self._devices.get(device)) else _NO_DEVICE for device in devices),
+            np.uint64,
+            len(devices),
+        )
+        ids = np.asarray(ids, dtype=np.uint32)
+        counts = np.asarray(counts, dtype=np.int64)
+        if ids.size == 0:
+            return np.zeros(0, np.int64), indices != _NO_DEVICE
+        if self._keys.size == 0:
+            return np.zeros(ids.size, np.int64), (indices != _NO_DEVICE) & (counts == 0)
+        keys = (np.repeat(indices, counts) << np.uint64(32)) | ids
+        at = np.minimum(np.searchsorted(self._keys, keys), self._keys.size - 1)
+        found = self._keys[at] == keys
+        missing = np.bincount(np.repeat(np.arange(len(devices)), counts)[~found], minlength=len(devices))
+        return self._key_rows[at], (indices != _NO_DEVICE) & (missing == 0)
+
     def samples_of(self, device: str) -> tuple[np.ndarray, np.ndarray]:
         """A device's registered sample ids, ascending, and the global row of each (copies)."""
         sorted_ids, sorted_rows = self._lookup[self.record(device).index]
@@ -424,6 +466,34 @@ class KnowledgeCache:
         self._versions.view[chosen] = version
         self._observe(chosen, logits[newer])
         return newer
+
+    def apply_updates(self, *, rows: np.ndarray, logits: np.ndarray, versions: np.ndarray) -> np.ndarray:
+        """Several updates at once, entry by entry in order: row i takes logits[i] when versions[i] is newer.
+
+        A row that appears twice is compared the second time with what the first entry left, exactly as
+        separate apply_update() calls would; the whole batch is validated before anything changes.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        logits = np.asarray(logits, dtype=np.float32)
+        versions = np.asarray(versions, dtype=np.int64)
+        if versions.shape != rows.shape:
+            raise Rejected(ErrorCode.BAD_SHAPE, f"{rows.size} rows but {versions.size} versions")
+        self.check_update(rows=rows, logits=logits, version=int(versions.min()) if versions.size else 0)
+        held = self._versions.view
+        if np.unique(rows).size == rows.size:
+            newer: np.ndarray = versions > held[rows]
+            chosen = rows[newer]
+            self._knowledge.view[chosen] = logits[newer]
+            held[chosen] = versions[newer]
+            return newer
+        knowledge = self._knowledge.view
+        applied = np.zeros(rows.size, bool)
+        for entry, (row, version) in enumerate(zip(rows.tolist(), versions.tolist(), strict=True)):
+            if version > held[row]:
+                knowledge[row] = logits[entry]
+                held[row] = version
+                applied[entry] = True
+        return applied
 
     def refresh_relations(self, rows: np.ndarray | None = None) -> tuple[int, ...]:
         """Rebuild dirty classes (only those of `rows` when given); returns the classes rebuilt."""

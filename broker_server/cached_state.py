@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from broker_server.cache import CacheConfig, KnowledgeCache
@@ -113,6 +115,20 @@ class CachedState(KnowledgeState):
                 rows=rows[applied],
                 logits=np.asarray(logits, dtype=np.float32)[applied],
                 versions=np.full(count, version, np.int64),
+            )
+        return applied
+
+    def rows_many(self, devices: Sequence[str], ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.cache.rows_many(devices, ids, counts)
+
+    def apply_updates(self, *, rows: np.ndarray, logits: np.ndarray, versions: np.ndarray) -> np.ndarray:
+        self._check_writable()
+        rows = np.asarray(rows, dtype=np.int64)
+        versions = np.asarray(versions, dtype=np.int64)
+        applied = self.cache.apply_updates(rows=rows, logits=logits, versions=versions)
+        if applied.any():
+            self.store.save_knowledge(
+                rows=rows[applied], logits=np.asarray(logits, dtype=np.float32)[applied], versions=versions[applied]
             )
         return applied
 

@@ -13,13 +13,13 @@ from broker_server.cached_state import CachedState
 from broker_server.fd_handlers import FD
 from broker_server.fedavg import DEFAULT_ROUND_TIMEOUT_S
 from broker_server.fedavg_handlers import fedavg
-from broker_server.fedcache_handlers import FEDCACHE
+from broker_server.fedcache_handlers import FEDCACHE, fetch, update, update_fetch
 from broker_server.records import Rejected
 from broker_server.relations import EXACT_SEARCH_LIMIT
 from broker_server.state import KnowledgeState
 from broker_server.state_factory import open_state
 from fedwire.constants import DEFAULT_NEIGHBOURS
-from fedwire.messages import ErrorReply, Hello, Reply, Request
+from fedwire.messages import ErrorReply, Fetch, Hello, Reply, Request, Update, UpdateFetch
 
 
 def all_algorithms(
@@ -109,6 +109,16 @@ class CacheService:
     def close(self) -> None:
         """Close the state; changes not committed are dropped (their requests were never acknowledged)."""
         self.state.close()
+
+    def batch_state(self) -> KnowledgeState | None:
+        """FedCache's state when FedCache's own handlers serve fetch, update and update_fetch (else None), so the
+        batched request path may answer those; made on first use, like every algorithm's state."""
+        for kind, handler in ((Fetch, fetch), (Update, update), (UpdateFetch, update_fetch)):
+            algorithm = self._routes.get(kind)
+            if algorithm is not FEDCACHE or algorithm.handlers.get(kind) is not handler:
+                return None
+        state: KnowledgeState = self._state_of(FEDCACHE)
+        return state
 
     @property
     def active(self) -> tuple[str, ...]:

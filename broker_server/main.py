@@ -140,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-id) is back; by default a stopping server leaves the shared subscription and ends its session, so "
         "no request is routed to it while it is away (devices resend what goes unanswered)",
     )
+    parser.add_argument(
+        "--request-path",
+        choices=("batched", "legacy"),
+        default="batched",
+        help="batched (default): one thread reads, answers, commits and acknowledges whole batches; legacy: the "
+        "path before issue 14 (paho's thread, a queue, one message at a time), kept for the serving bench",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="profile every thread of the server (cProfile) and write the merged pstats to FILE on shutdown",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line")
     return parser
@@ -258,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported once the broker is up, so that a taken port is reported before faiss and numpy load.
     from broker_server.handlers import CacheService
     from broker_server.metrics import ServerMetrics
-    from broker_server.mqtt_server import CacheServer
+    from broker_server.mqtt_server import make_server
     from broker_server.state_factory import STATE_DIRNAME
 
     stop = threading.Event()
@@ -266,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     service = None
     server = None
+    profiles = None
+    if args.profile is not None:
+        from broker_server.profiling import ThreadProfiles
+
+        profiles = ThreadProfiles()
+        profiles.start()
     try:
         service = CacheService.open(
             args.data_dir / STATE_DIRNAME,
@@ -294,8 +314,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return EXIT_PORT_IN_USE
             log.info("metrics on http://127.0.0.1:%d/metrics", args.metrics_port)
-        server = CacheServer(
-            service=service, address=address, client_id=args.client_id, metrics=metrics, credentials=credentials
+        server = make_server(
+            request_path=args.request_path,
+            service=service,
+            address=address,
+            client_id=args.client_id,
+            metrics=metrics,
+            credentials=credentials,
+            on_fatal=stop.set,
         )
         server.start()
         if broker is not None and broker.security is not None:
@@ -307,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.info("ready: devices connect to %s", address.url)
         stop.wait()
+        if getattr(server, "failed", False):
+            log.error("the server stopped by itself (see above); exiting")
+            return 1
         log.info("shutting down")
     finally:
         if server is not None:
@@ -315,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             service.close()
         if broker is not None:
             broker.stop()
+        if profiles is not None:
+            profiles.dump(args.profile)
     return 0
 
 

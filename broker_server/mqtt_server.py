@@ -1,35 +1,38 @@
-"""Thin MQTT glue around the cache service: receive, validate, handle, commit, then reply and acknowledge."""
+"""Thin MQTT glue around the cache service: read a batch, validate, handle, commit, then reply and acknowledge.
+
+One thread owns the broker connection (broker_server/mqtt_link.py) and the service: it reads everything the
+socket holds, answers it as one batch (broker_server/batched.py: fetch / update / update_fetch vectorised,
+everything else message by message), commits the batch to the durable store, and only then queues the
+replies and the acknowledgements and writes them with one send. `--request-path legacy` selects the path
+before issue 14 (broker_server/legacy_server.py: paho's thread, a queue and one message at a time), kept so
+that the serving bench can measure both in one run.
+"""
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
+from broker_server.batched import Answer, BatchedRequests
 from broker_server.handlers import CacheService
+from broker_server.legacy_server import LegacyCacheServer
 from broker_server.metrics import ServerMetrics
-from fedwire import ErrorCode, ErrorReply, ProtocolError, Reply, decode, down_topic, encode, parse_up_topic
-from fedwire.constants import DEFAULT_QOS, SERVER_SHARE_GROUP
+from broker_server.mqtt_link import RETAIN_HANDLING_NEVER, Inbound, ServerLink, Will
+from fedwire import ErrorCode, ErrorReply, ProtocolError, decode, down_topic, encode, parse_up_topic
+from fedwire.constants import DEFAULT_QOS, SERVER_SHARE_GROUP, Kind
 from fedwire.messages import Message, Request
-from fedwire.mqtt import (
-    AcknowledgedPublisher,
-    BrokerAddress,
-    Credentials,
-    connect_persistent,
-    end_session_properties,
-    make_client,
-)
+from fedwire.mqtt import BrokerAddress, Credentials
 from fedwire.topics import SERVER_STATUS, server_subscription
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 256
+REQUEST_PATHS = ("batched", "legacy")
+DEFAULT_REQUEST_PATH = "batched"
+MAX_BATCH = 256  # messages answered by one commit; a longer read is answered in several
+POLL_S = 0.2
 ACTIVE_WINDOW_S = 60.0
 # Gauges scan every sample and device: refresh them on a clock, not after every batch.
 GAUGE_REFRESH_S = 1.0
@@ -37,25 +40,35 @@ DRAIN_IDLE_S = 0.3  # no request for this long after unsubscribing: everything s
 DRAIN_LIMIT_S = 10.0
 # On stop, how long to wait for the broker to acknowledge the replies and the 'offline' status still in flight.
 DELIVERY_LIMIT_S = 10.0
+_TOPIC_CACHE_LIMIT = 100_000
 
 
-@dataclass(frozen=True)
-class _Inbound:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    arrived: float
-    retained: bool = False
+def check_envelope(message: Message, *, device: str, topic_kind: str) -> Request:
+    """A device may only speak for itself, and the topic names the message's kind."""
+    if not isinstance(message, Request):
+        raise ProtocolError(
+            ErrorCode.BAD_SCHEMA, f"'{message.kind.value}' is a reply kind, not a request", cid=message.cid
+        )
+    if message.device != device:
+        raise ProtocolError(
+            ErrorCode.DEVICE_MISMATCH,
+            f"payload device '{message.device}' published on {device}'s topic",
+            cid=message.cid,
+        )
+    if message.kind.value != topic_kind:
+        raise ProtocolError(
+            ErrorCode.BAD_SCHEMA, f"payload kind '{message.kind.value}' on a '{topic_kind}' topic", cid=message.cid
+        )
+    return message
 
 
 class CacheServer:
-    """Serves a CacheService over MQTT.
+    """Serves a CacheService over MQTT, a batch at a time, from one thread.
 
-    paho's thread only queues messages; one worker thread handles a batch, commits it to the
-    durable store, and only then publishes the replies and acknowledges the messages to the broker
-    (manual ack), so a crash means redelivery, never loss. Updates are idempotent, so redelivery
-    changes nothing.
+    Replies are published and requests acknowledged (manual PUBACK) only after the batch's writes are
+    committed, so a crash means redelivery, never loss; updates are idempotent, so redelivery changes nothing.
+    Retained messages are never acted on. `on_fatal` is called (from the server's thread) if it had to stop
+    by itself, because a commit failed.
     """
 
     def __init__(
@@ -67,36 +80,51 @@ class CacheServer:
         share_group: str = SERVER_SHARE_GROUP,
         metrics: ServerMetrics | None = None,
         credentials: Credentials | None = None,
+        on_fatal: Callable[[], None] | None = None,
     ) -> None:
         self.service = service
         self.address = address
         self.credentials = credentials
         self.share_group = share_group
         self.metrics = metrics or ServerMetrics()
-        self._inbox: queue.Queue[_Inbound] = queue.Queue()
+        self.failed = False
+        self._on_fatal = on_fatal
+        self._link = ServerLink(
+            address=address, client_id=client_id, credentials=credentials, will=Will(SERVER_STATUS, b"offline")
+        )
+        self._batched = BatchedRequests(state=service.batch_state, per_message=self._answer_one)
         self._stop = threading.Event()
-        self._subscribed = threading.Event()
-        self._busy = threading.Event()
+        self._leave_group = True
+        self._early: list[Inbound] = []
+        self._thread = threading.Thread(target=self._run, name="cache-server", daemon=True)
         self._last_seen: dict[str, float] = {}
         self._gauges_at = 0.0
-        self._client = make_client(client_id=client_id, manual_ack=True, max_inflight=1000)
-        self._client.on_connect = self._on_connect
-        self._client.on_message = self._on_message
-        self._client.on_subscribe = self._on_subscribe
-        self._publisher = AcknowledgedPublisher(self._client)
-        self._client.will_set(SERVER_STATUS, b"offline", qos=1, retain=True)
-        self._worker = threading.Thread(target=self._work, name="cache-worker", daemon=True)
+        self._topics: dict[str, tuple[str, Kind] | None] = {}
+        self._down: dict[str, str] = {}
+        self._bytes_in: dict[str, Any] = {}
+        self._bytes_out: dict[str, Any] = {}
+        self._latency: dict[str, Any] = {}
+        self._requests: dict[tuple[str, str], Any] = {}
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 30.0) -> None:
         """Connect with a persistent session (requests queue in the broker while we are down) and subscribe."""
-        self._worker.start()
-        connect_persistent(self._client, self.address, credentials=self.credentials)
-        self._client.loop_start()
-        if not self._subscribed.wait(timeout):
-            raise TimeoutError(f"could not subscribe on {self.address.url} within {timeout} s")
-        self._publisher.publish(SERVER_STATUS, b"online", retain=True)
+        link = self._link
+        link.connect(timeout=timeout)
+        # Retain handling 2: Mosquitto 2.0.11 hands a new share-group member the retained messages on the up tree,
+        # and a retained request (published once by anyone allowed on a device's up topic) would be handled again
+        # by every server that ever starts.
+        link.subscribe(server_subscription(self.share_group), qos=DEFAULT_QOS, retain_handling=RETAIN_HANDLING_NEVER)
+        deadline = time.monotonic() + timeout
+        while not link.subscribed:
+            if time.monotonic() > deadline:
+                link.close()
+                raise TimeoutError(f"could not subscribe on {self.address.url} within {timeout} s")
+            self._early += link.poll(0.05)  # a kept session's queued requests may come first: answered first
+        link.publish(SERVER_STATUS, b"online", retain=True)
+        link.flush()
+        self._thread.start()
         log.info("serving on %s (shared subscription group %s)", self.address.url, self.share_group)
 
     def stop(self, *, leave_group: bool = True) -> None:
@@ -108,113 +136,136 @@ class CacheServer:
         `leave_group=False` keeps the session for a planned restart of a sole server under the same client id:
         requests then queue in the broker until it is back (a kill -9 behaves the same way).
         """
-        if leave_group:
-            self._client.unsubscribe(server_subscription(self.share_group))
-            self._drain(idle_s=DRAIN_IDLE_S, limit_s=DRAIN_LIMIT_S)
+        self._leave_group = leave_group
         self._stop.set()
-        self._worker.join(timeout=10)
-        self._publisher.publish(SERVER_STATUS, b"offline", retain=True)
+        if self._thread.is_alive():
+            self._thread.join(timeout=DRAIN_LIMIT_S + DELIVERY_LIMIT_S + 10)
+        elif self._link.connected:  # started but its thread never ran, or never started
+            self._link.disconnect()
+
+    # ------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        link = self._link
+        pending, self._early = self._early, []
+        leaving_since: float | None = None
+        last_request = time.monotonic()
+        try:
+            while True:
+                stopping = self._stop.is_set()
+                if stopping and leaving_since is None:
+                    if not self._leave_group:
+                        break
+                    link.unsubscribe(server_subscription(self.share_group))
+                    leaving_since = last_request = time.monotonic()
+                messages = pending or link.poll(0.02 if stopping else POLL_S)
+                pending = []
+                if messages:
+                    last_request = time.monotonic()
+                    for start in range(0, len(messages), MAX_BATCH):
+                        if not self._process(messages[start : start + MAX_BATCH]):
+                            return
+                link.flush()
+                now = time.monotonic()
+                if leaving_since is not None:
+                    if link.unsubscribed and now - last_request >= DRAIN_IDLE_S:
+                        break
+                    if now - leaving_since > DRAIN_LIMIT_S:
+                        log.warning("stopping with requests still arriving; devices will resend them")
+                        break
+                if now - self._gauges_at >= GAUGE_REFRESH_S:
+                    self._gauges_at = now
+                    self._refresh_gauges(now)
+            self._hand_over()
+        except Exception:
+            log.exception("the server loop failed")
+            self._fail()
+
+    def _hand_over(self) -> None:
+        """Publish 'offline', wait for the broker to take what we published, and end the connection."""
+        link = self._link
+        link.publish(SERVER_STATUS, b"offline", retain=True)
         # Replies are not precious (a device resends an unanswered request), but a server that stops cleanly
-        # still hands over what it has answered instead of dropping it with the connection.
-        if not self._publisher.wait_acknowledged(DELIVERY_LIMIT_S):
-            log.warning(
-                "stopping with %d published message(s) unacknowledged by the broker", self._publisher.unacknowledged()
-            )
-        self._client.disconnect(properties=end_session_properties() if leave_group else None)
-        self._client.loop_stop()
+        # still hands over what it has answered instead of dropping it with the connection. Requests that
+        # still arrive are left unacknowledged: the broker keeps them.
+        deadline = time.monotonic() + DELIVERY_LIMIT_S
+        while link.unacknowledged() and link.connected and time.monotonic() < deadline:
+            link.poll(0.05)
+        if link.unacknowledged():
+            log.warning("stopping with %d published message(s) unacknowledged by the broker", link.unacknowledged())
+        link.disconnect(session_expiry_s=0 if self._leave_group else None)
 
-    def _drain(self, *, idle_s: float, limit_s: float) -> None:
-        """Wait until the inbox stayed empty for `idle_s` (the worker answered everything), at most `limit_s`."""
-        deadline = time.monotonic() + limit_s
-        idle_since = time.monotonic()
-        while time.monotonic() < deadline:
-            if not self._inbox.empty() or self._busy.is_set():
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since >= idle_s:
-                return
-            time.sleep(0.02)
-        log.warning("stopping with %d requests unanswered; devices will resend them", self._inbox.qsize())
+    def _fail(self) -> None:
+        self.failed = True
+        self._link.close()  # without DISCONNECT: the broker publishes our 'offline' will
+        if self._on_fatal is not None:
+            self._on_fatal()
 
-    def _on_connect(self, client: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
-        if reason.is_failure:
-            log.error("broker refused the server: %s", reason)
-            return
-        # Retain handling 2: Mosquitto 2.0.11 hands a new share-group member the retained messages on the up tree,
-        # and a retained request (published once by anyone allowed on a device's up topic) would be handled again
-        # by every server that ever starts.
-        options = SubscribeOptions(qos=DEFAULT_QOS, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
-        client.subscribe(server_subscription(self.share_group), options=options)
-
-    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, reasons: Any, _props: Any) -> None:
-        if all(not r.is_failure for r in reasons):
-            self._subscribed.set()
-        else:
-            log.error("subscription refused: %s", reasons)
-
-    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-        self._inbox.put(
-            _Inbound(message.topic, bytes(message.payload), message.mid, message.qos, time.monotonic(), message.retain)
-        )
-
-    # ------------------------------------------------------------ the worker
-
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            try:
-                first = self._inbox.get(timeout=0.2)
-            except queue.Empty:
+    def _process(self, messages: list[Inbound]) -> bool:
+        """Answer one batch, commit it, then queue its replies and acknowledgements; False when the commit failed."""
+        now = time.monotonic()
+        requests: list[tuple[str, Kind, bytes]] = []
+        topics = self._topics
+        last_seen = self._last_seen
+        bytes_in: dict[str, int] = {}
+        for message in messages:
+            parsed = topics.get(message.topic, False)
+            if parsed is False:
+                if len(topics) > _TOPIC_CACHE_LIMIT:
+                    topics.clear()
+                parsed = topics[message.topic] = parse_up_topic(message.topic)
+            if parsed is None:
+                log.warning("ignoring message on unexpected topic %s", message.topic)
                 continue
-            self._busy.set()
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    batch.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                self._process(batch)
-            finally:
-                self._busy.clear()
-
-    def _process(self, batch: list[_Inbound]) -> None:
-        replies = [self._handle_one(item) for item in batch]
+            device, kind = parsed  # type: ignore[misc]
+            if message.retain:
+                # Never acted on (see start()); a device that wants an answer publishes without the retain flag.
+                log.warning("ignoring a retained %s on %s's topic", kind.value, device)
+                self._count_requests({(kind.value, "retained"): 1})
+                continue
+            bytes_in[kind.value] = bytes_in.get(kind.value, 0) + len(message.payload)
+            last_seen[device] = now
+            requests.append((device, kind, message.payload))
+        answers = self._batched.answer(requests) if requests else []
         try:
             self.service.commit()
         except Exception:
             # Nothing is acknowledged: the broker redelivers these messages after we restart.
-            log.exception("commit failed; leaving %d messages unacknowledged", len(batch))
-            self._stop.set()
-            return
-        self.metrics.batch_size.observe(len(batch))
-        now = time.monotonic()
-        for item, reply in zip(batch, replies, strict=True):
-            if reply is not None:
-                payload = encode(reply)
-                self._publisher.publish(down_topic(reply.device), payload)
-                self.metrics.bytes_out.labels(reply.kind.value).inc(len(payload))
-                self.metrics.latency.labels(reply.kind.value).observe(now - item.arrived)
-            if item.qos > 0:
-                self._client.ack(item.mid, item.qos)
-        if now - self._gauges_at >= GAUGE_REFRESH_S:
-            self._gauges_at = now
-            self._refresh_gauges(now)
+            log.exception("commit failed; leaving %d messages unacknowledged", len(messages))
+            self._fail()
+            return False
+        link = self._link
+        down = self._down
+        done = time.monotonic()
+        outcomes: dict[tuple[str, str], int] = {}
+        bytes_out: dict[str, int] = {}
+        replies: dict[str, int] = {}
+        for (_device, kind, _payload), answer in zip(requests, answers, strict=True):
+            topic = down.get(answer.device)
+            if topic is None:
+                if len(down) > _TOPIC_CACHE_LIMIT:
+                    down.clear()
+                topic = down[answer.device] = down_topic(answer.device)
+            link.publish(topic, answer.payload)
+            key = (kind.value, answer.outcome)
+            outcomes[key] = outcomes.get(key, 0) + 1
+            bytes_out[answer.kind] = bytes_out.get(answer.kind, 0) + len(answer.payload)
+            replies[answer.kind] = replies.get(answer.kind, 0) + 1
+        for message in messages:
+            if message.qos:
+                link.ack(message.mid, message.epoch)
+        link.flush()
+        self._record(
+            messages=len(messages), bytes_in=bytes_in, bytes_out=bytes_out, replies=replies, latency=done - now
+        )
+        self._count_requests(outcomes)
+        return True
 
-    def _handle_one(self, item: _Inbound) -> Reply | None:
-        parsed = parse_up_topic(item.topic)
-        if parsed is None:
-            log.warning("ignoring message on unexpected topic %s", item.topic)
-            return None
-        device, kind = parsed
-        if item.retained:
-            # Never acted on (see _on_connect); a device that wants an answer publishes without the retain flag.
-            log.warning("ignoring a retained %s on %s's topic", kind.value, device)
-            self.metrics.requests.labels(kind.value, "retained").inc()
-            return None
-        self.metrics.bytes_in.labels(kind.value).inc(len(item.payload))
-        self._last_seen[device] = item.arrived
+    def _answer_one(self, device: str, kind: Kind, payload: bytes) -> Answer:
+        """The per-message path: decode, check the envelope, handle, encode."""
         cid = 0  # what an error reply carries when the payload held no valid correlation id
         try:
-            request = self._check_envelope(decode(item.payload), device=device, topic_kind=kind.value)
+            request = check_envelope(decode(payload), device=device, topic_kind=kind.value)
             cid = request.cid
             reply = self.service.handle(request)
         except ProtocolError as exc:
@@ -224,30 +275,43 @@ class CacheServer:
             reply = ErrorReply(
                 device=device, cid=cid, code=ErrorCode.INTERNAL, message="internal error", request=kind.value
             )
-        outcome = reply.code.value if isinstance(reply, ErrorReply) else "ok"
+        outcome = "ok"
         if isinstance(reply, ErrorReply):
+            outcome = reply.code.value
             log.warning("rejected %s from %s: %s %s", kind.value, device, reply.code.value, reply.message)
-        self.metrics.requests.labels(kind.value, outcome).inc()
-        return reply
+        return Answer(device, reply.kind.value, encode(reply), outcome)
 
-    @staticmethod
-    def _check_envelope(message: Message, *, device: str, topic_kind: str) -> Request:
-        """A device may only speak for itself, and the topic names the message's kind."""
-        if not isinstance(message, Request):
-            raise ProtocolError(
-                ErrorCode.BAD_SCHEMA, f"'{message.kind.value}' is a reply kind, not a request", cid=message.cid
-            )
-        if message.device != device:
-            raise ProtocolError(
-                ErrorCode.DEVICE_MISMATCH,
-                f"payload device '{message.device}' published on {device}'s topic",
-                cid=message.cid,
-            )
-        if message.kind.value != topic_kind:
-            raise ProtocolError(
-                ErrorCode.BAD_SCHEMA, f"payload kind '{message.kind.value}' on a '{topic_kind}' topic", cid=message.cid
-            )
-        return message
+    # ------------------------------------------------------------ metrics (child series cached: labels() is costly)
+
+    def _record(
+        self,
+        *,
+        messages: int,
+        bytes_in: dict[str, int],
+        bytes_out: dict[str, int],
+        replies: dict[str, int],
+        latency: float,
+    ) -> None:
+        metrics = self.metrics
+        metrics.batch_size.observe(messages)
+        for kind, size in bytes_in.items():
+            child = self._bytes_in.get(kind) or self._bytes_in.setdefault(kind, metrics.bytes_in.labels(kind))
+            child.inc(size)
+        for kind, size in bytes_out.items():
+            child = self._bytes_out.get(kind) or self._bytes_out.setdefault(kind, metrics.bytes_out.labels(kind))
+            child.inc(size)
+        # Every reply of a batch waited the same time: from the read that brought it to its publish.
+        for kind, count in replies.items():
+            child = self._latency.get(kind) or self._latency.setdefault(kind, metrics.latency.labels(kind))
+            for _ in range(count):
+                child.observe(latency)
+
+    def _count_requests(self, outcomes: dict[tuple[str, str], int]) -> None:
+        for key, count in outcomes.items():
+            child = self._requests.get(key)
+            if child is None:
+                child = self._requests[key] = self.metrics.requests.labels(*key)
+            child.inc(count)
 
     def _refresh_gauges(self, now: float) -> None:
         stats = self.service.stats()
@@ -255,3 +319,13 @@ class CacheServer:
         self.metrics.samples.set(stats["samples"])
         self.metrics.cache_fill.set(stats["cache_fill"])
         self.metrics.devices_online.set(sum(1 for t in self._last_seen.values() if now - t < ACTIVE_WINDOW_S))
+
+
+def make_server(*, request_path: str = DEFAULT_REQUEST_PATH, **options: Any) -> CacheServer | LegacyCacheServer:
+    """The server of `request_path` (see REQUEST_PATHS) with the shared options of both."""
+    if request_path == "batched":
+        return CacheServer(**options)
+    if request_path == "legacy":
+        options.pop("on_fatal", None)
+        return LegacyCacheServer(**options)
+    raise ValueError(f"unknown request path {request_path!r}: one of {', '.join(REQUEST_PATHS)}")

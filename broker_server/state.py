@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from types import TracebackType
 
 import numpy as np
 
-from broker_server.records import Admission, CacheStats, DeviceKnowledge, DeviceRecord, Registration, Teachers
-from fedwire.constants import HashKind
+from broker_server.records import (
+    Admission,
+    CacheStats,
+    DeviceKnowledge,
+    DeviceRecord,
+    Registration,
+    Rejected,
+    Teachers,
+)
+from fedwire.constants import ErrorCode, HashKind
 
 
 class KnowledgeState(ABC):
@@ -98,6 +107,57 @@ class KnowledgeState(ABC):
         of another width (`class_mismatch`), another row count (`bad_shape`), a negative version
         (`bad_schema`) or non-finite values (`non_finite`) reject the update and change nothing.
         """
+
+    def rows_many(self, devices: Sequence[str], ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of several messages' ids at once: `ids` concatenated, `counts[i]` of them sent by `devices[i]`.
+
+        Returns one int64 row per id and, per message, whether rows() would answer it; the rows of an
+        unresolved message mean nothing (rows() says why it is rejected).
+
+        Constraints
+        -----------
+        Per message, exactly what rows() answers. Reading changes nothing. This default asks rows() message
+        by message; a backend may do it in one search.
+        """
+        out = np.zeros(np.asarray(ids).size, np.int64)
+        resolved = np.zeros(len(devices), bool)
+        start = 0
+        for message, (device, count) in enumerate(zip(devices, np.asarray(counts).tolist(), strict=True)):
+            try:
+                out[start : start + count] = self.rows(device, ids[start : start + count])
+                resolved[message] = True
+            except Rejected:
+                pass
+            start += count
+        return out, resolved
+
+    def apply_updates(self, *, rows: np.ndarray, logits: np.ndarray, versions: np.ndarray) -> np.ndarray:
+        """Several updates at once, entry by entry in order: rows[i] takes logits[i] if versions[i] is newer.
+
+        Constraints
+        -----------
+        Exactly apply_update() for each entry, in order (a row twice: the later entry is compared with what
+        the earlier left), except that the whole batch is validated first and a rejection changes nothing.
+        This default applies entry by entry; a backend may do it at once.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        logits = np.asarray(logits, dtype=np.float32)
+        versions = np.asarray(versions, dtype=np.int64)
+        if logits.ndim != 2 or logits.shape[1] != self.classes:
+            raise Rejected(ErrorCode.CLASS_MISMATCH, f"logits have shape {logits.shape}, the server {self.classes}")
+        if logits.shape[0] != rows.size or versions.shape != rows.shape:
+            raise Rejected(ErrorCode.BAD_SHAPE, f"{rows.size} rows, {logits.shape[0]} logit rows, {versions.size}")
+        if versions.size and versions.min() < 0:
+            raise Rejected(ErrorCode.BAD_SCHEMA, "a version is negative")
+        if not np.isfinite(logits).all():
+            raise Rejected(ErrorCode.NON_FINITE, "logits hold NaN or infinite values")
+        applied = np.zeros(rows.size, bool)
+        for entry in range(rows.size):
+            one = self.apply_update(
+                rows=rows[entry : entry + 1], logits=logits[entry : entry + 1], version=int(versions[entry])
+            )
+            applied[entry] = bool(one[0])
+        return applied
 
     @abstractmethod
     def fetch(self, rows: np.ndarray, *, raw: bool = False) -> Teachers:
