@@ -471,7 +471,8 @@ class KnowledgeCache:
         """Several updates at once, entry by entry in order: row i takes logits[i] when versions[i] is newer.
 
         A row that appears twice is compared the second time with what the first entry left, exactly as
-        separate apply_update() calls would; the whole batch is validated before anything changes.
+        separate apply_update() calls would; the whole batch is validated before anything changes. With
+        defences on, entry by entry through apply_update (their evidence follows each update).
         """
         rows = np.asarray(rows, dtype=np.int64)
         logits = np.asarray(logits, dtype=np.float32)
@@ -479,6 +480,12 @@ class KnowledgeCache:
         if versions.shape != rows.shape:
             raise Rejected(ErrorCode.BAD_SHAPE, f"{rows.size} rows but {versions.size} versions")
         self.check_update(rows=rows, logits=logits, version=int(versions.min()) if versions.size else 0)
+        if self.defences is not None:
+            one = [
+                self.apply_update(rows=rows[i : i + 1], logits=logits[i : i + 1], version=int(v))
+                for i, v in enumerate(versions)
+            ]
+            return np.concatenate(one) if one else np.zeros(0, bool)
         held = self._versions.view
         if np.unique(rows).size == rows.size:
             newer: np.ndarray = versions > held[rows]

@@ -118,6 +118,11 @@ class CachedState(KnowledgeState):
             )
         return applied
 
+    @property
+    def batchable(self) -> bool:
+        """Not with defences on: their trust evidence follows every update as it is applied, one by one."""
+        return self.cache.defences is None
+
     def rows_many(self, devices: Sequence[str], ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.cache.rows_many(devices, ids, counts)
 

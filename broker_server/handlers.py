@@ -111,14 +111,15 @@ class CacheService:
         self.state.close()
 
     def batch_state(self) -> KnowledgeState | None:
-        """FedCache's state when FedCache's own handlers serve fetch, update and update_fetch (else None), so the
-        batched request path may answer those; made on first use, like every algorithm's state."""
+        """FedCache's state when FedCache's own handlers serve fetch, update and update_fetch and the state is
+        `batchable` (else None), so the batched request path may answer those; made on first use, like every
+        algorithm's state."""
         for kind, handler in ((Fetch, fetch), (Update, update), (UpdateFetch, update_fetch)):
             algorithm = self._routes.get(kind)
             if algorithm is not FEDCACHE or algorithm.handlers.get(kind) is not handler:
                 return None
         state: KnowledgeState = self._state_of(FEDCACHE)
-        return state
+        return state if state.batchable else None
 
     @property
     def active(self) -> tuple[str, ...]:

@@ -254,11 +254,12 @@ class CacheServer:
         for message in messages:
             if message.qos:
                 link.ack(message.mid, message.epoch)
-        link.flush()
+        # Counted before anything leaves, so that a device holding its reply finds its request counted.
         self._record(
             messages=len(messages), bytes_in=bytes_in, bytes_out=bytes_out, replies=replies, latency=done - now
         )
         self._count_requests(outcomes)
+        link.flush()
         return True
 
     def _answer_one(self, device: str, kind: Kind, payload: bytes) -> Answer:

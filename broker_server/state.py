@@ -108,6 +108,16 @@ class KnowledgeState(ABC):
         (`bad_schema`) or non-finite values (`non_finite`) reject the update and change nothing.
         """
 
+    @property
+    def batchable(self) -> bool:
+        """Whether requests may be answered together: one rows_many, one apply_updates and one fetch for many.
+
+        True when that gives each request what it would get alone, in the batch's serial order (the batched
+        request path relies on it); a backend whose answers depend on which requests share a call says False,
+        and the server then answers its requests one by one.
+        """
+        return True
+
     def rows_many(self, devices: Sequence[str], ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows of several messages' ids at once: `ids` concatenated, `counts[i]` of them sent by `devices[i]`.
 

@@ -294,6 +294,26 @@ def _with_a_neighbour_of(service: CacheService, device: str, owner: str) -> np.n
     return _ids_of(device)[position : position + 1]
 
 
+def test_with_defences_on_every_request_is_answered_one_by_one(tmp_path: Path) -> None:
+    """Defences follow each update as it is applied: the state says it is not batchable, and the answers are
+    the per-message path's whatever the arrival order."""
+    legacy_service, batched_service = _service(tmp_path / "legacy"), _service(tmp_path / "batched")
+    legacy_service.cache.defend()
+    batched_service.cache.defend()
+    assert batched_service.batch_state() is None
+    legacy, batched = _legacy(legacy_service), _batched(batched_service)
+    requests = Requests(11)
+    for number in range(4):
+        batch = [requests.update(DEVICES[n % 4], 10 + number, combined=True) for n in range(6)]
+        batch += [requests.fetch(DEVICES[n % 4]) for n in range(6)]
+        expected = [_legacy_answer(legacy, *request) for request in batch]
+        assert [a.payload for a in batched.answer(batch)] == expected
+        legacy_service.commit()
+        batched_service.commit()
+    legacy_service.close()
+    batched_service.close()
+
+
 def test_a_segment_applies_its_updates_before_its_fetches_but_keeps_each_devices_own_order() -> None:
     service = _service(None, devices=DEVICES[:2])
     batched = _batched(service)
