@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 from android_harness.faults import FaultPlan
 from android_harness.flash import add_flash_parser, run_flash, run_provision, run_revoke
 from android_harness.spec import SpecError, TrialSpec, load_spec
-from android_harness.trial import AUTH_MODES, SECURITY_MODES, TrialSettings, run_trial
+from android_harness.trial import AUTH_MODES, DEFENCE_MODES, SECURITY_MODES, TrialSettings, run_trial
+from edge.config import ATTACKS
 from fedwire import HashKind, LogitEncoding, TeacherForm
 
 ARCH_CHOICES = ("resnet8", "resnet16", "resnet20", "cnn", "mobilenet")
@@ -93,6 +95,17 @@ def _settings(args: argparse.Namespace, *, algorithm: str, out: Path) -> TrialSe
     )
 
 
+def _attacked(settings: TrialSettings, args: argparse.Namespace) -> TrialSettings:
+    """The trial's --attack on its last --attackers devices, and the server's --defences."""
+    if (args.attack is None) != (args.attackers == 0):
+        raise SystemExit("--attack and --attackers go together (--attackers N >= 1 of the devices)")
+    if not 0 <= args.attackers <= settings.devices:
+        raise SystemExit(f"--attackers {args.attackers}: the trial has {settings.devices} devices")
+    honest = settings.devices - args.attackers
+    attacks = ("",) * honest + (args.attack,) * args.attackers if args.attackers else ()
+    return dataclasses.replace(settings, attacks=attacks, defences=args.defences)
+
+
 def _summary_line(report: dict) -> str:
     per = report["bytes_per_device_per_epoch"]
     return (
@@ -165,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         "(synchronous parameter averaging, one architecture only). `python -m bench comparison` runs them all",
     )
     trial.add_argument("--out", type=Path, required=True, help="directory for report.json, plots and logs")
+    trial.add_argument("--attack", choices=ATTACKS, help="malicious devices' behaviour (docs/robustness.md)")
+    trial.add_argument(
+        "--attackers",
+        type=int,
+        default=0,
+        help="with --attack: how many devices attack, the last ones (so the honest devices are those of a run "
+        "without attack); report.json's maua_honest averages the others",
+    )
+    trial.add_argument("--defences", choices=DEFENCE_MODES, help="the cache server's --defences (default: its own)")
     trial.add_argument(
         "--spec", type=Path, help="a TOML trial file (docs/trials.md); the trial options above are then ignored"
     )
@@ -208,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run_spec(_load(path, out=out), out=out)
 
     if args.command == "trial":
-        report = run_trial(_settings(args, algorithm=args.algorithm, out=args.out))
+        report = run_trial(_attacked(_settings(args, algorithm=args.algorithm, out=args.out), args))
         print(_summary_line(report))
+        if report["attackers"]:
+            print(f"honest MAUA {report['maua_honest']:.4f} without the {len(report['attackers'])} attackers")
         failed = _print_invariants(report)
         print(f"report: {args.out / 'report.json'}  page: {args.out / 'report.html'}  plots beside them")
         return 1 if failed else 0

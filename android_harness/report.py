@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,13 @@ def build_report(
     curve: list[list[float]],
     history: list[dict[str, Any]],
     wall_s: float,
+    attackers: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Summarise the devices' final metrics; MAUA is the unweighted mean of their test accuracies."""
+    """Summarise the devices' final metrics; MAUA is the unweighted mean of their test accuracies.
+
+    `maua_honest` is the same mean over the devices not in `attackers` (docs/robustness.md), `attackers` the
+    malicious devices' ids.
+    """
     devices = [
         {
             "id": device,
@@ -46,10 +51,13 @@ def build_report(
         "down": sum(d["bytes_down"] for d in devices),
     }
     per_device_epoch = {k: v / count / max(epochs, 1) for k, v in totals.items() if k != "register_up"}
+    honest = [d["accuracy"] for d in devices if d["id"] not in set(attackers)]
     return {
         "algorithm": settings["algorithm"],
         "dataset": settings["dataset"],
         "maua": sum(d["accuracy"] for d in devices) / count,
+        "maua_honest": sum(honest) / len(honest) if honest else None,
+        "attackers": sorted(attackers),
         "maua_curve": curve,
         "bytes": totals,
         "bytes_per_device_per_epoch": per_device_epoch,

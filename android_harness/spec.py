@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from android_harness.faults import FaultPlan
-from android_harness.trial import AUTH_MODES, SECURITY_MODES, TrialSettings
-from edge.config import ALGORITHMS
+from android_harness.trial import AUTH_MODES, DEFENCE_MODES, SECURITY_MODES, TrialSettings
+from edge.config import ALGORITHMS, ATTACKS
 from fedwire import HashKind, LogitEncoding
 from fedwire.mqtt import BrokerAddress
 
@@ -31,8 +31,8 @@ _TRIAL_KEYS = (
     "hash_kind", "hash_dim", "encoder_kind", "logit_encoding",
 )  # fmt: skip
 _BROKER_KEYS = ("url", "security", "auth")
-_SERVER_KEYS = ("neighbours",)
-_DEVICE_KEYS = ("count", "arch", "backend", "target", "start_after_s", "outages", "offline_fraction")
+_SERVER_KEYS = ("neighbours", "defences")
+_DEVICE_KEYS = ("count", "arch", "backend", "target", "start_after_s", "outages", "offline_fraction", "attack")
 _FAULT_KEYS = ("server_kill_at_s", "server_down_s", "broker_restart_at_s", "loss", "mean_outage_s")
 
 
@@ -111,6 +111,11 @@ def parse_spec(data: dict[str, Any], *, out: Path) -> TrialSpec:
     neighbours = _opt_int(server, "neighbours", where="[server]", minimum=1)
     dataset = _choice(trial, "dataset", DATASETS, where="[trial]", default="fashion-mnist")
     algorithm = _choice(trial, "algorithm", ALGORITHMS, where="[trial]", default="fedcache")
+    defences = (
+        _choice(server, "defences", DEFENCE_MODES, where="[server]", default="off") if "defences" in server else None
+    )
+    if any(g.attack for g in devices) and algorithm != "fedcache":
+        raise SpecError(f"[[devices]].attack: attacks poison FedCache's knowledge; [trial].algorithm is {algorithm!r}")
     settings = TrialSettings(
         out=out,
         dataset=dataset,
@@ -136,6 +141,8 @@ def parse_spec(data: dict[str, Any], *, out: Path) -> TrialSpec:
         netns=True if target == "netns" else None,
         security=security,
         auth=auth,
+        attacks=tuple(g.attack for g in per_device) if any(g.attack for g in per_device) else (),
+        defences=defences,
     )
     plan = _fault_plan(faults, per_device, seed=settings.seed)
     if plan is not None and algorithm == "local":
@@ -155,6 +162,7 @@ class _Group:
     start_after_s: float
     outages: tuple[tuple[float, float], ...]
     offline_fraction: float
+    attack: str = ""
 
 
 def _device_group(group: dict[str, Any], *, number: int) -> _Group:
@@ -191,6 +199,7 @@ def _device_group(group: dict[str, Any], *, number: int) -> _Group:
         start_after_s=_number(group, "start_after_s", where=where, default=0.0, non_negative=True),
         outages=tuple(outages),
         offline_fraction=fraction,
+        attack=_choice(group, "attack", ("", *ATTACKS), where=where, default=""),
     )
 
 

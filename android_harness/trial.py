@@ -25,9 +25,19 @@ from android_harness.processes import (
     device_command,
     kill_process,
     server_command,
+    server_main,
 )
 from android_harness.progress import progress_bar
-from edge.config import DataConfig, DeviceConfig, HashConfig, SecurityConfig, TrainConfig, config_to_toml
+from edge.config import (
+    ATTACKS,
+    AttackConfig,
+    DataConfig,
+    DeviceConfig,
+    HashConfig,
+    SecurityConfig,
+    TrainConfig,
+    config_to_toml,
+)
 from edge.state import EXIT_UNDELIVERED, read_last_report, read_progress
 from fedwire import HashKind, LogitEncoding
 from fedwire.dynsec import OBSERVER_ROLE, SERVER_ROLE
@@ -47,6 +57,8 @@ COMPLETED_EXITS = (0, EXIT_UNDELIVERED)
 SECURITY_MODES = ("none", "tls")
 # How a secure trial's devices authenticate; mixed alternates by device index (even: password, odd: certificate).
 AUTH_MODES = ("password", "certificate", "mixed")
+# The cache server's --defences (docs/robustness.md).
+DEFENCE_MODES = ("on", "off")
 # Every concurrently connected tool has its own identity (one username holds one connection).
 SERVER_USERNAME = "fedcache-server-0"
 WATCHER_USERNAME = "fedcache-observer-watch"
@@ -86,6 +98,18 @@ class TrialSettings:
     security: str = "none"
     # With security "tls": how devices authenticate (AUTH_MODES).
     auth: str = "password"
+    # Per device index its malicious behaviour (edge.config.ATTACKS), "" = honest; devices past the end: honest.
+    attacks: tuple[str, ...] = ()
+    # The server's --defences ("on" | "off"); None keeps the server's default.
+    defences: str | None = None
+
+    def attack_of(self, index: int) -> str:
+        return self.attacks[index] if index < len(self.attacks) else ""
+
+    @property
+    def attackers(self) -> tuple[int, ...]:
+        """Indices of the devices with an attack."""
+        return tuple(i for i in range(self.devices) if self.attack_of(i))
 
     def start_delay(self, index: int) -> float:
         return self.start_after_s[index] if index < len(self.start_after_s) else 0.0
@@ -103,6 +127,15 @@ class TrialSettings:
 
     def check(self) -> None:
         """Refuse combinations a trial cannot run, before any process starts."""
+        unknown = sorted({a for a in self.attacks if a and a not in ATTACKS})
+        if unknown:
+            raise ValueError(f"unknown attacks {unknown}; choose from {ATTACKS}")
+        if self.attackers and self.algorithm != "fedcache":
+            raise ValueError(
+                f"attacks poison FedCache's knowledge: they need algorithm 'fedcache', not {self.algorithm!r}"
+            )
+        if self.defences is not None and self.defences not in DEFENCE_MODES:
+            raise ValueError(f"defences must be one of {DEFENCE_MODES}, got {self.defences!r}")
         if self.security not in SECURITY_MODES:
             raise ValueError(f"security must be one of {SECURITY_MODES}, got {self.security!r}")
         if self.auth not in AUTH_MODES:
@@ -299,6 +332,7 @@ def _device_configs(
                     encoder=str(encoder), kind=settings.hash_kind, dim=settings.hash_dim, seed=settings.seed
                 ),
                 security=security.device_security[device] if security is not None else SecurityConfig(),
+                attack=AttackConfig(mode=settings.attack_of(index), seed=settings.seed),
             )
         )
     return configs
@@ -353,6 +387,7 @@ def _server_command(
         *(["--neighbours", str(settings.neighbours)] if settings.neighbours is not None else []),
         # FedAvg rounds wait for every device of the trial, not only those that already said hello.
         *(["--fedavg-participants", str(settings.devices)] if settings.algorithm == "fedavg" else []),
+        *(["--defences", settings.defences] if settings.defences is not None else []),
     ]
     if credentials is not None:
         options += ["--username", credentials.username, "--password-file", credentials.password_file]
@@ -500,6 +535,7 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
         curve=collector.curve,
         history=collector.history,
         wall_s=time.monotonic() - started,
+        attackers=[_device_id(i) for i in settings.attackers],
     )
     report["launches"] = launched_at
     if trial_security is not None:
@@ -536,8 +572,20 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
         if driver is None or late:
             invariants |= check_knowledge_flow(latest=collector.latest, late_joiners=late)
         report["invariants"] = invariants
+        if settings.attackers or settings.defences == "on":
+            report["defences"] = server_trust(settings.out / "server")
     write_report(report, settings.out)
     return report
+
+
+def server_trust(server_data_dir: Path) -> dict[str, Any] | None:
+    """The defences' per-device trust of the trial's final state, through `inspect --json --trust`."""
+    command = [sys.executable, str(server_main()), "inspect", "--data-dir", str(server_data_dir), "--json", "--trust"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"`{' '.join(command)}` failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    trust: dict[str, Any] | None = json.loads(done.stdout).get("defences")
+    return trust
 
 
 def _await_exits(processes: Processes, names: list[str], *, timeout: float) -> None:

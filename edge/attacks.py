@@ -191,4 +191,35 @@ def hub_samples(
     )
 
 
-__all__ = ["HubSamples", "LogitAttack", "adaptive", "fdla", "fdsa", "hub_samples", "label_flip", "logit_attack"]
+class HubAttack:
+    """A hub device: registers `hub_copies` crafted samples per class after its own (Registration.extend) and
+    uploads their poisoned logits once it is registered; its own samples it trains and uploads honestly."""
+
+    def __init__(self, config: AttackConfig, *, classes: int, kind: HashKind, device_index: int = 0) -> None:
+        self.config = config
+        self.classes = classes
+        self.kind = kind
+        self.rng = np.random.default_rng([config.seed, device_index, 1])
+        self.samples: HubSamples | None = None
+
+    def extend(self, hashes: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The device's (hashes, labels) with the crafted ones appended (drawn once, the same on a re-register)."""
+        if self.samples is None:
+            self.samples = hub_samples(
+                hashes, labels, kind=self.kind, classes=self.classes, copies=self.config.hub_copies, rng=self.rng
+            )
+        crafted = self.samples
+        return np.concatenate([hashes, crafted.hashes]), np.concatenate([labels, crafted.labels]).astype(np.uint16)
+
+
+__all__ = [
+    "HubAttack",
+    "HubSamples",
+    "LogitAttack",
+    "adaptive",
+    "fdla",
+    "fdsa",
+    "hub_samples",
+    "label_flip",
+    "logit_attack",
+]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge.attacks import logit_attack
+from edge.attacks import HubAttack, logit_attack
 from edge.baseline import exchange_metrics, next_version
 from edge.config import DeviceConfig
 from edge.knowledge import BatchSchedule, TeacherCache
@@ -61,6 +61,12 @@ class FedCacheClient:
         self.teachers.store_all(*state.load_teachers())
         # A malicious device (config [attack]) uploads crafted logits; it trains on its own, like anyone.
         self.attack = logit_attack(config.attack, device_index=config.data.index)
+        self.hub: HubAttack | None = None
+        if config.attack.mode == "hub":
+            self.hub = HubAttack(
+                config.attack, classes=shard.classes, kind=config.hash.kind, device_index=config.data.index
+            )
+            self.registration.extend = self.hub.extend
         self._replies: queue.SimpleQueue[tuple[Reply, int]] = queue.SimpleQueue()
         self._in_flight: dict[int, _InFlight] = {}
         self._fetched_upto = 0
@@ -79,6 +85,8 @@ class FedCacheClient:
 
     def begin(self, position: int) -> None:
         self._fetched_upto = position
+        if self.hub is not None and self.hub.samples is not None and self.registration.done:
+            self.state.outbox_put(self.hub.samples.ids, self.hub.samples.logits)
         self._exchange(position)
 
     def teacher(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +97,8 @@ class FedCacheClient:
         self._exchange(position)
 
     def end_epoch(self, *, epoch: int, last: bool) -> None:
+        if self.hub is not None and self.hub.samples is not None and self.registration.done:
+            self.state.outbox_put(self.hub.samples.ids, self.hub.samples.logits)  # the crafted samples' poison
         if last:  # what the device trained on reaches the server before its final report
             self._flush()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,8 @@ class Registration:
         self._hash_cache: tuple[np.ndarray, HashEncoder] | None = None
         # Wall seconds of the last registration's parts (hashing, hello, chunks) and chunks sent again.
         self.timings: dict[str, float] = {}
+        # A hub device (edge/attacks.py) appends crafted (hashes, labels) to its own: (hashes, labels) -> both.
+        self.extend: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def done(self) -> bool:
@@ -89,8 +92,11 @@ class Registration:
         """Hello until the server answers, then send the chunks it does not hold yet (resumable)."""
         started = time.monotonic()
         hashes, encoder = self._hashes()
+        labels = self.shard.y_train.astype(np.uint16)
+        if self.extend is not None:
+            hashes, labels = self.extend(hashes, labels)
         hashed = time.monotonic()
-        samples = len(self.shard.y_train)
+        samples = len(labels)
         hello = say_hello(
             self.link,
             hello_request(
@@ -103,7 +109,6 @@ class Registration:
             ),
         )
         greeted = time.monotonic()
-        labels = self.shard.y_train.astype(np.uint16)
         resent = 0
         # Chunks go in id order and each is acknowledged before the next, so the server's count is a prefix.
         start = min(hello.registered, samples)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import tomllib
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from edge.attacks import adaptive, fdla, fdsa, hub_samples, label_flip, logit_attack, pcfdla
-from edge.config import AttackConfig, DeviceConfig, config_from_dict, config_to_toml
+from edge.config import ATTACKS, AttackConfig, DeviceConfig, config_from_dict, config_to_toml
 from fedwire import HashKind
 
 CLASSES = 5
@@ -143,3 +147,142 @@ def test_attack_section_is_validated_and_round_trips_only_for_attackers() -> Non
         with pytest.raises(ValueError, match="attack"):
             config_from_dict({"device": {"id": "dev002"}, "attack": bad})
     assert logit_attack(AttackConfig()) is None and logit_attack(AttackConfig(mode="hub")) is None
+
+
+# ---------------------------------------------------------------- attackers in trials
+
+
+def test_a_trial_file_makes_device_groups_attack_and_sets_the_servers_defences(tmp_path: Path) -> None:
+    from android_harness.spec import SpecError, parse_spec
+    from android_harness.trial import _device_configs, _server_command
+    from fedwire.mqtt import BrokerAddress
+
+    data = {
+        "trial": {"dataset": "digits"},
+        "server": {"defences": "on"},
+        "devices": [{"count": 4}, {"count": 2, "attack": "pcfdla"}],
+    }
+    settings = parse_spec(data, out=tmp_path).settings
+    assert settings.attacks == ("", "", "", "", "pcfdla", "pcfdla") and settings.attackers == (4, 5)
+    broker = BrokerAddress("127.0.0.1", 1883)
+    command = _server_command(settings, broker)
+    assert command[command.index("--defences") + 1] == "on"
+    configs = _device_configs(settings, broker, tmp_path / "encoder.onnx")
+    assert [c.attack.mode for c in configs] == list(settings.attacks)
+    assert len({c.attack.seed for c in configs}) == 1  # the trial's seed; devices differ by their index
+    assert "--defences" not in _server_command(parse_spec({**data, "server": {}}, out=tmp_path).settings, broker)
+    for bad, where in (
+        ({**data, "devices": [{"count": 2, "attack": "poison"}]}, "[[devices]] #1.attack"),
+        ({**data, "server": {"defences": "maybe"}}, "[server].defences"),
+        ({**data, "trial": {"dataset": "digits", "algorithm": "local"}}, "attack"),
+    ):
+        with pytest.raises(SpecError, match=re.escape(where)):
+            parse_spec(bad, out=tmp_path)
+
+
+def test_cli_makes_the_last_devices_attack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from android_harness import __main__ as cli
+    from android_harness.trial import TrialSettings
+
+    def parsed(*extra: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--attack", choices=ATTACKS)
+        parser.add_argument("--attackers", type=int, default=0)
+        parser.add_argument("--defences")
+        return parser.parse_args(list(extra))
+
+    base = TrialSettings(out=tmp_path, devices=5)
+    attacked = cli._attacked(base, parsed("--attack", "fdla", "--attackers", "2", "--defences", "on"))
+    assert attacked.attacks == ("", "", "", "fdla", "fdla") and attacked.defences == "on"
+    assert cli._attacked(base, parsed()).attacks == ()
+    for bad in (("--attack", "fdla"), ("--attackers", "2"), ("--attack", "fdla", "--attackers", "6")):
+        with pytest.raises(SystemExit):
+            cli._attacked(base, parsed(*bad))
+    with pytest.raises(SystemExit):
+        cli.main(["trial", "--help"])
+    usage = capsys.readouterr().out
+    assert all(option in usage for option in ("--attack {", "--attackers", "--defences"))
+
+
+def test_report_separates_the_honest_devices_maua() -> None:
+    from android_harness.report import build_report
+
+    def metrics(accuracy: float) -> dict:
+        return {
+            "arch": "cnn", "accuracy": accuracy, "epoch": 1, "teacher_coverage": 1.0, "latency_ms_p50": 1.0,
+            "train_samples": 10, "test_samples": 5, "bytes": {"up": 1, "down": 1, "register_up": 1},
+        }  # fmt: skip
+
+    latest = {"dev000": metrics(0.9), "dev001": metrics(0.7), "dev002": metrics(0.1)}
+    settings = {"algorithm": "fedcache", "dataset": "digits"}
+    report = build_report(settings=settings, latest=latest, curve=[], history=[], wall_s=1.0, attackers=["dev002"])
+    assert report["maua"] == pytest.approx(1.7 / 3) and report["maua_honest"] == pytest.approx(0.8)
+    assert report["attackers"] == ["dev002"]
+    plain = build_report(settings=settings, latest=latest, curve=[], history=[], wall_s=1.0)
+    assert plain["maua_honest"] == pytest.approx(plain["maua"]) and plain["attackers"] == []
+
+
+class _ServiceLink:
+    """A KnowledgeLink stand-in that hands each request straight to a real in-memory CacheService."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.cid = 0
+
+    def wait_connected(self, timeout: float) -> bool:
+        return True
+
+    def new_cid(self) -> int:
+        self.cid += 1
+        return self.cid
+
+    def call(self, request: Any, timeout: float) -> Any:
+        reply = self.service.handle(request)
+        self.service.commit()
+        return reply
+
+
+def _hub_fleet(tmp_path: Path, *, defended: bool) -> tuple[Any, Any]:
+    """Four digits devices registered through their real Registration against a real in-memory server; the
+    last one is a hub device. Returns the service and the hub's HubAttack."""
+    from broker_server.handlers import CacheService
+    from edge.attacks import HubAttack
+    from edge.data import device_shard, load_dataset
+    from edge.registration import Registration
+
+    dataset = load_dataset("digits")
+    service = CacheService.open(None)
+    if defended:
+        service.cache.defend()
+    hub = None
+    for index in range(4):
+        shard = device_shard(dataset, num_devices=4, alpha=1.0, seed=0, index=index)
+        attack = AttackConfig(mode="hub" if index == 3 else "")
+        config = DeviceConfig(id=f"dev{index}", state_dir=str(tmp_path / "shared"), attack=attack)
+        registration = Registration(config=config, link=_ServiceLink(service), shard=shard)  # type: ignore[arg-type]
+        if index == 3:
+            hub = HubAttack(attack, classes=shard.classes, kind=config.hash.kind, device_index=index)
+            registration.extend = hub.extend
+            held_classes = np.unique(shard.y_train).size
+        registration.register()
+        assert registration.done
+        crafted = hub.samples.count if hub is not None and hub.samples is not None else 0
+        assert service.cache.registered(config.id) == len(shard.y_train) + crafted
+    assert hub is not None and hub.samples is not None
+    assert hub.samples.count == AttackConfig().hub_copies * held_classes  # per class the hub device holds
+    service.cache.refresh_relations()
+    return service, hub
+
+
+def test_a_hub_device_registers_crafted_hashes_and_the_cap_bounds_its_slots(tmp_path: Path) -> None:
+    held = {}
+    for defended in (False, True):
+        service, _ = _hub_fleet(tmp_path, defended=defended)
+        cache = service.cache
+        table, owners = cache.relations.table, cache.sample_devices
+        honest = np.flatnonzero(owners != 3)
+        held[defended] = ((table[honest] >= 0) & (owners[np.maximum(table[honest], 0)] == 3)).sum(axis=1)
+        service.close()
+    cap = 4  # DefenceConfig().device_cap
+    assert held[False].max() > cap  # undefended, the crafted hashes crowd some honest lists past the cap
+    assert held[True].max() <= cap

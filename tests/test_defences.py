@@ -334,3 +334,32 @@ def test_trust_is_exported_to_prometheus_per_device() -> None:
     assert 'fedcache_device_trust{device="dev07"} 0.0' in text
     assert 'fedcache_device_trust{device="dev00"} 1.0' in text
     assert "fedcache_hub_samples 0.0" in text
+
+
+def test_a_small_trial_with_attackers_and_defences_finishes_and_reports_honest_maua(tmp_path: Path) -> None:
+    """Six digits devices, the last two uploading PCFDLA logits over the real wire, the server defended."""
+    from android_harness.trial import TrialSettings, run_trial
+
+    attacks = ("", "", "", "", "pcfdla", "pcfdla")
+    settings = TrialSettings(
+        out=tmp_path, dataset="digits", devices=6, epochs=2, attacks=attacks, defences="on", timeout_s=300
+    )
+    report = run_trial(settings, progress=False)
+    assert report["attackers"] == ["dev004", "dev005"]
+    honest = [d["accuracy"] for d in report["devices"] if d["id"] not in report["attackers"]]
+    assert report["maua_honest"] == pytest.approx(sum(honest) / 4)
+    assert report["maua_honest"] > 0.3  # ten classes: chance is 0.1 (two epochs of small shards)
+    assert all(ok["ok"] for ok in report["invariants"].values()), report["invariants"]
+    assert set(report["defences"]["devices"]) == {f"dev00{i}" for i in range(6)}  # trust of every device
+    # The attack went over the wire: PCFDLA lowers a batch's every logit by s ~ U(-20, 20) but one, so the
+    # attackers' stored rows sit far from zero on average, where an honest network's centred logits do not.
+    stored = open_state(tmp_path / "server" / "state", read_only=True)
+    assert isinstance(stored, CachedState)
+    with stored:
+        offset = {
+            name: float(np.abs(stored.cache.knowledge[stored.cache.samples_of(name)[1]].mean(axis=1)).mean())
+            for name in report["defences"]["devices"]
+        }
+    assert min(offset[a] for a in report["attackers"]) > 3.0 > 1.0 > max(offset[f"dev00{i}"] for i in range(4))
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["maua_honest"] == pytest.approx(report["maua_honest"])
