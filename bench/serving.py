@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import heapq
 import multiprocessing as mp
 import os
 import secrets
@@ -88,6 +89,9 @@ STEP_TIMEOUT_S = 180.0  # registration or warm-up of one device count must finis
 DRAIN_S = 15.0  # after the timed window, how long devices wait for their last replies
 SERVER_START_S = 60.0
 MODES = ("plain", "auth", "tls")  # devices: anonymous plaintext | password over loopback plaintext | password over TLS
+REQUEST_PATHS = ("legacy", "batched")  # broker_server/main.py --request-path; the first is the ratios' base
+OPEN_LOOP_DEVICES = 200
+OPEN_LOOP_RATE = 10.0
 SECURE_SERVER_ID = "fedcache-server-bench"  # username = client id on a secure broker
 OBSERVER_ID = "fedcache-bench-observer"
 RAW_IDS = ("fedcache-bench-raw-pub", "fedcache-bench-raw-sub")
@@ -164,6 +168,7 @@ class LoadSpec:
     seed: int
     max_requests: int  # per device, so a run is bounded in messages as well as in time
     credentials: tuple[Credentials, ...] = ()  # one per device on a secure broker; empty: anonymous
+    rate: float = 0.0  # open loop: requests per second per device, Poisson arrivals; 0: closed loop
 
 
 @dataclass
@@ -182,6 +187,8 @@ class _Device:
     requests: int = 0
     subscribed: bool = False
     connected_at: float = 0.0  # monotonic time of its CONNACK
+    in_flight: dict[int, tuple[float, str]] = field(default_factory=dict)  # open loop: cid -> (sent at, kind)
+    next_at: float = 0.0  # open loop: when its next request is due
     stage: str = "connect"  # connect -> hello -> register -> idle -> warm -> ready -> load -> done
 
 
@@ -282,14 +289,17 @@ def load_worker(spec: LoadSpec, control: Any, warm: Any, go: Any, window: Any) -
     devices: dict[str, _Device] = {}
     pool = [(3.0 * rng.standard_normal((spec.batch, CLASSES))).astype(np.float32) for _ in range(32)]
     result = WorkerResult()
-    state = {"phase": "register", "start": 0.0, "deadline": 0.0}
+    state: dict[str, float] = {"start": 0.0, "deadline": 0.0}
     outstanding: set[str] = set()
 
     def send(device: _Device, message: Any) -> None:
         device.cid = message.cid
         device.sent_at = time.monotonic()
         device.sent_kind = message.kind.value
-        outstanding.add(device.name)
+        if device.stage == "load" and spec.rate > 0:
+            device.in_flight[message.cid] = (device.sent_at, device.sent_kind)
+        else:
+            outstanding.add(device.name)
         device.client.publish(up_topic(device.name, message.kind), encode(message), qos=1)
 
     def next_ids(device: _Device) -> np.ndarray:
@@ -316,6 +326,9 @@ def load_worker(spec: LoadSpec, control: Any, warm: Any, go: Any, window: Any) -
     def on_message(_c: mqtt.Client, device: _Device, message: mqtt.MQTTMessage) -> None:
         now = time.monotonic()
         reply = decode(bytes(message.payload))
+        if device.stage in ("load", "done") and spec.rate > 0:
+            on_open_loop_reply(device, reply, now)
+            return
         if reply.cid != device.cid or device.name not in outstanding:
             return  # a redelivered or stale reply
         outstanding.discard(device.name)
@@ -346,6 +359,27 @@ def load_worker(spec: LoadSpec, control: Any, warm: Any, go: Any, window: Any) -
                 result.late += 1
                 device.stage = "done"
 
+    def on_open_loop_reply(device: _Device, reply: Any, now: float) -> None:
+        sent = device.in_flight.pop(reply.cid, None)
+        if sent is None:
+            return  # a redelivered or stale reply
+        if isinstance(reply, ErrorReply):
+            result.errors += 1
+            raise RuntimeError(f"{device.name}: server rejected {reply.request}: {reply.code.value} {reply.message}")
+        sent_at, kind = sent
+        if sent_at > state["deadline"]:
+            return  # sent after the window (cannot happen: sending stops at the deadline)
+        if now <= state["deadline"]:
+            result.latencies.setdefault(kind, []).append(now - sent_at)
+            result.requests += 1
+            result.served += int(reply.ids.size)
+            result.last_reply = now
+            result.teachers += int(np.count_nonzero(reply.counts))
+        else:
+            result.late += 1
+            # A request sent in the window and answered in the drain still counts for its latency.
+            result.latencies.setdefault(kind, []).append(now - sent_at)
+
     def on_subscribe(_c: mqtt.Client, device: _Device, *_args: Any) -> None:
         device.subscribed = True
 
@@ -354,6 +388,29 @@ def load_worker(spec: LoadSpec, control: Any, warm: Any, go: Any, window: Any) -
         if reason.is_failure:
             raise RuntimeError(f"{device.name}: broker refused the connection: {reason}")
         client.subscribe(down_topic(device.name), qos=1)
+
+    def run_open_loop(everyone: list[_Device]) -> None:
+        """Every device sends at its own Poisson times, whatever is still in flight, until the deadline."""
+        for device in everyone:
+            device.stage = "load"
+            device.next_at = state["start"] + rng.exponential(1.0 / spec.rate)
+        due = sorted((d.next_at, number) for number, d in enumerate(everyone))
+        heapq.heapify(due)
+        while True:
+            now = time.monotonic()
+            if now > state["deadline"]:
+                break
+            while due and due[0][0] <= now:
+                at, number = heapq.heappop(due)
+                device = everyone[number]
+                if at <= state["deadline"] and device.requests < spec.max_requests:
+                    device.requests += 1
+                    send(device, next_request(device))
+                    heapq.heappush(due, (at + rng.exponential(1.0 / spec.rate), number))
+            wait = (due[0][0] - time.monotonic()) if due else 0.005
+            loop.step(min(0.005, max(0.0, wait)))
+        for device in everyone:
+            device.stage = "done"
 
     credentials = spec.credentials or (None,) * len(spec.devices)
     for number, (name, identity) in enumerate(zip(spec.devices, credentials, strict=True)):
@@ -416,13 +473,16 @@ def load_worker(spec: LoadSpec, control: Any, warm: Any, go: Any, window: Any) -
     state["start"], state["deadline"] = window[0], window[1]
     loop.run_until(lambda: time.monotonic() >= state["start"], 10.0)
     tcp_before = tcp_totals([d.client for d in everyone])
-    for device in everyone:
-        device.stage = "load"
-        send(device, next_request(device))
-    loop.run_until(lambda: time.monotonic() > state["deadline"], state["deadline"] - time.monotonic() + 1.0)
+    if spec.rate > 0:
+        run_open_loop(everyone)
+    else:
+        for device in everyone:
+            device.stage = "load"
+            send(device, next_request(device))
+        loop.run_until(lambda: time.monotonic() > state["deadline"], state["deadline"] - time.monotonic() + 1.0)
     result.tcp = tcp_totals([d.client for d in everyone]) - tcp_before
-    loop.run_until(lambda: not outstanding, DRAIN_S)
-    result.lost = len(outstanding)
+    loop.run_until(lambda: not outstanding and not any(d.in_flight for d in everyone), DRAIN_S)
+    result.lost = len(outstanding) + sum(len(d.in_flight) for d in everyone)
     control.put(("result", result))
     for device in everyone:
         device.client.disconnect()
@@ -548,6 +608,12 @@ class StepResult:
     tcp: TcpCounters = TcpCounters()  # the devices' sockets over the window (TLS records included)
     sys_bytes: float | None = None  # per request, Mosquitto's $SYS counters: MQTT bytes in + out, both legs
     tls: str = ""  # negotiated TLS version and cipher
+    path: str = ""  # the server's --request-path
+    rate: float = 0.0  # open loop: requests/s offered per device; 0: closed loop
+
+    @property
+    def loop(self) -> str:
+        return f"open {self.rate:g}/s per device" if self.rate > 0 else "closed"
 
     @property
     def samples_per_s(self) -> float:
@@ -729,9 +795,9 @@ def _collect(control: Any, tag: str, count: int, timeout: float, procs: list[Any
     return out
 
 
-def device_names(devices: int) -> list[str]:
-    """The simulated devices of one step (also their usernames on a secure broker)."""
-    return [f"b{devices}-{i:04d}" for i in range(devices)]
+def device_names(devices: int, tag: str = "") -> list[str]:
+    """The simulated devices of one step (also their usernames on a secure broker); `tag` keeps steps apart."""
+    return [f"b{devices}{tag}-{i:04d}" for i in range(devices)]
 
 
 def run_step(
@@ -750,16 +816,20 @@ def run_step(
     observer: _Observer,
     credentials: Sequence[Credentials] = (),
     provision_s: float = 0.0,
+    rate: float = 0.0,
+    path: str = "",
+    names: Sequence[str] | None = None,
 ) -> StepResult:
     """Register `devices` simulated devices, warm the relations, then load the server for `duration` seconds.
 
-    `credentials`: one per device (in `device_names` order) on a secure broker.
+    `credentials`: one per device (in `names` order, by default `device_names(devices)`) on a secure broker.
+    `rate` > 0: open loop, each device offering `rate` requests/s (Poisson) whatever is in flight.
     """
     ctx = mp.get_context("spawn")
     control = ctx.Queue()
     warm, go = ctx.Event(), ctx.Event()
     window = ctx.Array("d", 2)
-    names = device_names(devices)
+    names = list(names or device_names(devices))
     processes = max(1, min(processes, devices))
     parts = [names[i::processes] for i in range(processes)]
     identities = [tuple(credentials[i::processes]) for i in range(processes)]
@@ -776,6 +846,7 @@ def run_step(
             seed=seed,
             max_requests=max(1, -(-max_requests // devices)),
             credentials=identity,
+            rate=rate,
         )
         for part, first, identity in zip(parts, firsts, identities, strict=True)
     ]
@@ -816,6 +887,8 @@ def run_step(
     tcp = sum((r.tcp for r in results), TcpCounters())
     return StepResult(
         devices=devices,
+        path=path,
+        rate=rate,
         processes=processes,
         register_s=register_s,
         warm_s=warm_s,
@@ -850,6 +923,8 @@ def format_steps(steps: list[StepResult], raw: RawRate) -> str:
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in s.kind_p50_ms.items())
         rows.append(
             (
+                s.path or "-",
+                s.loop,
                 s.devices,
                 s.processes,
                 f"{s.register_s:.2f}",
@@ -860,6 +935,7 @@ def format_steps(steps: list[StepResult], raw: RawRate) -> str:
                 f"{s.p99_ms:.1f}",
                 kinds,
                 f"{s.server_cpu:.0f}",
+                f"{s.cpu_us_per_request(s.server_cpu):.0f}",
                 f"{s.server_rss_mb:.0f}",
                 f"{s.broker_cpu:.0f}",
                 f"{s.loadgen_cpu:.0f}",
@@ -868,6 +944,8 @@ def format_steps(steps: list[StepResult], raw: RawRate) -> str:
             )
         )
     headers = (
+        "path",
+        "loop",
         "devices",
         "loadgen procs",
         "register s",
@@ -878,6 +956,7 @@ def format_steps(steps: list[StepResult], raw: RawRate) -> str:
         "p99 ms",
         "p50 ms by kind",
         "server CPU %",
+        "server CPU µs/request",
         "server RSS MB (peak)",
         "mosquitto CPU %",
         "loadgen CPU %",
@@ -885,6 +964,41 @@ def format_steps(steps: list[StepResult], raw: RawRate) -> str:
         "requests/s ÷ raw msgs/s",
     )
     return markdown_table(headers, rows)
+
+
+def _path_metrics(step: StepResult, raw: RawRate) -> list[tuple[str, float | None, str]]:
+    """(row name, value, format) of one request path at one step, for the paths table."""
+    return [
+        ("requests/s", step.requests_per_s, "{:.0f}"),
+        ("requests/s ÷ raw QoS 1 msgs/s", step.requests_per_s / raw.rate if raw.rate else None, "{:.3f}"),
+        ("request p50 ms", step.p50_ms, "{:.2f}"),
+        ("request p99 ms", step.p99_ms, "{:.2f}"),
+        ("server CPU µs/request", step.cpu_us_per_request(step.server_cpu), "{:.0f}"),
+        ("server CPU % of one core", step.server_cpu, "{:.0f}"),
+        ("mosquitto CPU µs/request", step.cpu_us_per_request(step.broker_cpu), "{:.0f}"),
+        ("load generators CPU µs/request", step.cpu_us_per_request(step.loadgen_cpu), "{:.0f}"),
+        ("errors + lost", float(step.errors + step.lost), "{:.0f}"),
+    ]
+
+
+def format_paths(results: list[ModeResult], base_path: str = "legacy") -> str:
+    """Per broker set-up and step: every request path side by side, and each one's ratio to `base_path`."""
+    tables = []
+    for mode in dict.fromkeys(r.mode for r in results):
+        group = [r for r in results if r.mode == mode]
+        base = next((r for r in group if r.path == base_path), group[0])
+        others = [r for r in group if r is not base]
+        for index, step in enumerate(base.steps):
+            rows = []
+            for row, (name, base_value, fmt) in enumerate(_path_metrics(step, base.raw)):
+                values = [_path_metrics(r.steps[index], r.raw)[row][1] for r in group]
+                cells = [fmt.format(v) if v is not None else "-" for v in values]
+                ratios = [_ratio(_path_metrics(r.steps[index], r.raw)[row][1], base_value) for r in others]
+                rows.append((name, *cells, *ratios))
+            title = f"{mode}, {step.devices} devices, {step.loop}"
+            headers = (title, *(r.path for r in group), *(f"{r.path}/{base.path}" for r in others))
+            tables.append(markdown_table(headers, rows))
+    return "\n\n".join(tables)
 
 
 @dataclass(frozen=True)
@@ -895,6 +1009,7 @@ class ModeResult:
     raw: RawRate
     steps: list[StepResult]
     security_s: float = 0.0  # SecurityDir.ensure: CA, broker certificate, plugin config
+    path: str = "batched"  # the server's --request-path
 
 
 def _write_password(path: Path) -> str:
@@ -948,73 +1063,126 @@ def _admin_session(sd: SecurityDir | None) -> Iterator[DynsecAdmin | None]:
         yield admin
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """One measurement of a mode: device count and loop (closed, or open at `rate` requests/s per device)."""
+
+    devices: int
+    rate: float = 0.0
+
+
 def run_mode(
-    mode: str, *, root: Path, args: argparse.Namespace, device_counts: list[int], duration: float, raw_messages: int
-) -> ModeResult:
-    """One broker set-up (plain, auth or tls, see MODES): its raw baseline, then the server under every device count."""
+    mode: str,
+    *,
+    root: Path,
+    args: argparse.Namespace,
+    plans: list[StepPlan],
+    paths: list[str],
+    duration: float,
+    raw_messages: int,
+) -> list[ModeResult]:
+    """One broker set-up (plain, auth or tls, see MODES): its raw baseline, then every step under every path.
+
+    Each step runs once per request path, back to back, each on a fresh server (its own state), so that the
+    paths meet the same load on this shared machine as nearly as one run allows.
+    """
     root.mkdir(parents=True)
     started = time.monotonic()
     sd = SecurityDir.ensure(root / "security") if mode != "plain" else None
     security_s = time.monotonic() - started if sd is not None else 0.0
     security = sd.broker_security(cert_port=-1) if sd is not None else None
+    steps: dict[str, list[StepResult]] = {path: [] for path in paths}
     with MosquittoBroker(data_dir=root / "mosquitto", security=security) as broker, _admin_session(sd) as admin:
         assert broker.process is not None
         identities = bench_identities(sd, admin, secrets_dir=root / "bench") if sd and admin else {}
         device_address = broker.tls_address if mode == "tls" else broker.address
+        broker_ps = psutil.Process(broker.process.pid)
         with _Observer(broker.address, identities.get(OBSERVER_ID)) as observer:
             raw_identities = (identities[RAW_IDS[0]], identities[RAW_IDS[1]]) if identities else None
             payload = _payload_bytes(args.batch)
             raw = measure_raw(
                 device_address, messages=raw_messages, payload_bytes=payload, timeout=120, credentials=raw_identities
             )
-            profile = ["-m", "cProfile", "-o", str(args.profile_server)] if args.profile_server else []
-            options = ["--log-level", "WARNING"]
-            if identities:
-                server_identity = identities[SECURE_SERVER_ID]
-                options += ["--username", server_identity.username, "--password-file", server_identity.password_file]
-            command = server_command(
-                broker=broker.address,
-                data_dir=root / "server" / "data",
-                client_id=SECURE_SERVER_ID if identities else f"bench-server-{os.getpid()}",
-                options=options,
-                interpreter=[sys.executable, *profile],
-            )
-            server = _BenchServer(
-                command=command, broker=broker.address, log=root / "server" / "server.log", observer=observer
-            )
-            steps: list[StepResult] = []
-            try:
-                server.start(timeout=SERVER_START_S)
-                server_ps, broker_ps = psutil.Process(server.pid), psutil.Process(broker.process.pid)
-                for count in tqdm(device_counts, desc=f"{mode}: device counts", leave=False):
+            for number, plan in enumerate(tqdm(plans, desc=f"{mode}: steps", leave=False)):
+                for path in paths:
+                    tag = f"{path[0]}{'o' if plan.rate else ''}"
+                    names = device_names(plan.devices, tag)
                     credentials: list[Credentials] = []
                     provision_s = 0.0
                     if sd is not None and admin is not None:
-                        names = device_names(count)
                         credentials, provision_s = provision_devices(sd, admin, names, out=root / "devices")
-                    steps.append(
-                        run_step(
-                            device_address,
-                            devices=count,
-                            processes=args.processes,
-                            samples=args.samples,
-                            batch=args.batch,
-                            fetch_share=args.fetch_share,
-                            duration=duration,
-                            seed=args.seed,
-                            max_requests=args.max_requests,
-                            server=server_ps,
-                            broker=broker_ps,
-                            observer=observer,
-                            credentials=credentials,
-                            provision_s=provision_s,
+                    server = _start_bench_server(
+                        args, path=path, root=root / "server" / f"{number}-{path}", broker=broker, observer=observer,
+                        identity=identities.get(SECURE_SERVER_ID),
+                    )  # fmt: skip
+                    try:
+                        steps[path].append(
+                            run_step(
+                                device_address,
+                                devices=plan.devices,
+                                processes=args.processes,
+                                samples=args.samples,
+                                batch=args.batch,
+                                fetch_share=args.fetch_share,
+                                duration=duration,
+                                seed=args.seed,
+                                max_requests=args.max_requests,
+                                server=psutil.Process(server.pid),
+                                broker=broker_ps,
+                                observer=observer,
+                                credentials=credentials,
+                                provision_s=provision_s,
+                                rate=plan.rate,
+                                path=path,
+                                names=names,
+                            )
                         )
-                    )
-            finally:
-                server.stop(timeout=20.0)
-                if server.returncode not in (0, None):
-                    print((root / "server" / "server.log").read_text()[-3000:], file=sys.stderr)
-    return ModeResult(mode=mode, raw=raw, steps=steps, security_s=security_s)
+                    finally:
+                        _stop_bench_server(server)
+    return [ModeResult(mode=mode, raw=raw, steps=steps[path], security_s=security_s, path=path) for path in paths]
+
+
+def _start_bench_server(
+    args: argparse.Namespace,
+    *,
+    path: str,
+    root: Path,
+    broker: MosquittoBroker,
+    observer: _Observer,
+    identity: Credentials | None,
+) -> _BenchServer:
+    """A fresh server on `path` with its own state under `root`, started and awaited through the observer."""
+    options = ["--log-level", "WARNING", "--request-path", path]
+    if args.profile_server:
+        options += ["--profile", str(_profile_file(args.profile_server, path))]
+    if identity is not None:
+        options += ["--username", identity.username, "--password-file", identity.password_file]
+    command = server_command(
+        broker=broker.address,
+        data_dir=root / "data",
+        client_id=SECURE_SERVER_ID if identity is not None else f"bench-server-{os.getpid()}-{path}",
+        options=options,
+    )
+    server = _BenchServer(command=command, broker=broker.address, log=root / "server.log", observer=observer)
+    try:
+        server.start(timeout=SERVER_START_S)
+    except BaseException:
+        _stop_bench_server(server)
+        raise
+    return server
+
+
+def _stop_bench_server(server: _BenchServer) -> None:
+    server.stop(timeout=20.0)
+    if server.returncode not in (0, None):
+        print(server.log.read_text()[-3000:], file=sys.stderr)
+    if server.observer is not None:
+        server.observer.online.clear()  # the next server's 'online' is awaited afresh
+
+
+def _profile_file(base: Path, path: str) -> Path:
+    """Where the server of `path` writes its profile: one file per request path (the last step's run)."""
+    return base.with_name(f"{base.stem}.{path}{base.suffix or '.prof'}")
 
 
 def _ratio(value: float | None, base: float | None) -> str:
@@ -1082,11 +1250,11 @@ def _payload_bytes(batch: int) -> int:
     return len(encode(message))
 
 
-def _print_profile(path: Path, top: int = 25) -> None:
+def _print_profile(path: Path, top: int = 40) -> None:
     import pstats
 
     stats = pstats.Stats(str(path))
-    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1115,35 +1283,60 @@ def main(argv: list[str] | None = None) -> int:
         help="broker set-ups, measured one after the other: plain (anonymous), auth (passwords over loopback "
         "plaintext), tls (passwords over TLS)",
     )
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=REQUEST_PATHS,
+        default=list(REQUEST_PATHS),
+        help="the server's request paths, each measured on every step (default: legacy then batched, and their ratio)",
+    )
+    parser.add_argument(
+        "--open-loop-devices",
+        type=int,
+        default=OPEN_LOOP_DEVICES,
+        help=f"devices of the open-loop step after the closed-loop ones (default {OPEN_LOOP_DEVICES}; 0: none)",
+    )
+    parser.add_argument(
+        "--open-loop-rate",
+        type=float,
+        default=OPEN_LOOP_RATE,
+        help=f"requests/s each open-loop device offers, Poisson arrivals (default {OPEN_LOOP_RATE:g})",
+    )
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     modes = list(dict.fromkeys(args.modes or (["plain", "tls"] if args.tls else ["plain"])))
+    paths = list(dict.fromkeys(args.paths))
     device_counts = args.devices or ([100] if modes != ["plain"] else [10, 100, 1000])
     duration = args.duration or (4.0 if args.quick else 20.0)
     raw_messages = args.raw_messages or (5000 if args.quick else 20000)
-    if max(device_counts) > 1000:
+    if max([*device_counts, args.open_loop_devices]) > 1000:
         parser.error("at most 1000 devices (connections) on this benchmark")
+    plans = [StepPlan(count) for count in device_counts]
+    if args.open_loop_devices and args.open_loop_rate > 0:
+        plans.append(StepPlan(args.open_loop_devices, rate=args.open_loop_rate))
 
     print(f"# serving: {machine_line()}")
     results: list[ModeResult] = []
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         for mode in modes:
-            results.append(
-                run_mode(
-                    mode,
-                    root=Path(tmp) / mode,
-                    args=args,
-                    device_counts=device_counts,
-                    duration=duration,
-                    raw_messages=raw_messages,
-                )
+            results += run_mode(
+                mode,
+                root=Path(tmp) / mode,
+                args=args,
+                plans=plans,
+                paths=paths,
+                duration=duration,
+                raw_messages=raw_messages,
             )
     payload = _payload_bytes(args.batch)
     print(
-        f"Server: broker_server/main.py --broker, SQLite store; devices register {args.samples} samples each "
-        f"(256-bit codes, {CLASSES} classes), then closed loop for {duration:.0f} s, one request in flight per "
-        f"device, batch {args.batch}, {args.fetch_share:.0%} fetch / {1 - args.fetch_share:.0%} update_fetch, "
-        "float16 logits. Latency: publish to reply at the device. CPU % of one core over the window."
+        f"Server: broker_server/main.py --broker --request-path PATH, SQLite store, a fresh server (and state) per "
+        f"step and path; devices register {args.samples} samples each (256-bit codes, {CLASSES} classes), then "
+        f"{duration:.0f} s closed loop (one request in flight per device) or open loop (Poisson arrivals at the "
+        f"offered rate, whatever is in flight), batch {args.batch}, {args.fetch_share:.0%} fetch / "
+        f"{1 - args.fetch_share:.0%} update_fetch, float16 logits. Latency: publish to reply at the device. CPU % "
+        "of one core over the window; CPU µs/request: CPU time over the window / requests answered in it. "
+        f"Load average at the end: {_loadavg()}."
     )
     for result in results:
         raw = result.raw
@@ -1156,18 +1349,31 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"security directory (CA, broker certificate) made in {result.security_s:.2f} s")
         if result.steps and result.steps[0].tls:
             notes.append(f"devices negotiated {result.steps[0].tls}")
-        print(f"\n## {result.mode}: " + "; ".join(notes) + "\n")
+        print(f"\n## {result.mode}, {result.path} path: " + "; ".join(notes) + "\n")
         print(format_steps(result.steps, raw))
-    if len(results) > 1:
+    if len(paths) > 1:
+        print(f"\n## request paths side by side (ratios to {paths[0]}, measured back to back in this run)\n")
+        print(format_paths(results, base_path=paths[0]))
+    if len(modes) > 1:
         print(
             "\n## modes side by side (device bytes: the devices' sockets' TCP_INFO over the window, TLS records "
             f"included, headers at {IPV4_TCP_HEADER_BYTES} B per segment; broker bytes: Mosquitto's "
-            "$SYS/broker/bytes counters, MQTT packets of the device and the server legs)\n"
+            f"$SYS/broker/bytes counters, MQTT packets of the device and the server legs; {paths[-1]} path)\n"
         )
-        print(format_modes(results))
-    if args.profile_server is not None and args.profile_server.exists():
-        _print_profile(args.profile_server)
+        print(format_modes([r for r in results if r.path == paths[-1]]))
+    for path in paths if args.profile_server is not None else ():
+        profile = _profile_file(args.profile_server, path)
+        if profile.exists():
+            print(f"\n## server profile, {path} path (CPU time of every thread, last step)\n")
+            _print_profile(profile)
     return 0
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 if __name__ == "__main__":
