@@ -40,6 +40,7 @@ AGGREGATIONS = ("mean", "trimmed", "median")
 _NO_EVIDENCE = np.float32(np.nan)
 # Hub detection repeats while it finds new hubs, at most this often (each round one pass over the class's lists).
 HUB_ROUNDS = 4
+_GOLDEN = (5**0.5 - 1) / 2
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class DefenceConfig:
     min_evidence: int = 16  # rows of evidence a device needs before its trust can fall
     consensus_rows: int = 16  # rows of each update compared with their neighbours' consensus
     memory: float = 0.5  # a row's evidence: this much of what it was, the rest from the new upload
+    trust_every: int = 32  # updates between recomputations of the trust that gates teachers (reports: always)
     temperature: float = 1.0  # upload and consensus compared as softmax(logits / temperature)
 
     def __post_init__(self) -> None:
@@ -168,9 +170,11 @@ class Defences:
         self._label_evidence = np.zeros(0, np.float32)  # per row: argmax == label (1/0), NaN: none
         self._consensus_evidence = np.zeros(0, np.float32)  # per row: 1 - TV to the consensus, NaN: none
         self._sums = np.zeros((0, 4), np.float64)  # per device: label sum, label rows, consensus sum, rows
-        self._trust: np.ndarray | None = None  # cached per device, None when evidence changed since
+        self._trust: np.ndarray | None = None  # per device, as of the last computation
+        self._gate: np.ndarray | None = None  # per device: trust > 0, what teachers are gated by
+        self._changes = 0  # evidence updates since `_trust` was computed
         self.widened_rows = 0  # rows searched again, wider, because caps left them short
-        self._rng = np.random.default_rng(0)  # which rows of an update are compared with their consensus
+        self._observed = 0  # updates observed, to move the sample of large ones
 
     # ------------------------------------------------------------ relation build
 
@@ -290,7 +294,7 @@ class Defences:
         gather_limit: int = 1 << 22,
     ) -> Teachers:
         """Robust teachers of the rows whose (safe) neighbour rows and contributing mask are given."""
-        used = contributing & self.trusted(devices)[owners[neighbours]] if self.config.trust else contributing
+        used = contributing & self._gated(devices)[owners[neighbours]] if self.config.trust else contributing
         counts = used.sum(axis=1)
         if raw:
             return Teachers(counts=counts.astype(np.uint16), logits=knowledge[neighbours[used]].copy())
@@ -346,7 +350,11 @@ class Defences:
         self._replace(self._label_evidence, rows, label, owners=owners, column=0, memory=self.config.memory)
         if not self.config.consensus_rows or not table.shape[0]:
             return
-        picked = np.sort(self._rng.choice(rows.size, size=min(rows.size, self.config.consensus_rows), replace=False))
+        # Every row of a small update, a strided sample of a large one (its offset moving from update to update).
+        stride = max(1, -(-rows.size // self.config.consensus_rows))
+        self._observed += 1
+        offset = int((self._observed * _GOLDEN) % 1.0 * stride)  # a Weyl sequence: no period to fall in step with
+        picked = np.arange(offset, rows.size, stride)
         sample = rows[picked]
         agreement = self._consensus_agreement(
             rows=sample,
@@ -379,7 +387,7 @@ class Defences:
         safe = np.where(present, neighbours, 0)
         used = present & (versions[safe] >= 0) & (owners[safe] != owners[rows][:, None])
         if self.config.trust:
-            used &= self.trusted(devices)[owners[safe]]
+            used &= self._gated(devices)[owners[safe]]
         agreement = np.full(rows.size, _NO_EVIDENCE, np.float32)
         some = np.flatnonzero(used.any(axis=1))
         if some.size:
@@ -407,13 +415,16 @@ class Defences:
         if memory:  # what the row showed before still counts: one good upload does not wipe out a bad record
             values = np.where(had & fresh, memory * old + (1 - memory) * values, values)
         values = np.where(fresh, values, old)  # no new evidence (no consensus yet): the old one stands
-        np.subtract.at(self._sums[:, column], devices[had], old[had])
-        np.subtract.at(self._sums[:, column + 1], devices[had], 1)
         has = ~np.isnan(values)
-        np.add.at(self._sums[:, column], devices[has], values[has])
-        np.add.at(self._sums[:, column + 1], devices[has], 1)
+        size = self._sums.shape[0]
+        self._sums[:, column] += np.bincount(devices[has], weights=values[has], minlength=size) - np.bincount(
+            devices[had], weights=old[had], minlength=size
+        )
+        self._sums[:, column + 1] += np.bincount(devices[has], minlength=size) - np.bincount(
+            devices[had], minlength=size
+        )
         evidence[rows] = values
-        self._trust = None
+        self._changes += 1
 
     def settle(
         self,
@@ -450,15 +461,26 @@ class Defences:
 
     def trust(self, devices: int) -> np.ndarray:
         """(devices,) trust in [0, 1] from the deviation of `scores`: 1 up to trust_z_low, 0 from trust_z_high."""
-        self._ensure_devices(devices)
-        if self._trust is None or self._trust.size < devices:
-            self._trust = _trust_of(_scores(self._sums, self.config)[1], self.config)
-        return self._trust[:devices]
+        return self._computed(devices, every=1)
 
     def trusted(self, devices: int) -> np.ndarray:
-        """(devices,) whether each device's knowledge is used (trust above 0)."""
+        """(devices,) whether each device's knowledge is used (trust above 0), as of now."""
         trusted: np.ndarray = self.trust(devices) > 0
         return trusted
+
+    def _gated(self, devices: int) -> np.ndarray:
+        """(devices,) the gate of teachers and consensus: `trusted`, recomputed every trust_every updates."""
+        self._computed(devices, every=max(1, self.config.trust_every))
+        assert self._gate is not None
+        return self._gate[:devices]
+
+    def _computed(self, devices: int, *, every: int) -> np.ndarray:
+        self._ensure_devices(devices)
+        if self._trust is None or self._trust.size < devices or self._changes >= every:
+            self._trust = _trust_of(_scores(self._sums, self.config)[1], self.config)
+            self._gate = self._trust > 0
+            self._changes = 0
+        return self._trust[:devices]
 
     # ------------------------------------------------------------ reporting
 

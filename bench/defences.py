@@ -1,0 +1,171 @@
+"""What the server's defences cost and do on real hashes: relation build, fetch and update, hub registration.
+
+On the FashionMNIST train set hashed by the default encoder (conv, 256 bits, seed 0), split over DEVICES
+devices by the trials' Dirichlet(1.0) partition, with R=16 and one thread (as the server runs): the
+relation build with and without defences, in-process fetch latency of 32 ids (an update_fetch's prefetch)
+and update latency of 8 rows (one batch), modes alternated call by call; honest samples wrongly flagged as
+hubs, how full the capped lists stay and how many of their entries a plain list also has; then one device
+registering `--copies` near-copies of its class centres per class (edge/attacks.py `hub`): the slots it holds
+in honest samples' lists without and with defences, and how many of its crafted hashes are flagged.
+
+    python -m bench defences [--quick] [--devices 20] [--copies 64] [--fetches 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench._report import machine_line
+from broker_server.cache import CacheConfig, KnowledgeCache
+from broker_server.defences import DefenceConfig
+from edge.attacks import HubSamples, hub_samples
+from fedwire.constants import HashKind
+
+R = 16
+QUICK_DEVICES = 6
+QUICK_FETCHES = 300
+
+
+def _hashes(devices: int, *, quick: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per device its train hashes and labels, through the exported encoder and HashEncoder as a device does."""
+    from edge.data import device_shard, load_dataset
+    from edge.hashing import HashEncoder
+    from models.encoder import export_encoder_onnx
+
+    data = load_dataset("digits" if quick else "fashion-mnist")
+    shards = [device_shard(data, num_devices=devices, alpha=1.0, seed=0, index=i) for i in range(devices)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_encoder_onnx(Path(tmp) / "encoder.onnx", input_shape=data.input_shape)
+        encoder = HashEncoder(path, hash_kind=HashKind.BINARY)
+        hashes = [encoder.encode(shard.x_train) for shard in shards]
+    return hashes, [shard.y_train.astype(np.uint16) for shard in shards]
+
+
+def _fleet(
+    hashes: list[np.ndarray], labels: list[np.ndarray], *, defences: DefenceConfig | None, hub: HubSamples | None
+) -> tuple[KnowledgeCache, float]:
+    """A cache with every device registered (the last one also `hub`'s samples) and its relation build time."""
+    cache = KnowledgeCache(config=CacheConfig(classes=10, hash_kind=HashKind.BINARY, hash_dim=256), neighbours=R)
+    if defences is not None:
+        cache.defend(defences)
+    for index, (codes, classes) in enumerate(zip(hashes, labels, strict=True)):
+        extra = hub.count if hub is not None and index == len(hashes) - 1 else 0
+        name = f"dev{index:03d}"
+        cache.hello(
+            device=name, model="cnn", classes=10, samples=len(classes) + extra, hash_kind=HashKind.BINARY,
+            hash_dim=256,
+        )  # fmt: skip
+        cache.register(device=name, ids=np.arange(len(classes), dtype=np.uint32), labels=classes, hashes=codes)
+        if hub is not None and extra:
+            cache.register(device=name, ids=hub.ids, labels=hub.labels, hashes=hub.hashes)
+    started = time.perf_counter()
+    cache.refresh_relations()
+    return cache, time.perf_counter() - started
+
+
+def _percentiles(seconds: list[float]) -> dict[str, int]:
+    return {f"p{q}": round(float(np.percentile(seconds, q)) * 1e6) for q in (50, 95)}
+
+
+def _slots(cache: KnowledgeCache, device: int) -> np.ndarray:
+    """Per sample of every other device: how many of its R slots `device`'s samples hold."""
+    table, owners = cache.relations.table, cache.sample_devices  # type: ignore[union-attr]
+    others = np.flatnonzero(owners != device)
+    held: np.ndarray = ((table[others] >= 0) & (owners[np.maximum(table[others], 0)] == device)).sum(axis=1)
+    return held
+
+
+def measure(*, devices: int, copies: int, fetches: int, quick: bool) -> dict[str, Any]:
+    hashes, labels = _hashes(devices, quick=quick)
+    out: dict[str, Any] = {"devices": devices, "samples": int(sum(len(c) for c in labels)), "R": R}
+    builds: dict[str, list[float]] = {"off": [], "on": []}
+    caches: dict[str, KnowledgeCache] = {}
+    for _ in range(2):
+        for mode in ("off", "on"):
+            caches[mode], seconds = _fleet(hashes, labels, defences=DefenceConfig() if mode == "on" else None, hub=None)
+            builds[mode].append(seconds)
+    out["relation_build_s"] = {mode: [round(s, 3) for s in times] for mode, times in builds.items()}
+    out["relation_build_ratio"] = round(min(builds["on"]) / min(builds["off"]), 3)
+    plain, defended = caches["off"], caches["on"]
+    assert defended.defences is not None and plain.relations is not None and defended.relations is not None
+    out["honest_flagged_as_hubs"] = round(float(defended.defences.hub_flags(defended.size).mean()), 5)
+    lists, plain_lists = defended.relations.table, plain.relations.table
+    filled = (lists >= 0).sum(axis=1)
+    out["defended_list_fill"] = {"min": int(filled.min()), "mean": round(float(filled.mean()), 3)}
+    sample = np.arange(0, lists.shape[0], 37)
+    overlap = (lists[sample, :, None] == plain_lists[sample, None, :]) & (lists[sample, :, None] >= 0)
+    out["defended_entries_also_in_plain_list"] = round(float(overlap.any(axis=2).sum() / (lists[sample] >= 0).sum()), 3)
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(plain.size, 10)).astype(np.float32)
+    for cache in (plain, defended):
+        cache.apply_update(rows=np.arange(cache.size), logits=logits, version=1)
+    fetch: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(fetches):
+        rows = rng.integers(0, plain.size, size=32)
+        for mode, cache in (("off", plain), ("on", defended)):
+            started = time.perf_counter()
+            cache.fetch(rows)
+            fetch[mode].append(time.perf_counter() - started)
+    out["fetch_32_ids_us"] = {mode: _percentiles(times) for mode, times in fetch.items()}
+    update: dict[str, list[float]] = {"off": [], "on": []}
+    for step in range(fetches // 3):
+        device = int(rng.integers(0, devices))
+        ids = rng.choice(len(labels[device]), size=min(8, len(labels[device])), replace=False).astype(np.uint32)
+        batch = rng.normal(size=(ids.size, 10)).astype(np.float32)
+        for mode, cache in (("off", plain), ("on", defended)):
+            rows = cache.rows_of(f"dev{device:03d}", ids)
+            started = time.perf_counter()
+            cache.apply_update(rows=rows, logits=batch, version=2 + step)
+            update[mode].append(time.perf_counter() - started)
+    out["update_8_rows_us"] = {mode: _percentiles(times) for mode, times in update.items()}
+
+    attacker = devices - 1
+    hub = hub_samples(
+        hashes[attacker], labels[attacker], kind=HashKind.BINARY, classes=10, copies=copies,
+        rng=np.random.default_rng(0),
+    )  # fmt: skip
+    out["hub_copies_per_class"] = copies
+    for mode in ("off", "on"):
+        cache, _ = _fleet(hashes, labels, defences=DefenceConfig() if mode == "on" else None, hub=hub)
+        held = _slots(cache, attacker)
+        entry: dict[str, Any] = {
+            "attacker_slots_median": float(np.median(held)),
+            "attacker_slots_max": int(held.max()),
+            "honest_rows_with_half_or_more": round(float((held >= R // 2).mean()), 4),
+        }
+        if cache.defences is not None:
+            flags = cache.defences.hub_flags(cache.size)
+            crafted = cache.rows_of(f"dev{attacker:03d}", hub.ids)
+            real = np.setdiff1d(np.arange(cache.size), crafted)
+            entry |= {
+                "crafted_flagged": round(float(flags[crafted].mean()), 4),
+                "real_flagged": round(float(flags[real].mean()), 5),
+            }
+        out[f"hub_defences_{mode}"] = entry
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench defences", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"digits, {QUICK_DEVICES} devices, fewer calls")
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--copies", type=int, default=64, help="hub device's crafted hashes per class")
+    parser.add_argument("--fetches", type=int, default=3000, help="fetches timed per mode")
+    args = parser.parse_args(argv)
+    devices = QUICK_DEVICES if args.quick else args.devices
+    fetches = QUICK_FETCHES if args.quick else args.fetches
+    print(machine_line())
+    print(json.dumps(measure(devices=devices, copies=args.copies, fetches=fetches, quick=args.quick), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
