@@ -416,13 +416,15 @@ class Defences:
             values = np.where(had & fresh, memory * old + (1 - memory) * values, values)
         values = np.where(fresh, values, old)  # no new evidence (no consensus yet): the old one stands
         has = ~np.isnan(values)
-        size = self._sums.shape[0]
-        self._sums[:, column] += np.bincount(devices[has], weights=values[has], minlength=size) - np.bincount(
-            devices[had], weights=old[had], minlength=size
-        )
-        self._sums[:, column + 1] += np.bincount(devices[has], minlength=size) - np.bincount(
-            devices[had], minlength=size
-        )
+        gained = np.where(has, values, 0.0).astype(np.float64) - np.where(had, old, 0.0)
+        counted = has.astype(np.int64) - had
+        if devices.size and np.all(devices == devices[0]):  # one device's update: two scalar sums
+            self._sums[devices[0], column] += gained.sum()
+            self._sums[devices[0], column + 1] += counted.sum()
+        else:
+            size = self._sums.shape[0]
+            self._sums[:, column] += np.bincount(devices, weights=gained, minlength=size)
+            self._sums[:, column + 1] += np.bincount(devices, weights=counted, minlength=size)
         evidence[rows] = values
         self._changes += 1
 

@@ -253,7 +253,7 @@ def test_trust_ranks_adaptive_and_pcfdla_attackers_below_every_honest_device() -
     honest = [i for i in range(fleet.devices) if i not in sneaky | loud]
     assert min(deviation[sorted(sneaky | loud)]) > max(deviation[honest])
     trust = cache.defences.trust(fleet.devices)
-    assert np.all(trust[honest] == 1.0) and np.all(trust[sorted(loud)] == 0.0)
+    assert np.all(trust[honest] == 1.0) and np.all(trust[sorted(sneaky | loud)] == 0.0)
 
 
 def _stored_fleet(directory: Path, fleet: Fleet, *, liar: int) -> CachedState:
