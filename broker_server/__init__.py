@@ -3,6 +3,7 @@
 from broker_server.algorithm import Algorithm
 from broker_server.cache import CacheConfig, KnowledgeCache
 from broker_server.cached_state import CachedState, ReadOnlyState
+from broker_server.defences import DefenceConfig, Defences
 from broker_server.handlers import CacheService, all_algorithms
 from broker_server.records import (
     Admission,
@@ -34,6 +35,8 @@ __all__ = [
     "CacheService",
     "CacheStats",
     "CachedState",
+    "DefenceConfig",
+    "Defences",
     "DeviceKnowledge",
     "DeviceRecord",
     "KnowledgeCache",
