@@ -428,6 +428,8 @@ class KnowledgeCache:
         keys = (np.repeat(indices, counts) << np.uint64(32)) | ids
         at = np.minimum(np.searchsorted(self._keys, keys), self._keys.size - 1)
         found = self._keys[at] == keys
+        if found.all():  # the usual batch: every id registered (a known device's; only one without ids may not be)
+            return self._key_rows[at], indices != _NO_DEVICE
         missing = np.bincount(np.repeat(np.arange(len(devices)), counts)[~found], minlength=len(devices))
         return self._key_rows[at], (indices != _NO_DEVICE) & (missing == 0)
 
@@ -487,7 +489,8 @@ class KnowledgeCache:
             ]
             return np.concatenate(one) if one else np.zeros(0, bool)
         held = self._versions.view
-        if np.unique(rows).size == rows.size:
+        ordered = np.sort(rows)
+        if not (ordered[1:] == ordered[:-1]).any():  # no row twice: all at once
             newer: np.ndarray = versions > held[rows]
             chosen = rows[newer]
             self._knowledge.view[chosen] = logits[newer]

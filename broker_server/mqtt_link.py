@@ -491,6 +491,24 @@ class ServerLink:
         self._pending_out = data[sent:] if sent < len(data) else b""
         self._last_out = time.monotonic()
 
+    def socket(self) -> socket.socket | None:
+        """The connected socket (for its kernel counters), None while disconnected."""
+        return self._sock
+
+    def fileno(self) -> int:
+        """The socket's descriptor, for a caller that waits on many links with one selector (-1 when closed)."""
+        return self._sock.fileno() if self._sock is not None else -1
+
+    def read_ready(self) -> list[Inbound]:
+        """Read and parse what the socket holds now (a selector said it is readable); pings when idle.
+
+        For a caller driving many links from one selector loop; it does not reconnect (poll() does).
+        """
+        if self._sock is None:
+            return []
+        self._keep_alive()
+        return self._read()
+
     def poll(self, timeout: float) -> list[Inbound]:
         """Flush, wait up to `timeout` for data, read all of it; the PUBLISHes received, in order.
 

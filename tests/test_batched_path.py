@@ -548,6 +548,9 @@ def test_batch_methods_match_their_per_message_defaults() -> None:
     fast, slow = _service(None), _service(None)
     default = _DefaultsOnly(slow.state)
     rng = np.random.default_rng(4)
+    # An unknown device without ids is still unknown, also when every other id is found.
+    lone = _ids_of("d0")[:3]
+    assert fast.state.rows_many(["stranger", "d0"], lone, np.array([0, 3]))[1].tolist() == [False, True]
     for _ in range(30):
         devices = [str(rng.choice([*DEVICES, "stranger"])) for _ in range(int(rng.integers(0, 6)))]
         arrays = []
