@@ -52,6 +52,7 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
+import msgpack
 import numpy as np
 import paho.mqtt.client as mqtt
 import psutil
@@ -59,6 +60,7 @@ from tqdm import tqdm
 
 from android_harness.processes import ServerProcess, server_command
 from bench._report import machine_line, markdown_table
+from broker_server.mqtt_link import ServerLink
 from fedwire import (
     ErrorReply,
     Fetch,
@@ -75,6 +77,8 @@ from fedwire import (
     encode,
     up_topic,
 )
+from fedwire.arrays import quantise_logits
+from fedwire.constants import Kind
 from fedwire.dynsec import SERVER_ROLE, DynsecAdmin
 from fedwire.fleet import SecurityDir
 from fedwire.mosquitto import MosquittoBroker
@@ -489,6 +493,245 @@ def load_worker(spec: LoadSpec, control: Any, warm: Any, go: Any, window: Any) -
     loop.run_until(lambda: not loop.writers, 2.0)
 
 
+# --------------------------------------------------------------------------- lean load generator
+
+
+@dataclass(eq=False)
+class _LeanDevice:
+    """One simulated device of the lean load generator: its own connection, requests packed by hand."""
+
+    name: str
+    index: int
+    link: ServerLink
+    ids: np.ndarray
+    topic: dict[str, str]  # request kind -> its up topic
+    cursor: int = 0
+    version: int = 0
+    cid: int = 0
+    sent_at: float = 0.0
+    sent_kind: str = ""
+    requests: int = 0
+    stage: str = "connect"
+    waiting: bool = False  # closed loop: a request is in flight
+    in_flight: dict[int, tuple[float, str]] = field(default_factory=dict)
+
+
+def lean_worker(spec: LoadSpec, control: Any, warm: Any, go: Any, window: Any) -> None:
+    """`load_worker` with the server's own lean MQTT client per device (broker_server.mqtt_link) and requests
+    packed by hand: a simulated device costs this process a fraction of what a paho client and the generic
+    codec cost, so the machine's cores go to the broker and the server. The same steps and figures."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    rng = np.random.default_rng([spec.seed, spec.first_index, 7])
+    pack = msgpack.Packer(use_bin_type=True).pack
+    pool = [
+        quantise_logits((3.0 * rng.standard_normal((spec.batch, CLASSES))).astype(np.float32), spec.encoding)
+        for _ in range(32)
+    ]
+    encoding = spec.encoding.value
+    result = WorkerResult()
+    state: dict[str, float] = {"start": 0.0, "deadline": 0.0}
+    selector = selectors.DefaultSelector()
+    dirty: set[_LeanDevice] = set()
+    batches: dict[int, bytes] = {}
+
+    def ids_at(device: _LeanDevice) -> bytes:
+        start = device.cursor
+        device.cursor = (device.cursor + spec.batch) % len(device.ids)
+        key = start * 1_000_003 + len(device.ids)
+        if key not in batches:
+            batches[key] = (
+                np.sort(device.ids[(start + np.arange(spec.batch)) % len(device.ids)]).astype("<u4").tobytes()
+            )
+        return batches[key]
+
+    def publish(device: _LeanDevice, kind: str, cid: int, payload: bytes) -> None:
+        device.cid = cid
+        device.sent_at = time.monotonic()
+        device.sent_kind = kind
+        if device.stage == "load" and spec.rate > 0:
+            device.in_flight[cid] = (device.sent_at, kind)
+        else:
+            device.waiting = True
+        device.link.publish(device.topic[kind], payload)
+        dirty.add(device)
+
+    def fetch(device: _LeanDevice) -> None:
+        cid = device.cid + 1
+        body = {"v": 1, "k": "fetch", "d": device.name, "c": cid, "ids": ids_at(device), "enc": encoding}
+        publish(device, "fetch", cid, pack(body))
+
+    def next_request(device: _LeanDevice) -> None:
+        if rng.random() < spec.fetch_share:
+            fetch(device)
+            return
+        device.version += 1
+        cid = device.cid + 1
+        logits = pool[device.version % len(pool)]
+        block: dict[str, Any] = {"e": encoding, "n": logits.rows, "m": logits.cols, "b": logits.data}
+        if logits.scales is not None:
+            block["s"] = logits.scales
+        body = {
+            "v": 1, "k": "update_fetch", "d": device.name, "c": cid, "ids": ids_at(device), "ver": device.version,
+            "logits": block, "fetch_ids": ids_at(device),
+        }  # fmt: skip
+        publish(device, "update_fetch", cid, pack(body))
+
+    def on_reply(device: _LeanDevice, payload: bytes, now: float) -> None:
+        reply = msgpack.unpackb(payload, raw=False)
+        kind, cid = reply.get("k"), reply.get("c")
+        if kind == "error":
+            result.errors += 1
+            raise RuntimeError(
+                f"{device.name}: server rejected {reply.get('re')}: {reply.get('code')} {reply.get('msg')}"
+            )
+        if device.stage in ("load", "done") and spec.rate > 0:
+            sent = device.in_flight.pop(cid, None)
+            if sent is None:
+                return
+            sent_at, sent_kind = sent
+            result.latencies.setdefault(sent_kind, []).append(now - sent_at)
+            if now <= state["deadline"]:
+                count_served(reply, now)
+            else:
+                result.late += 1
+            return
+        if cid != device.cid or not device.waiting:
+            return  # a redelivered or stale reply
+        device.waiting = False
+        if device.stage == "hello" and kind == "hello_ack":
+            labels, hashes = _synthetic_samples(spec, device.index)
+            device.stage = "register"
+            message = Register(device=device.name, cid=device.cid + 1, ids=device.ids, labels=labels, hashes=hashes)
+            publish(device, "register", message.cid, encode(message))
+        elif device.stage == "register" and kind == "register_ack":
+            device.stage = "idle"
+        elif device.stage == "warm" and kind == "knowledge":
+            device.stage = "ready"
+        elif device.stage == "load" and kind == "knowledge":
+            if now <= state["deadline"]:
+                result.latencies.setdefault(device.sent_kind, []).append(now - device.sent_at)
+                count_served(reply, now)
+                device.requests += 1
+                if device.requests < spec.max_requests:
+                    next_request(device)
+                else:
+                    device.stage = "done"
+            else:
+                result.late += 1
+                device.stage = "done"
+
+    def count_served(reply: dict[str, Any], now: float) -> None:
+        result.requests += 1
+        result.served += len(reply["ids"]) // 4
+        result.teachers += int(np.count_nonzero(np.frombuffer(reply["counts"], "<u2")))
+        result.last_reply = now
+
+    def step(timeout: float) -> None:
+        for key, _ in selector.select(timeout):
+            device = key.data
+            messages = device.link.read_ready()
+            if messages:
+                now = time.monotonic()
+                for message in messages:
+                    device.link.ack(message.mid, message.epoch)
+                    on_reply(device, message.payload, now)
+                dirty.add(device)
+        for device in dirty:
+            device.link.flush()
+        dirty.clear()
+
+    def run_until(done: Callable[[], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                return False
+            step(0.005)
+        return True
+
+    credentials = spec.credentials or (None,) * len(spec.devices)
+    everyone: list[_LeanDevice] = []
+    for number, (name, identity) in enumerate(zip(spec.devices, credentials, strict=True)):
+        link = ServerLink(
+            address=spec.address, client_id=name if identity is not None else f"bench-{name}", credentials=identity
+        )
+        started = time.monotonic()
+        link.connect(timeout=STEP_TIMEOUT_S)  # TCP connect, TLS handshake and CONNACK: blocking
+        result.handshake_s.append(time.monotonic() - started)
+        result.connack_s.append(time.monotonic() - started)
+        link.subscribe(down_topic(name), qos=1)
+        link.flush()
+        topics = {
+            kind.value: up_topic(name, kind) for kind in (Kind.HELLO, Kind.REGISTER, Kind.FETCH, Kind.UPDATE_FETCH)
+        }
+        device = _LeanDevice(
+            name=name, index=spec.first_index + number, link=link, ids=np.arange(spec.samples, dtype=np.uint32),
+            topic=topics,
+        )  # fmt: skip
+        selector.register(link.fileno(), selectors.EVENT_READ, device)
+        everyone.append(device)
+        sock = link.socket()
+        if not result.tls and isinstance(sock, ssl.SSLSocket):
+            result.tls = f"{sock.version()} {(sock.cipher() or ('?',))[0]}"
+    if not run_until(lambda: all(d.link.subscribed for d in everyone), STEP_TIMEOUT_S):
+        raise TimeoutError("devices did not connect and subscribe in time")
+
+    started = time.monotonic()
+    for device in everyone:
+        device.stage = "hello"
+        hello = Hello(
+            device=device.name, cid=1, model="bench", classes=CLASSES, samples=spec.samples,
+            hash_kind=HashKind.BINARY, hash_dim=HASH_BITS,
+        )  # fmt: skip
+        publish(device, "hello", 1, encode(hello))
+    if not run_until(lambda: all(d.stage == "idle" for d in everyone), STEP_TIMEOUT_S):
+        raise TimeoutError("registration did not finish in time")
+    control.put(("registered", time.monotonic() - started))
+
+    while not warm.wait(0.05):
+        step(0)
+    started = time.monotonic()
+    for device in everyone:
+        device.stage = "warm"
+        fetch(device)
+    if not run_until(lambda: all(d.stage == "ready" for d in everyone), STEP_TIMEOUT_S):
+        raise TimeoutError("warm-up fetches did not finish in time")
+    control.put(("warm", time.monotonic() - started))
+
+    while not go.wait(0.05):
+        step(0)
+    state["start"], state["deadline"] = window[0], window[1]
+    run_until(lambda: time.monotonic() >= state["start"], 10.0)
+    sockets = [d.link.socket() for d in everyone]
+    tcp_before = sum((TcpCounters.of(s) for s in sockets if s is not None), TcpCounters())
+    for device in everyone:
+        device.stage = "load"
+    if spec.rate > 0:
+        due = [(state["start"] + rng.exponential(1.0 / spec.rate), number) for number in range(len(everyone))]
+        heapq.heapify(due)
+        while time.monotonic() <= state["deadline"]:
+            now = time.monotonic()
+            while due and due[0][0] <= now:
+                at, number = heapq.heappop(due)
+                device = everyone[number]
+                if at <= state["deadline"] and device.requests < spec.max_requests:
+                    device.requests += 1
+                    next_request(device)
+                    heapq.heappush(due, (at + rng.exponential(1.0 / spec.rate), number))
+            step(min(0.005, max(0.0, due[0][0] - time.monotonic())) if due else 0.005)
+        for device in everyone:
+            device.stage = "done"
+    else:
+        for device in everyone:
+            next_request(device)
+        run_until(lambda: time.monotonic() > state["deadline"], state["deadline"] - time.monotonic() + 1.0)
+    result.tcp = sum((TcpCounters.of(s) for s in sockets if s is not None), TcpCounters()) - tcp_before
+    run_until(lambda: not any(d.waiting or d.in_flight for d in everyone), DRAIN_S)
+    result.lost = sum(1 for d in everyone if d.waiting) + sum(len(d.in_flight) for d in everyone)
+    control.put(("result", result))
+    for device in everyone:
+        device.link.disconnect()
+
+
 # --------------------------------------------------------------------------- raw Mosquitto rate
 
 
@@ -574,6 +817,71 @@ def measure_raw(
             publisher.terminate()
         client.disconnect()
         client.loop_stop()
+
+
+def lean_raw_publisher(
+    address: BrokerAddress, messages: int, payload_bytes: int, done: Any, credentials: Credentials | None = None
+) -> None:
+    """Publish `messages` QoS 1 messages through a lean link (as many in flight as the broker allows)."""
+    link = ServerLink(
+        address=address, client_id=credentials.username if credentials else f"bench-raw-lpub-{os.getpid()}",
+        credentials=credentials,
+    )  # fmt: skip
+    link.connect()
+    payload = bytes(payload_bytes)
+    for _ in range(messages):
+        link.publish(RAW_TOPIC, payload)
+    deadline = time.monotonic() + 120
+    while link.unacknowledged() and time.monotonic() < deadline:
+        link.poll(0.01)
+    done.set()
+    link.disconnect(session_expiry_s=0)
+
+
+def measure_raw_lean(
+    address: BrokerAddress,
+    *,
+    messages: int,
+    payload_bytes: int,
+    timeout: float,
+    credentials: tuple[Credentials, Credentials] | None = None,
+) -> RawRate:
+    """The raw rate with the lean MQTT client (broker_server.mqtt_link) on both ends: what the broker itself does
+    when the clients cost little, the bound for a server and devices that cost little too."""
+    publisher_identity, subscriber_identity = credentials or (None, None)
+    client_id = subscriber_identity.username if subscriber_identity else f"bench-raw-lsub-{os.getpid()}"
+    link = ServerLink(address=address, client_id=client_id, credentials=subscriber_identity)
+    link.connect()
+    link.subscribe(RAW_TOPIC, qos=1)
+    deadline = time.monotonic() + 10
+    while not link.subscribed and time.monotonic() < deadline:
+        link.poll(0.05)
+    if not link.subscribed:
+        raise TimeoutError("raw subscriber could not subscribe")
+    ctx = mp.get_context("spawn")
+    done = ctx.Event()
+    publisher = ctx.Process(
+        target=lean_raw_publisher, args=(address, messages, payload_bytes, done, publisher_identity), daemon=True
+    )
+    received: list[float] = []
+    try:
+        publisher.start()
+        deadline = time.monotonic() + timeout
+        while len(received) < messages and time.monotonic() < deadline:
+            got = link.poll(0.05)
+            if got:
+                now = time.monotonic()
+                for message in got:
+                    link.ack(message.mid, message.epoch)
+                received.extend([now] * len(got))
+                link.flush()
+        seconds = received[-1] - received[0] if len(received) > 1 else 0.0
+        return RawRate(messages=messages, received=max(0, len(received) - 1), seconds=seconds)
+    finally:
+        publisher.join(timeout=10)
+        if publisher.is_alive():
+            publisher.terminate()
+        link.disconnect(session_expiry_s=0)
 
 
 # --------------------------------------------------------------------------- orchestrator
@@ -819,6 +1127,7 @@ def run_step(
     rate: float = 0.0,
     path: str = "",
     names: Sequence[str] | None = None,
+    loadgen: str = "paho",
 ) -> StepResult:
     """Register `devices` simulated devices, warm the relations, then load the server for `duration` seconds.
 
@@ -850,22 +1159,23 @@ def run_step(
         )
         for part, first, identity in zip(parts, firsts, identities, strict=True)
     ]
-    procs = [ctx.Process(target=load_worker, args=(s, control, warm, go, window), daemon=True) for s in specs]
+    worker = lean_worker if loadgen == "lean" else load_worker
+    procs = [ctx.Process(target=worker, args=(s, control, warm, go, window), daemon=True) for s in specs]
     for proc in procs:
         proc.start()
     try:
         register_s = max(_collect(control, "registered", processes, STEP_TIMEOUT_S + 60, procs))
         warm.set()
         warm_s = max(_collect(control, "warm", processes, STEP_TIMEOUT_S + 60, procs))
-        loadgen = [psutil.Process(p.pid) for p in procs if p.pid is not None]
+        generators = [psutil.Process(p.pid) for p in procs if p.pid is not None]
         start = time.monotonic() + 0.5
         window[0], window[1] = start, start + duration
         go.set()
         time.sleep(max(0.0, start - time.monotonic()))
-        before = (_cpu_seconds([server]), _cpu_seconds([broker]), _cpu_seconds(loadgen))
+        before = (_cpu_seconds([server]), _cpu_seconds([broker]), _cpu_seconds(generators))
         with _Sampler(server) as sampler:
             time.sleep(max(0.0, start + duration - time.monotonic()))
-            after = (_cpu_seconds([server]), _cpu_seconds([broker]), _cpu_seconds(loadgen))
+            after = (_cpu_seconds([server]), _cpu_seconds([broker]), _cpu_seconds(generators))
         results: list[WorkerResult] = _collect(control, "result", processes, DRAIN_S + 30, procs)
         # Mosquitto's ticks come every ~2 s: the drain after the window adds ticks of the same requests.
         sys_bytes = sys_bytes_per_request(observer.snapshot(), start, time.monotonic())
@@ -966,11 +1276,17 @@ def format_steps(steps: list[StepResult], raw: RawRate) -> str:
     return markdown_table(headers, rows)
 
 
-def _path_metrics(step: StepResult, raw: RawRate) -> list[tuple[str, float | None, str]]:
+def _path_metrics(step: StepResult, raw: RawRate, raw_lean: RawRate | None) -> list[tuple[str, float | None, str]]:
     """(row name, value, format) of one request path at one step, for the paths table."""
+    lean = raw_lean.rate if raw_lean is not None else 0.0
     return [
         ("requests/s", step.requests_per_s, "{:.0f}"),
-        ("requests/s ÷ raw QoS 1 msgs/s", step.requests_per_s / raw.rate if raw.rate else None, "{:.3f}"),
+        (
+            "requests/s ÷ raw QoS 1 msgs/s (paho clients)",
+            step.requests_per_s / raw.rate if raw.rate else None,
+            "{:.3f}",
+        ),
+        ("requests/s ÷ raw QoS 1 msgs/s (lean clients)", step.requests_per_s / lean if lean else None, "{:.3f}"),
         ("request p50 ms", step.p50_ms, "{:.2f}"),
         ("request p99 ms", step.p99_ms, "{:.2f}"),
         ("server CPU µs/request", step.cpu_us_per_request(step.server_cpu), "{:.0f}"),
@@ -990,10 +1306,10 @@ def format_paths(results: list[ModeResult], base_path: str = "legacy") -> str:
         others = [r for r in group if r is not base]
         for index, step in enumerate(base.steps):
             rows = []
-            for row, (name, base_value, fmt) in enumerate(_path_metrics(step, base.raw)):
-                values = [_path_metrics(r.steps[index], r.raw)[row][1] for r in group]
+            for row, (name, base_value, fmt) in enumerate(_path_metrics(step, base.raw, base.raw_lean)):
+                values = [_path_metrics(r.steps[index], r.raw, r.raw_lean)[row][1] for r in group]
                 cells = [fmt.format(v) if v is not None else "-" for v in values]
-                ratios = [_ratio(_path_metrics(r.steps[index], r.raw)[row][1], base_value) for r in others]
+                ratios = [_ratio(_path_metrics(r.steps[index], r.raw, r.raw_lean)[row][1], base_value) for r in others]
                 rows.append((name, *cells, *ratios))
             title = f"{mode}, {step.devices} devices, {step.loop}"
             headers = (title, *(r.path for r in group), *(f"{r.path}/{base.path}" for r in others))
@@ -1010,6 +1326,7 @@ class ModeResult:
     steps: list[StepResult]
     security_s: float = 0.0  # SecurityDir.ensure: CA, broker certificate, plugin config
     path: str = "batched"  # the server's --request-path
+    raw_lean: RawRate | None = None  # the raw rate with lean clients on both ends
 
 
 def _write_password(path: Path) -> str:
@@ -1103,6 +1420,9 @@ def run_mode(
             raw = measure_raw(
                 device_address, messages=raw_messages, payload_bytes=payload, timeout=120, credentials=raw_identities
             )
+            raw_lean = measure_raw_lean(
+                device_address, messages=raw_messages, payload_bytes=payload, timeout=120, credentials=raw_identities
+            )
             for number, plan in enumerate(tqdm(plans, desc=f"{mode}: steps", leave=False)):
                 for path in paths:
                     tag = f"{path[0]}{'o' if plan.rate else ''}"
@@ -1135,11 +1455,15 @@ def run_mode(
                                 rate=plan.rate,
                                 path=path,
                                 names=names,
+                                loadgen=args.loadgen,
                             )
                         )
                     finally:
                         _stop_bench_server(server)
-    return [ModeResult(mode=mode, raw=raw, steps=steps[path], security_s=security_s, path=path) for path in paths]
+    return [
+        ModeResult(mode=mode, raw=raw, steps=steps[path], security_s=security_s, path=path, raw_lean=raw_lean)
+        for path in paths
+    ]
 
 
 def _start_bench_server(
@@ -1302,9 +1626,19 @@ def main(argv: list[str] | None = None) -> int:
         default=OPEN_LOOP_RATE,
         help=f"requests/s each open-loop device offers, Poisson arrivals (default {OPEN_LOOP_RATE:g})",
     )
+    parser.add_argument(
+        "--loadgen",
+        choices=("lean", "paho"),
+        default=None,
+        help="simulated devices: lean (the server's own MQTT client, requests packed by hand: cheap, so the cores go "
+        "to the broker and the server) or paho (a paho client and the generic codec per device); default lean, paho "
+        "with --tls or --modes (as their figures were measured)",
+    )
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     modes = list(dict.fromkeys(args.modes or (["plain", "tls"] if args.tls else ["plain"])))
+    if args.loadgen is None:
+        args.loadgen = "paho" if (args.tls or args.modes) else "lean"
     paths = list(dict.fromkeys(args.paths))
     device_counts = args.devices or ([100] if modes != ["plain"] else [10, 100, 1000])
     duration = args.duration or (4.0 if args.quick else 20.0)
@@ -1334,7 +1668,8 @@ def main(argv: list[str] | None = None) -> int:
         f"step and path; devices register {args.samples} samples each (256-bit codes, {CLASSES} classes), then "
         f"{duration:.0f} s closed loop (one request in flight per device) or open loop (Poisson arrivals at the "
         f"offered rate, whatever is in flight), batch {args.batch}, {args.fetch_share:.0%} fetch / "
-        f"{1 - args.fetch_share:.0%} update_fetch, float16 logits. Latency: publish to reply at the device. CPU % "
+        f"{1 - args.fetch_share:.0%} update_fetch, float16 logits, {args.loadgen} load generators "
+        f"({args.processes} processes). Latency: publish to reply at the device. CPU % "
         "of one core over the window; CPU µs/request: CPU time over the window / requests answered in it. "
         f"Load average at the end: {_loadavg()}."
     )
@@ -1345,6 +1680,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{raw.received}/{raw.messages} messages in {raw.seconds:.2f} s = {raw.rate:.0f} msgs/s "
             "(a request costs the broker 2 messages: request, reply)"
         ]
+        if result.raw_lean is not None:
+            lean = result.raw_lean
+            notes.append(
+                f"with lean clients on both ends (broker_server.mqtt_link): {lean.received}/{lean.messages} in "
+                f"{lean.seconds:.2f} s = {lean.rate:.0f} msgs/s"
+            )
         if result.security_s:
             notes.append(f"security directory (CA, broker certificate) made in {result.security_s:.2f} s")
         if result.steps and result.steps[0].tls:
