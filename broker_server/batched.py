@@ -69,11 +69,12 @@ class BatchedRequests:
     def answer(self, requests: Sequence[tuple[str, Kind, bytes]]) -> list[Answer]:
         """One answer per request, in order; changes are staged in the state (the caller commits them)."""
         answers: list[Answer | None] = [None] * len(requests)
-        state = self._state() if any(kind.value in FAST_KINDS for _d, kind, _p in requests) else None
+        # A Kind is a StrEnum: the str it stands for, without the cost of `.value`.
+        state = self._state() if any(kind in FAST_KINDS for _d, kind, _p in requests) else None
         segment: list[tuple[int, Scanned]] = []
         fetched: set[str] = set()  # devices with a fetch in the current segment
         for index, (device, kind, payload) in enumerate(requests):
-            scanned = scan(payload, device=device, kind=kind.value) if state is not None else None
+            scanned = scan(payload, device=device, kind=kind) if state is not None else None
             if scanned is None:
                 self._flush(segment, answers, state)
                 fetched.clear()

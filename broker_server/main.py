@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -141,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
         "no request is routed to it while it is away (devices resend what goes unanswered)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N > 1: N MQTT front-ends on the share group (client ids CLIENT_ID, CLIENT_ID-w1, ...; their own "
+        "identities on a secure broker) over one state process that answers and commits their batches, all "
+        "restarted when they die (PIDs in DATA_DIR/workers.json; see docs/scaling.md). Default 1: one process",
+    )
+    parser.add_argument(
         "--request-path",
         choices=("batched", "legacy"),
         default="batched",
@@ -176,15 +186,18 @@ def port_in_use_message(exc: PortInUseError) -> str:
     )
 
 
-def _start_private_broker(args: argparse.Namespace, *, secure: bool) -> tuple[MosquittoBroker, Credentials | None]:
-    """The private Mosquitto; when secure, with its security directory and this server's own identity."""
+def _start_private_broker(
+    args: argparse.Namespace, *, secure: bool
+) -> tuple[MosquittoBroker, list[Credentials | None]]:
+    """The private Mosquitto; when secure, with its security directory and an identity for each server worker."""
     from fedwire.dynsec import SERVER_ROLE
     from fedwire.fleet import SECURITY_DIRNAME, SecurityDir
     from fedwire.mosquitto import MosquittoBroker
 
     data_dir = args.data_dir / "mosquitto"
+    workers = max(1, args.workers)
     if not secure:
-        return MosquittoBroker(data_dir=data_dir, port=args.listen_port, bind=args.bind).start(), None
+        return MosquittoBroker(data_dir=data_dir, port=args.listen_port, bind=args.bind).start(), [None] * workers
     hosts = [h for h in (args.bind, *args.hostname) if h not in ("0.0.0.0", "")]
     if args.bind in ("0.0.0.0", ""):
         hosts += _local_addresses()
@@ -197,11 +210,33 @@ def _start_private_broker(args: argparse.Namespace, *, secure: bool) -> tuple[Mo
     ).start()
     try:
         with security_dir.admin() as admin:
-            credentials = security_dir.ensure_service(admin, args.client_id, role=SERVER_ROLE)
+            identities: list[Credentials | None] = [
+                security_dir.ensure_service(admin, worker_client_id(args.client_id, number), role=SERVER_ROLE)
+                for number in range(workers)
+            ]
     except BaseException:
         broker.stop()
         raise
-    return broker, credentials
+    return broker, identities
+
+
+def worker_client_id(client_id: str, number: int) -> str:
+    """Front-end `number`'s client id (and username on a secure broker): the first keeps the server's own."""
+    return client_id if number == 0 else f"{client_id}-w{number}"
+
+
+def worker_credentials(credentials: Credentials | None, number: int) -> Credentials | None:
+    """Front-end `number`'s credentials on a broker that binds client ids to usernames: its own username, and
+    its own password file where the given one names `{worker}` (else the same file)."""
+    from dataclasses import replace
+
+    if credentials is None or not credentials.username:
+        return credentials
+    return replace(
+        credentials,
+        username=worker_client_id(credentials.username, number),
+        password_file=credentials.password_file.replace("{worker}", str(number)),
+    )
 
 
 def _local_addresses() -> list[str]:
@@ -249,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             args.bind,
         )
     args.data_dir.mkdir(parents=True, exist_ok=True)
+    if args.workers < 1:
+        print("fedcache server: --workers must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
     broker = None
     credentials: Credentials | None = None
     if args.broker:
@@ -260,9 +298,12 @@ def main(argv: list[str] | None = None) -> int:
             cert_file=args.cert_file,
             key_file=args.key_file,
         )
+        identities = [worker_credentials(credentials, number) for number in range(args.workers)]
+        credentials = identities[0]
     else:
         try:
-            broker, credentials = _start_private_broker(args, secure=secure)
+            broker, identities = _start_private_broker(args, secure=secure)
+            credentials = identities[0]
         except PortInUseError as exc:
             print(port_in_use_message(exc), file=sys.stderr)
             return EXIT_PORT_IN_USE
@@ -278,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if args.workers > 1:
+        try:
+            return _run_workers(args, address=address, identities=identities, broker=broker, stop=stop)
+        finally:
+            if broker is not None:
+                broker.stop()
     service = None
     server = None
     profiles = None
@@ -346,6 +393,63 @@ def main(argv: list[str] | None = None) -> int:
             broker.stop()
         if profiles is not None:
             profiles.dump(args.profile)
+    return 0
+
+
+def _run_workers(
+    args: argparse.Namespace,
+    *,
+    address: BrokerAddress,
+    identities: list[Credentials | None],
+    broker: MosquittoBroker | None,
+    stop: threading.Event,
+) -> int:
+    """--workers N: the state process and N front-ends, supervised until SIGINT/SIGTERM."""
+    from broker_server.state_factory import STATE_DIRNAME
+    from broker_server.workers import FrontendOptions, StateOptions, Supervisor, state_socket_name
+
+    log = logging.getLogger("broker_server")
+    socket_name = state_socket_name(f"{os.getpid()}-{os.urandom(4).hex()}")
+    state = StateOptions(
+        state_dir=args.data_dir / STATE_DIRNAME,
+        socket_name=socket_name,
+        neighbours=args.neighbours,
+        round_timeout_s=args.round_timeout,
+        min_participants=args.fedavg_participants,
+        defences=args.defences == "on",
+        metrics_port=args.metrics_port,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        profile=args.profile.with_name(args.profile.name + ".state") if args.profile else None,
+    )
+    frontends = [
+        FrontendOptions(
+            address=address,
+            client_id=worker_client_id(args.client_id, number),
+            socket_name=socket_name,
+            credentials=identities[number],
+            status=number == 0,
+            metrics_port=args.metrics_port + 1 + number if args.metrics_port else 0,
+            keep_session=args.keep_session,
+            log_level=args.log_level,
+            log_format=args.log_format,
+            profile=args.profile.with_name(f"{args.profile.name}.frontend{number}") if args.profile else None,
+        )
+        for number in range(args.workers)
+    ]
+    supervisor = Supervisor(state=state, frontends=frontends, pid_file=args.data_dir / "workers.json")
+    try:
+        supervisor.start()
+        log.info(
+            "ready: %d front-ends over one state process on %s%s",
+            args.workers,
+            address.url,
+            f" (devices: {_public(broker.tls_address, args)})" if broker is not None and broker.security else "",
+        )
+        supervisor.watch(stop)
+        log.info("shutting down")
+    finally:
+        supervisor.stop()
     return 0
 
 

@@ -197,7 +197,11 @@ def publish_packet(topic: bytes, payload: bytes, mid: int, *, retain: bool = Fal
     """A QoS 1 PUBLISH without properties; `topic` already carries its two length bytes."""
     first = 0x32 | (0x08 if dup else 0) | (0x01 if retain else 0)
     size = len(topic) + 3 + len(payload)
-    return b"".join((bytes((first,)), _varint(size), topic, mid.to_bytes(2, "big"), b"\x00", payload))
+    if size < 0x4000:  # a reply's usual size: two length bytes at most
+        header = bytes((first, size)) if size < 0x80 else bytes((first, (size & 0x7F) | 0x80, size >> 7))
+    else:
+        header = bytes((first,)) + _varint(size)
+    return b"".join((header, topic, mid.to_bytes(2, "big"), b"\x00", payload))
 
 
 def puback_packet(mid: int) -> bytes:
@@ -435,9 +439,15 @@ class ServerLink:
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Queue a QoS 1 PUBLISH; it is written by the next flush() and kept until the broker acknowledges it."""
-        self._waiting.append((self.topic_bytes(topic), payload, retain))
-        if len(self._inflight) < self._receive_maximum:
+        encoded = self._topics.get(topic) or self.topic_bytes(topic)
+        if self._waiting or len(self._inflight) >= self._receive_maximum:
+            self._waiting.append((encoded, payload, retain))
             self._release_waiting()
+            return
+        mid = self._allocate_mid()
+        self._inflight[mid] = (encoded, payload, retain)
+        if self._sock is not None:
+            self._out.append(publish_packet(encoded, payload, mid, retain=retain))
 
     def _release_waiting(self) -> None:
         waiting, inflight, out = self._waiting, self._inflight, self._out
@@ -494,6 +504,11 @@ class ServerLink:
     def socket(self) -> socket.socket | None:
         """The connected socket (for its kernel counters), None while disconnected."""
         return self._sock
+
+    def keep_alive(self) -> None:
+        """Ping if the connection has been idle, and write what is queued (for an owner busy elsewhere)."""
+        self._keep_alive()
+        self.flush()
 
     def fileno(self) -> int:
         """The socket's descriptor, for a caller that waits on many links with one selector (-1 when closed)."""

@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 from broker_server.batched import Answer, BatchedRequests
 from broker_server.handlers import CacheService
@@ -62,6 +63,109 @@ def check_envelope(message: Message, *, device: str, topic_kind: str) -> Request
     return message
 
 
+def answer_one(service: CacheService, device: str, kind: Kind, payload: bytes) -> Answer:
+    """The per-message path: decode, check the envelope, handle, encode (today's exact replies)."""
+    cid = 0  # what an error reply carries when the payload held no valid correlation id
+    try:
+        request = check_envelope(decode(payload), device=device, topic_kind=kind.value)
+        cid = request.cid
+        reply = service.handle(request)
+    except ProtocolError as exc:
+        reply = ErrorReply(device=device, cid=exc.cid or 0, code=exc.code, message=exc.detail, request=kind.value)
+    except Exception:
+        log.exception("internal error on %s from %s", kind.value, device)
+        reply = ErrorReply(
+            device=device, cid=cid, code=ErrorCode.INTERNAL, message="internal error", request=kind.value
+        )
+    outcome = "ok"
+    if isinstance(reply, ErrorReply):
+        outcome = reply.code.value
+        log.warning("rejected %s from %s: %s %s", kind.value, device, reply.code.value, reply.message)
+    return Answer(device, reply.kind.value, encode(reply), outcome)
+
+
+Requests = list[tuple[str, Kind, bytes]]  # (device, topic kind, payload) of a batch, in arrival order
+
+
+class Answers(Protocol):
+    """Where a server's batches are answered and made durable: in its own process, or in a state process."""
+
+    def answer(self, requests: Requests, *, idle: Callable[[], None]) -> list[Answer]:
+        """One answer per request, returned only once the batch's changes are durable; raises otherwise.
+
+        `idle` is called now and then while waiting (the caller keeps its broker connection alive there).
+        """
+
+    def gauges(self) -> dict[str, float] | None:
+        """devices, samples and cache_fill for the metrics endpoint, or None where another process has them."""
+
+    def interrupt(self) -> None:
+        """The server is stopping: give up waiting for answers that may not come (soon)."""
+
+
+class LocalAnswers:
+    """Answers in this process: the batched path over `service`, then one commit."""
+
+    def __init__(self, service: CacheService) -> None:
+        self.service = service
+        self.batched = BatchedRequests(state=service.batch_state, per_message=partial(answer_one, service))
+
+    def answer(self, requests: Requests, *, idle: Callable[[], None]) -> list[Answer]:
+        answers = self.batched.answer(requests) if requests else []
+        self.service.commit()
+        return answers
+
+    def gauges(self) -> dict[str, float] | None:
+        return self.service.stats()
+
+    def interrupt(self) -> None:
+        pass
+
+
+class RequestMetrics:
+    """The request series of ServerMetrics, updated a batch at a time through cached children (labels() is costly)."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self._bytes_in: dict[str, Any] = {}
+        self._bytes_out: dict[str, Any] = {}
+        self._latency: dict[str, Any] = {}
+        self._requests: dict[tuple[str, str], Any] = {}
+
+    def record(
+        self,
+        *,
+        messages: int,
+        bytes_in: dict[str, int],
+        bytes_out: dict[str, int],
+        replies: dict[str, int],
+        latency: float | None,
+    ) -> None:
+        """One batch: its size, bytes in by request kind and out by reply kind, and (if known) its latency."""
+        metrics = self.metrics
+        metrics.batch_size.observe(messages)
+        for kind, size in bytes_in.items():
+            child = self._bytes_in.get(kind) or self._bytes_in.setdefault(kind, metrics.bytes_in.labels(kind))
+            child.inc(size)
+        for kind, size in bytes_out.items():
+            child = self._bytes_out.get(kind) or self._bytes_out.setdefault(kind, metrics.bytes_out.labels(kind))
+            child.inc(size)
+        if latency is None:
+            return
+        # Every reply of a batch waited the same time: from the read that brought it to its publish.
+        for kind, count in replies.items():
+            child = self._latency.get(kind) or self._latency.setdefault(kind, metrics.latency.labels(kind))
+            child.observe(latency, count)
+
+    def count(self, outcomes: dict[tuple[str, str], int]) -> None:
+        """Requests by (kind, outcome)."""
+        for key, count in outcomes.items():
+            child = self._requests.get(key)
+            if child is None:
+                child = self._requests[key] = self.metrics.requests.labels(*key)
+            child.inc(count)
+
+
 class CacheServer:
     """Serves a CacheService over MQTT, a batch at a time, from one thread.
 
@@ -74,14 +178,24 @@ class CacheServer:
     def __init__(
         self,
         *,
-        service: CacheService,
+        service: CacheService | None = None,
         address: BrokerAddress,
         client_id: str = "fedcache-server-0",
         share_group: str = SERVER_SHARE_GROUP,
         metrics: ServerMetrics | None = None,
         credentials: Credentials | None = None,
         on_fatal: Callable[[], None] | None = None,
+        answers: Answers | None = None,
+        status: bool = True,
     ) -> None:
+        """Serve `service` in this process, or with `answers` a state another process holds (broker_server/workers.py).
+
+        `status`: this server publishes the retained online/offline status (and 'offline' as its will).
+        """
+        if answers is None:
+            if service is None:
+                raise ValueError("a CacheServer needs a service or answers")
+            answers = LocalAnswers(service)
         self.service = service
         self.address = address
         self.credentials = credentials
@@ -89,10 +203,11 @@ class CacheServer:
         self.metrics = metrics or ServerMetrics()
         self.failed = False
         self._on_fatal = on_fatal
-        self._link = ServerLink(
-            address=address, client_id=client_id, credentials=credentials, will=Will(SERVER_STATUS, b"offline")
-        )
-        self._batched = BatchedRequests(state=service.batch_state, per_message=self._answer_one)
+        self._answers = answers
+        self._status = status
+        will = Will(SERVER_STATUS, b"offline") if status else None
+        self._link = ServerLink(address=address, client_id=client_id, credentials=credentials, will=will)
+        self._recorder = RequestMetrics(self.metrics)
         self._stop = threading.Event()
         self._leave_group = True
         self._early: list[Inbound] = []
@@ -101,10 +216,6 @@ class CacheServer:
         self._gauges_at = 0.0
         self._topics: dict[str, tuple[str, Kind] | None] = {}
         self._down: dict[str, str] = {}
-        self._bytes_in: dict[str, Any] = {}
-        self._bytes_out: dict[str, Any] = {}
-        self._latency: dict[str, Any] = {}
-        self._requests: dict[tuple[str, str], Any] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -122,7 +233,8 @@ class CacheServer:
                 link.close()
                 raise TimeoutError(f"could not subscribe on {self.address.url} within {timeout} s")
             self._early += link.poll(0.05)  # a kept session's queued requests may come first: answered first
-        link.publish(SERVER_STATUS, b"online", retain=True)
+        if self._status:
+            link.publish(SERVER_STATUS, b"online", retain=True)
         link.flush()
         self._thread.start()
         log.info("serving on %s (shared subscription group %s)", self.address.url, self.share_group)
@@ -138,6 +250,7 @@ class CacheServer:
         """
         self._leave_group = leave_group
         self._stop.set()
+        self._answers.interrupt()
         if self._thread.is_alive():
             self._thread.join(timeout=DRAIN_LIMIT_S + DELIVERY_LIMIT_S + 10)
         elif self._link.connected:  # started but its thread never ran, or never started
@@ -184,7 +297,8 @@ class CacheServer:
     def _hand_over(self) -> None:
         """Publish 'offline', wait for the broker to take what we published, and end the connection."""
         link = self._link
-        link.publish(SERVER_STATUS, b"offline", retain=True)
+        if self._status:
+            link.publish(SERVER_STATUS, b"offline", retain=True)
         # Replies are not precious (a device resends an unanswered request), but a server that stops cleanly
         # still hands over what it has answered instead of dropping it with the connection. Requests that
         # still arrive are left unacknowledged: the broker keeps them.
@@ -221,17 +335,16 @@ class CacheServer:
             if message.retain:
                 # Never acted on (see start()); a device that wants an answer publishes without the retain flag.
                 log.warning("ignoring a retained %s on %s's topic", kind.value, device)
-                self._count_requests({(kind.value, "retained"): 1})
+                self._recorder.count({(kind.value, "retained"): 1})
                 continue
-            bytes_in[kind.value] = bytes_in.get(kind.value, 0) + len(message.payload)
+            bytes_in[kind] = bytes_in.get(kind, 0) + len(message.payload)  # a Kind is its str value
             last_seen[device] = now
             requests.append((device, kind, message.payload))
-        answers = self._batched.answer(requests) if requests else []
         try:
-            self.service.commit()
+            answers = self._answers.answer(requests, idle=self._link.keep_alive) if requests else []
         except Exception:
             # Nothing is acknowledged: the broker redelivers these messages after we restart.
-            log.exception("commit failed; leaving %d messages unacknowledged", len(messages))
+            log.exception("a batch could not be made durable; leaving %d messages unacknowledged", len(messages))
             self._fail()
             return False
         link = self._link
@@ -247,7 +360,7 @@ class CacheServer:
                     down.clear()
                 topic = down[answer.device] = down_topic(answer.device)
             link.publish(topic, answer.payload)
-            key = (kind.value, answer.outcome)
+            key = (kind, answer.outcome)
             outcomes[key] = outcomes.get(key, 0) + 1
             bytes_out[answer.kind] = bytes_out.get(answer.kind, 0) + len(answer.payload)
             replies[answer.kind] = replies.get(answer.kind, 0) + 1
@@ -255,67 +368,17 @@ class CacheServer:
             if message.qos:
                 link.ack(message.mid, message.epoch)
         # Counted before anything leaves, so that a device holding its reply finds its request counted.
-        self._record(
+        self._recorder.record(
             messages=len(messages), bytes_in=bytes_in, bytes_out=bytes_out, replies=replies, latency=done - now
         )
-        self._count_requests(outcomes)
+        self._recorder.count(outcomes)
         link.flush()
         return True
 
-    def _answer_one(self, device: str, kind: Kind, payload: bytes) -> Answer:
-        """The per-message path: decode, check the envelope, handle, encode."""
-        cid = 0  # what an error reply carries when the payload held no valid correlation id
-        try:
-            request = check_envelope(decode(payload), device=device, topic_kind=kind.value)
-            cid = request.cid
-            reply = self.service.handle(request)
-        except ProtocolError as exc:
-            reply = ErrorReply(device=device, cid=exc.cid or 0, code=exc.code, message=exc.detail, request=kind.value)
-        except Exception:
-            log.exception("internal error on %s from %s", kind.value, device)
-            reply = ErrorReply(
-                device=device, cid=cid, code=ErrorCode.INTERNAL, message="internal error", request=kind.value
-            )
-        outcome = "ok"
-        if isinstance(reply, ErrorReply):
-            outcome = reply.code.value
-            log.warning("rejected %s from %s: %s %s", kind.value, device, reply.code.value, reply.message)
-        return Answer(device, reply.kind.value, encode(reply), outcome)
-
-    # ------------------------------------------------------------ metrics (child series cached: labels() is costly)
-
-    def _record(
-        self,
-        *,
-        messages: int,
-        bytes_in: dict[str, int],
-        bytes_out: dict[str, int],
-        replies: dict[str, int],
-        latency: float,
-    ) -> None:
-        metrics = self.metrics
-        metrics.batch_size.observe(messages)
-        for kind, size in bytes_in.items():
-            child = self._bytes_in.get(kind) or self._bytes_in.setdefault(kind, metrics.bytes_in.labels(kind))
-            child.inc(size)
-        for kind, size in bytes_out.items():
-            child = self._bytes_out.get(kind) or self._bytes_out.setdefault(kind, metrics.bytes_out.labels(kind))
-            child.inc(size)
-        # Every reply of a batch waited the same time: from the read that brought it to its publish.
-        for kind, count in replies.items():
-            child = self._latency.get(kind) or self._latency.setdefault(kind, metrics.latency.labels(kind))
-            for _ in range(count):
-                child.observe(latency)
-
-    def _count_requests(self, outcomes: dict[tuple[str, str], int]) -> None:
-        for key, count in outcomes.items():
-            child = self._requests.get(key)
-            if child is None:
-                child = self._requests[key] = self.metrics.requests.labels(*key)
-            child.inc(count)
-
     def _refresh_gauges(self, now: float) -> None:
-        stats = self.service.stats()
+        stats = self._answers.gauges()
+        if stats is None:
+            return
         self.metrics.devices.set(stats["devices"])
         self.metrics.samples.set(stats["samples"])
         self.metrics.cache_fill.set(stats["cache_fill"])

@@ -17,7 +17,7 @@ from broker_server.batched import Answer, BatchedRequests
 from broker_server.handlers import CacheService
 from broker_server.legacy_server import LegacyCacheServer, _Inbound
 from broker_server.mqtt_link import ServerLink, Will
-from broker_server.mqtt_server import REQUEST_PATHS, CacheServer, check_envelope, make_server
+from broker_server.mqtt_server import REQUEST_PATHS, CacheServer, LocalAnswers, check_envelope, make_server
 from broker_server.state import KnowledgeState
 from fedwire import (
     ErrorCode,
@@ -103,8 +103,7 @@ def _legacy_answer(server: LegacyCacheServer, device: str, kind: Kind, payload: 
 
 
 def _batched(service: CacheService) -> BatchedRequests:
-    server = CacheServer(service=service, address=BrokerAddress("127.0.0.1", 1), client_id="unconnected")
-    return server._batched
+    return LocalAnswers(service).batched
 
 
 def _state_arrays(service: CacheService) -> tuple[np.ndarray, np.ndarray]:
@@ -717,3 +716,34 @@ def test_the_link_drops_acknowledgements_of_a_connection_that_is_gone(broker: Mo
 
 def test_a_batch_answer_carries_the_reply_and_its_outcome() -> None:
     assert Answer("d", "error", b"", "bad_shape").outcome == "bad_shape"
+
+
+@pytest.mark.parametrize("size", [0, 1, 120, 124, 125, 127, 128, 16379, 16380, 16381, 70000])
+def test_publish_packets_carry_their_remaining_length_as_a_variable_byte_integer(size: int) -> None:
+    from broker_server.mqtt_link import _read_varint, _utf8, publish_packet
+
+    topic = _utf8("fedcache/v1/d0/down")
+    packet = publish_packet(topic, bytes(size), 7)
+    length, at = _read_varint(packet, 1)
+    assert packet[0] == 0x32 and length == len(packet) - at == len(topic) + 3 + size
+    assert packet[at : at + len(topic)] == topic and packet[at + len(topic) : at + len(topic) + 3] == b"\x00\x07\x00"
+
+
+def test_the_counted_latency_histogram_exposes_what_prometheus_histogram_does() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from broker_server.metrics import CountedHistogram
+
+    buckets = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+    theirs_registry, mine_registry = CollectorRegistry(), CollectorRegistry()
+    theirs = Histogram("h_seconds", "doc", ["kind"], buckets=buckets, registry=theirs_registry)
+    mine = CountedHistogram("h_seconds", "doc", ["kind"], buckets=buckets, registry=mine_registry)
+    for kind, value, count in [("a", 0.001, 3), ("a", 0.0007, 1), ("b", 3.0, 2), ("a", 0.25, 1), ("b", 0.0, 1)]:
+        for _ in range(count):
+            theirs.labels(kind).observe(value)
+        mine.labels(kind).observe(value, count)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        return sorted(line for line in generate_latest(registry).decode().splitlines() if "_created" not in line)
+
+    assert lines(mine_registry) == lines(theirs_registry)
