@@ -1045,6 +1045,14 @@ class _BenchServer(ServerProcess):
         return self
 
 
+def _process_tree(process: psutil.Process) -> list[psutil.Process]:
+    """A process and all its descendants now."""
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return [process]
+
+
 def _cpu_seconds(processes: list[psutil.Process]) -> float:
     total = 0.0
     for process in processes:
@@ -1172,10 +1180,11 @@ def run_step(
         window[0], window[1] = start, start + duration
         go.set()
         time.sleep(max(0.0, start - time.monotonic()))
-        before = (_cpu_seconds([server]), _cpu_seconds([broker]), _cpu_seconds(generators))
+        tree = _process_tree(server)  # the server and, with --workers, its state process and front-ends
+        before = (_cpu_seconds(tree), _cpu_seconds([broker]), _cpu_seconds(generators))
         with _Sampler(server) as sampler:
             time.sleep(max(0.0, start + duration - time.monotonic()))
-            after = (_cpu_seconds([server]), _cpu_seconds([broker]), _cpu_seconds(generators))
+            after = (_cpu_seconds(tree), _cpu_seconds([broker]), _cpu_seconds(generators))
         results: list[WorkerResult] = _collect(control, "result", processes, DRAIN_S + 30, procs)
         # Mosquitto's ticks come every ~2 s: the drain after the window adds ticks of the same requests.
         sys_bytes = sys_bytes_per_request(observer.snapshot(), start, time.monotonic())
@@ -1425,7 +1434,7 @@ def run_mode(
             )
             for number, plan in enumerate(tqdm(plans, desc=f"{mode}: steps", leave=False)):
                 for path in paths:
-                    tag = f"{path[0]}{'o' if plan.rate else ''}"
+                    tag = f"{path[0]}{path.rpartition('-w')[2] if '-w' in path else ''}{'o' if plan.rate else ''}"
                     names = device_names(plan.devices, tag)
                     credentials: list[Credentials] = []
                     provision_s = 0.0
@@ -1475,8 +1484,12 @@ def _start_bench_server(
     observer: _Observer,
     identity: Credentials | None,
 ) -> _BenchServer:
-    """A fresh server on `path` with its own state under `root`, started and awaited through the observer."""
-    options = ["--log-level", "WARNING", "--request-path", path]
+    """A fresh server for the variant `path` (a request path, `-wN` for N workers) with its own state under `root`,
+    started and awaited through the observer."""
+    request_path, _, workers = path.partition("-w")
+    options = ["--log-level", "WARNING", "--request-path", request_path]
+    if workers:
+        options += ["--workers", workers]
     if args.profile_server:
         options += ["--profile", str(_profile_file(args.profile_server, path))]
     if identity is not None:
@@ -1615,6 +1628,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the server's request paths, each measured on every step (default: legacy then batched, and their ratio)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="the batched server also with `main.py --workers N` for each N > 1 given (variants batched-wN; plain "
+        "mode only: secure modes would need an identity per worker)",
+    )
+    parser.add_argument(
         "--open-loop-devices",
         type=int,
         default=OPEN_LOOP_DEVICES,
@@ -1640,6 +1661,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.loadgen is None:
         args.loadgen = "paho" if (args.tls or args.modes) else "lean"
     paths = list(dict.fromkeys(args.paths))
+    if "batched" in paths and modes == ["plain"]:
+        at = paths.index("batched") + 1
+        paths[at:at] = [f"batched-w{n}" for n in sorted(set(args.workers)) if n > 1]
     device_counts = args.devices or ([100] if modes != ["plain"] else [10, 100, 1000])
     duration = args.duration or (4.0 if args.quick else 20.0)
     raw_messages = args.raw_messages or (5000 if args.quick else 20000)
@@ -1703,10 +1727,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(format_modes([r for r in results if r.path == paths[-1]]))
     for path in paths if args.profile_server is not None else ():
-        profile = _profile_file(args.profile_server, path)
-        if profile.exists():
-            print(f"\n## server profile, {path} path (CPU time of every thread, last step)\n")
-            _print_profile(profile)
+        base = _profile_file(args.profile_server, path)
+        parts = [base, *sorted(base.parent.glob(f"{base.name}.*"))]  # with --workers: the state process, front-ends
+        for profile in parts:
+            if profile.exists():
+                print(f"\n## server profile, {path} path, {profile.name} (CPU time of every thread, last step)\n")
+                _print_profile(profile)
     return 0
 
 
