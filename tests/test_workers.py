@@ -171,3 +171,57 @@ def test_the_state_process_answers_front_ends_as_the_local_path_would(tmp_path: 
         thread.join(5)
         remote_service.close()
         local_service.close()
+
+
+def test_on_a_secure_broker_every_front_end_connects_under_its_own_identity(tmp_path: Path) -> None:
+    """`main.py --secure --workers 2`: two service identities (the client id is the username there), both
+    connected, and a password device over TLS is answered."""
+    from fedwire.fleet import SecurityDir
+    from fedwire.mosquitto import free_port
+    from fedwire.mqtt import BrokerAddress
+    from tests.test_broker_security import CliServer
+
+    data_dir = tmp_path / "server"
+    plain, tls = free_port(), free_port()
+    cli = CliServer(
+        ["--secure", "--workers", "2", "--listen-port", str(plain), "--tls-port", str(tls), "--cert-port", "-1",
+         "--metrics-port", "0", "--neighbours", "4", "--client-id", "fedcache-server-0", "--data-dir", str(data_dir)],
+        log=tmp_path / "cli.log",
+    )  # fmt: skip
+    device = None
+    try:
+        cli.wait_line("ready: 2 front-ends")
+        security = SecurityDir.ensure(data_dir / "security")
+        with security.admin() as admin:
+            assert {"fedcache-server-0", "fedcache-server-0-w1"} <= set(admin.list_clients())
+            provisioned = security.provision(admin, "sw0", auth="password", out=tmp_path / "sw0")
+        # "ready" once both are started: they connect (each as its own user) right after.
+        deadline = time.monotonic() + 20
+        wanted = [f"as {name} (p5, c0, k30, u'{name}')" for name in ("fedcache-server-0", "fedcache-server-0-w1")]
+        log = ""
+        while not all(line in log for line in wanted) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            log = (data_dir / "mosquitto" / "mosquitto.log").read_text()
+        assert all(line in log for line in wanted), log[-2000:]
+        from broker_server.mqtt_link import ServerLink
+
+        device = ServerLink(
+            address=BrokerAddress("127.0.0.1", tls, tls=True), client_id="sw0", credentials=provisioned.credentials
+        )
+        device.connect()
+        device.subscribe("fedcache/v1/sw0/down", qos=1)
+        hello = Hello(
+            device="sw0", cid=3, model="m", classes=CLASSES, samples=4, hash_kind=HashKind.BINARY, hash_dim=32
+        )
+        device.publish("fedcache/v1/sw0/up/hello", encode_message(hello))
+        deadline = time.monotonic() + 20
+        replies: list[object] = []
+        while not replies and time.monotonic() < deadline:
+            for message in device.poll(0.2):
+                device.ack(message.mid, message.epoch)
+                replies.append(_decode(message.payload))
+        assert replies and isinstance(replies[0], HelloAck) and replies[0].cid == 3
+    finally:
+        if device is not None:
+            device.disconnect(session_expiry_s=0)
+        assert cli.stop() == 0
