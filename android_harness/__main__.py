@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
 
+from android_harness.demo import add_demo_parser, run_demo
 from android_harness.faults import FaultPlan
 from android_harness.flash import add_flash_parser, run_flash, run_provision, run_revoke
 from android_harness.spec import SpecError, TrialSpec, load_spec
@@ -206,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     faults.add_argument("--server-kill-at", type=float, nargs="*", default=[], help="seconds at which to kill -9")
     faults.add_argument("--server-down", type=float, default=5.0, help="seconds before the killed server restarts")
     faults.add_argument("--broker-restart-at", type=float, nargs="*", default=[], help="seconds of broker restarts")
-    demo = commands.add_parser("demo", help="FedCache and the local (CE only) baseline on the same split")
-    _add_trial_options(demo, epochs=3, devices=20)
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    add_demo_parser(commands)
     add_flash_parser(commands)
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
@@ -256,26 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1 if _print_invariants(report) else 0
 
-    reports = {}
-    for algorithm in ("fedcache", "local"):
-        print(f"== {algorithm}: {args.devices} devices on {args.dataset}, {args.epochs} epochs", file=sys.stderr)
-        reports[algorithm] = run_trial(_settings(args, algorithm=algorithm, out=args.out / algorithm))
-    print()
-    for report in reports.values():
-        print(_summary_line(report))
-    gain = reports["fedcache"]["maua"] - reports["local"]["maua"]
-    print(f"FedCache - local MAUA: {gain:+.4f}")
-    (args.out / "summary.json").write_text(
-        json.dumps(
-            {k: {key: r[key] for key in ("maua", "bytes", "wall_s", "epochs")} for k, r in reports.items()}, indent=2
-        )
-    )
-    print(f"reports: {args.out}/fedcache/report.json, {args.out}/local/report.json (plots beside them)")
-    print(
-        "Go further: python -m android_harness trial --help (more epochs, --archs resnet8,resnet16,resnet20, "
-        "--algorithm local); python broker_server/main.py --help; python -m edge --config device.toml"
-    )
-    return 0
+    return run_demo(args)
 
 
 if __name__ == "__main__":

@@ -143,3 +143,46 @@ def _events(report: dict[str, Any]) -> str:
         for e in events
     ]
     return "<h2>Fault events</h2>" + _table(["trial time s", "event", "device"], rows, text_columns=3)
+
+
+def write_comparison_html(
+    *,
+    path: Path,
+    title: str,
+    intro: str,
+    summary: tuple[list[str], list[list[Any]]],
+    figures: list[Path],
+    devices: tuple[list[str], list[list[Any]]],
+    startup: tuple[list[str], list[list[Any]]],
+    links: dict[str, str],
+) -> Path:
+    """One self-contained page comparing trials (the demo's FedCache and local runs) side by side.
+
+    `summary`, `devices` and `startup` are (headers, rows) tables; `figures` PNG files inlined like a trial
+    page's; `links` label -> relative URL of each trial's own report.html.
+    """
+    link_items = "".join(f'<li><a href="{_e(url)}">{_e(label)}</a></li>' for label, url in links.items())
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f"<p>{_e(intro)}</p>",
+        "<h2>Summary</h2>",
+        _table(*summary),
+        "<h2>Figures</h2>",
+        *(_figure(p) for p in figures),
+        "<h2>Devices</h2>",
+        _table(*devices, text_columns=2),
+        "<h2>Start-up (seconds per device: median / slowest)</h2>",
+        _table(*startup),
+        f"<h2>Each trial's own report</h2><ul>{link_items}</ul>" if links else "",
+        "</body></html>",
+    ]
+    path.write_text("\n".join(p for p in parts if p))
+    return path
+
+
+def kib(value: float) -> str:
+    """Bytes as KiB with one decimal, as the pages show them."""
+    return _kib(value)

@@ -6,7 +6,7 @@ can be re-plotted later without rerunning the trial.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +182,64 @@ def _mark_trial_events(ax: Axes, report: dict[str, Any]) -> None:
         label = event["event"] if event["event"] not in labelled else None
         labelled.add(event["event"])
         ax.axvline(event["t"], color=style[0], linestyle=style[1], linewidth=1.2, label=label)
+
+
+# Colours of the methods a comparison draws (the demo's FedCache and local runs), by report `algorithm`.
+_METHOD_COLOURS = {"fedcache": "tab:blue", "local": "tab:orange", "fd": "tab:green", "fedavg": "tab:red"}
+
+
+def plot_maua_comparison(
+    *,
+    by_epoch: Mapping[str, Sequence[tuple[int, float]]],
+    over_time: Mapping[str, Sequence[Sequence[float]]],
+    path: Path,
+    title: str,
+) -> None:
+    """MAUA of several trials on one figure: per local epoch (left: equal epochs, the fair comparison) and over
+    trial time (right: what each run cost in seconds), one colour per method."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for method, points in by_epoch.items():
+        if points:
+            epochs, maua = zip(*points, strict=True)
+            left.plot(epochs, maua, marker="o", color=_METHOD_COLOURS.get(method), label=method)
+    for method, curve in over_time.items():
+        if curve:
+            xs, ys = zip(*((p[0], p[1]) for p in curve), strict=True)
+            right.plot(xs, ys, color=_METHOD_COLOURS.get(method), linewidth=2, label=method)
+    left.set_xlabel("local epochs")
+    left.set_ylabel("MAUA")
+    left.set_title("MAUA after each epoch")
+    right.set_xlabel(_X_LABEL)
+    right.set_title("MAUA over time")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_device_gains(*, gains: Sequence[tuple[str, str, float]], path: Path, title: str) -> None:
+    """One bar per device (id, arch, accuracy difference in points), coloured by architecture, mean as a line."""
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.4 * len(gains) + 2), 4))
+    archs = sorted({arch for _, arch, _ in gains})
+    colours = {arch: f"C{n}" for n, arch in enumerate(archs)}
+    for n, (_, arch, gain) in enumerate(gains):
+        ax.bar(n, gain, color=colours[arch], label=arch)
+    if gains:
+        mean = sum(g for _, _, g in gains) / len(gains)
+        ax.axhline(mean, color="black", linestyle="--", linewidth=1, label=f"mean {mean:+.2f}")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(gains)), [device for device, _, _ in gains], rotation=60, fontsize="small")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))  # one legend entry per architecture
+    if unique:
+        ax.legend(unique.values(), unique.keys(), loc="best", fontsize="small")
+    ax.set_ylabel("accuracy difference (points)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from android_harness.plots import plot_accuracy, write_figures
 
-__all__ = ["build_report", "plot_accuracy", "write_report", "write_timeseries"]
+__all__ = [
+    "build_report",
+    "maua_by_epoch",
+    "plot_accuracy",
+    "startup_phases",
+    "write_report",
+    "write_timeseries",
+]
 
 
 def build_report(
@@ -108,3 +116,35 @@ def write_timeseries(history: list[dict[str, Any]], path: Path) -> None:
         writer.writerow([name for name, _ in TIMESERIES_COLUMNS])
         for metrics in sorted(history, key=lambda m: m["trial_time_s"]):
             writer.writerow(["" if (v := read(metrics)) is None else v for _, read in TIMESERIES_COLUMNS])
+
+
+def maua_by_epoch(report: dict[str, Any]) -> list[tuple[int, float]]:
+    """(epoch, MAUA) from each device's report at the end of that epoch (epoch 0: before training).
+
+    Only epochs every device reported count, so two trials of the same devices compare at equal epochs
+    (the `maua_curve` is over trial time instead, where devices stand at different epochs).
+    """
+    devices = {d["id"] for d in report["devices"]}
+    at: dict[int, dict[str, float]] = {}
+    for entry in sorted(report["history"], key=lambda e: e["trial_time_s"]):
+        at.setdefault(int(entry["epoch"]), {})[entry["device"]] = float(entry["accuracy"])
+    return [
+        (epoch, sum(accuracies.values()) / len(accuracies))
+        for epoch, accuracies in sorted(at.items())
+        if devices and set(accuracies) >= devices
+    ]
+
+
+def startup_phases(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per start-up phase (the devices' `startup_s`, edge.runtime.StartupClock) its median and maximum over
+    devices, plus `first_report` (trial seconds from launch to each device's first report)."""
+    first: dict[str, dict[str, Any]] = {}
+    for entry in sorted(report["history"], key=lambda e: e["trial_time_s"]):
+        first.setdefault(entry["device"], entry)
+    launches = report.get("launches", {})
+    values: dict[str, list[float]] = {}
+    for device, entry in first.items():
+        for phase, seconds in entry.get("startup_s", {}).items():
+            values.setdefault(phase, []).append(float(seconds))
+        values.setdefault("first_report", []).append(entry["trial_time_s"] - launches.get(device, 0.0))
+    return {phase: {"median": statistics.median(v), "max": max(v)} for phase, v in values.items()}

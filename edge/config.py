@@ -128,6 +128,8 @@ class DeviceConfig:
             raise ValueError(f"train.eval_backend must be one of {EVAL_BACKENDS}, got {self.train.eval_backend!r}")
         if self.train.algorithm not in ALGORITHMS:
             raise ValueError(f"train.algorithm must be one of {ALGORITHMS}, got {self.train.algorithm!r}")
+        if self.train.eval_every_epochs < 1:
+            raise ValueError(f"train.eval_every_epochs must be >= 1, got {self.train.eval_every_epochs}")
         if self.train.max_samples < 0:
             raise ValueError(f"train.max_samples must be >= 0 (0 = every sample), got {self.train.max_samples}")
         if not 0 <= self.data.index < self.data.num_devices:
