@@ -45,6 +45,7 @@ PID_FILE = "workers.json"
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 1 << 30
 STATE_READY_TIMEOUT_S = 600.0  # opening a large state (relations rebuilt) may take a while
+COALESCE_S = 0.001  # with a batch in hand, how long the state process looks for the other front-ends' batches
 RETRY_S = 0.2  # a front-end tries the state process again this often while it is away
 INTERRUPTED_GRACE_S = 5.0  # a stopping front-end waits this long for an absent state process, then gives up
 RESTART_MIN_S = 1.0
@@ -116,27 +117,10 @@ class StateServer:
         log.info("state process answering on its socket")
         try:
             while not stop.is_set():
-                waiting: list[tuple[socket.socket, int, list[Any]]] = []
-                for key, _ in selector.select(0.2):
-                    if key.data is None:
-                        connection, _address = listener.accept()
-                        connection.setblocking(True)
-                        connection.settimeout(30.0)
-                        frames[connection] = _Frames()
-                        selector.register(connection, selectors.EVENT_READ, connection)
-                        continue
-                    connection = key.data
-                    try:
-                        data = connection.recv(1 << 20)
-                        got = frames[connection].feed(data) if data else None
-                    except (OSError, ValueError):
-                        got = None
-                    if got is None:
-                        selector.unregister(connection)
-                        frames.pop(connection, None)
-                        connection.close()
-                        continue
-                    waiting += [(connection, seq, items) for seq, items in got]
+                waiting = self._gather(selector, listener, frames, 0.2)
+                if waiting and len({connection for connection, _s, _i in waiting}) < len(frames):
+                    # Another front-end's batch usually follows within a moment: one batch, one commit for both.
+                    waiting += self._gather(selector, listener, frames, COALESCE_S)
                 if waiting:
                     self._answer(waiting)
                 self._refresh_gauges()
@@ -144,6 +128,37 @@ class StateServer:
             for connection in frames:
                 connection.close()
             listener.close()
+
+    @staticmethod
+    def _gather(
+        selector: selectors.BaseSelector,
+        listener: socket.socket,
+        frames: dict[socket.socket, _Frames],
+        timeout: float,
+    ) -> list[tuple[socket.socket, int, list[Any]]]:
+        """The frames that arrive within `timeout` (accepting new front-ends, dropping those that left)."""
+        waiting: list[tuple[socket.socket, int, list[Any]]] = []
+        for key, _ in selector.select(timeout):
+            if key.data is None:
+                connection, _address = listener.accept()
+                connection.setblocking(True)
+                connection.settimeout(30.0)
+                frames[connection] = _Frames()
+                selector.register(connection, selectors.EVENT_READ, connection)
+                continue
+            connection = key.data
+            try:
+                data = connection.recv(1 << 20)
+                got = frames[connection].feed(data) if data else None
+            except (OSError, ValueError):
+                got = None
+            if got is None:
+                selector.unregister(connection)
+                frames.pop(connection, None)
+                connection.close()
+                continue
+            waiting += [(connection, seq, items) for seq, items in got]
+        return waiting
 
     def _answer(self, waiting: list[tuple[socket.socket, int, list[Any]]]) -> None:
         requests = [(device, _KINDS[kind], payload) for _c, _s, items in waiting for device, kind, payload in items]
