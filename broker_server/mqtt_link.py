@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from fedwire.constants import DEFAULT_SESSION_EXPIRY_S
+from fedwire.constants import DEFAULT_SESSION_EXPIRY_S, MAX_PAYLOAD_BYTES
 from fedwire.mqtt import KEEPALIVE_S, BrokerAddress, Credentials
 
 log = logging.getLogger(__name__)
@@ -438,7 +438,13 @@ class ServerLink:
         return encoded
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """Queue a QoS 1 PUBLISH; it is written by the next flush() and kept until the broker acknowledges it."""
+        """Queue a QoS 1 PUBLISH; it is written by the next flush() and kept until the broker acknowledges it.
+
+        Like fedwire.mqtt.AcknowledgedPublisher, refuses (ValueError) a payload over the wire's limit: the broker
+        would disconnect us for the packet, and sending it again after every reconnect would stall the link.
+        """
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"a {len(payload)} B message for {topic} exceeds the wire's {MAX_PAYLOAD_BYTES} B limit")
         encoded = self._topics.get(topic) or self.topic_bytes(topic)
         if self._waiting or len(self._inflight) >= self._receive_maximum:
             self._waiting.append((encoded, payload, retain))

@@ -17,13 +17,15 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
 
+import msgpack
+
 from broker_server.batched import Answer, BatchedRequests
 from broker_server.handlers import CacheService
 from broker_server.legacy_server import LegacyCacheServer
 from broker_server.metrics import ServerMetrics
 from broker_server.mqtt_link import RETAIN_HANDLING_NEVER, Inbound, ServerLink, Will
 from fedwire import ErrorCode, ErrorReply, ProtocolError, decode, down_topic, encode, parse_up_topic
-from fedwire.constants import DEFAULT_QOS, SERVER_SHARE_GROUP, Kind
+from fedwire.constants import DEFAULT_QOS, MAX_PAYLOAD_BYTES, SERVER_SHARE_GROUP, Kind
 from fedwire.messages import Message, Request
 from fedwire.mqtt import BrokerAddress, Credentials
 from fedwire.topics import SERVER_STATUS, server_subscription
@@ -354,6 +356,8 @@ class CacheServer:
         bytes_out: dict[str, int] = {}
         replies: dict[str, int] = {}
         for (_device, kind, _payload), answer in zip(requests, answers, strict=True):
+            if len(answer.payload) > MAX_PAYLOAD_BYTES:
+                answer = _too_large(answer, kind)
             topic = down.get(answer.device)
             if topic is None:
                 if len(down) > _TOPIC_CACHE_LIMIT:
@@ -383,6 +387,15 @@ class CacheServer:
         self.metrics.samples.set(stats["samples"])
         self.metrics.cache_fill.set(stats["cache_fill"])
         self.metrics.devices_online.set(sum(1 for t in self._last_seen.values() if now - t < ACTIVE_WINDOW_S))
+
+
+def _too_large(answer: Answer, kind: Kind) -> Answer:
+    """An error reply instead of a reply the wire cannot carry (a fetch of very many ids with many classes)."""
+    cid = msgpack.unpackb(answer.payload, raw=False).get("c", 0)
+    detail = f"the reply would carry {len(answer.payload)} B, over the {MAX_PAYLOAD_BYTES} B limit: fetch fewer ids"
+    log.warning("rejected %s from %s: %s", kind, answer.device, detail)
+    reply = ErrorReply(device=answer.device, cid=cid, code=ErrorCode.TOO_LARGE, message=detail, request=str(kind))
+    return Answer(answer.device, reply.kind.value, encode(reply), ErrorCode.TOO_LARGE.value)
 
 
 def make_server(*, request_path: str = DEFAULT_REQUEST_PATH, **options: Any) -> CacheServer | LegacyCacheServer:

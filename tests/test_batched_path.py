@@ -747,3 +747,40 @@ def test_the_counted_latency_histogram_exposes_what_prometheus_histogram_does() 
         return sorted(line for line in generate_latest(registry).decode().splitlines() if "_created" not in line)
 
     assert lines(mine_registry) == lines(theirs_registry)
+
+
+def test_a_reply_over_the_payload_limit_becomes_a_too_large_error_and_the_server_keeps_going() -> None:
+    """A mean fetch of very many ids with many classes cannot travel: the device is told so (and the link is
+    never handed a packet the broker would disconnect it for)."""
+    from broker_server.mqtt_link import Inbound
+
+    classes, count = 1000, 1100  # 1100 x 1000 float32 teacher rows: 4.4 MB, over the 4 MiB limit
+    service = CacheService.open(None, neighbours=4)
+    server = CacheServer(service=service, address=BrokerAddress("127.0.0.1", 1), client_id="unconnected")
+    ids = np.arange(count, dtype=np.uint32)
+    rng = np.random.default_rng(9)
+    hello = Hello(
+        device="big", cid=1, model="m", classes=classes, samples=count, hash_kind=HashKind.BINARY, hash_dim=32
+    )
+    register = Register(
+        device="big", cid=2, ids=ids, labels=np.zeros(count, np.uint16),
+        hashes=rng.integers(0, 256, (count, 4), dtype=np.uint8),
+    )  # fmt: skip
+    updates = [
+        Update(device="big", cid=3 + n, ids=part, logits=np.ones((part.size, classes), np.float32), version=1,
+               encoding=LogitEncoding.FLOAT32)
+        for n, part in enumerate(np.array_split(ids, 2))
+    ]  # fmt: skip
+    fetch = Fetch(device="big", cid=9, ids=ids, encoding=LogitEncoding.FLOAT32)
+    small = Fetch(device="big", cid=10, ids=ids[:3], encoding=LogitEncoding.FLOAT32)
+    messages = [hello, register, *updates, fetch, small]
+    inbound = [Inbound(up_topic("big", m.kind), encode(m), n + 1, 1, False, 0) for n, m in enumerate(messages)]
+    for message in inbound:
+        assert server._process([message])
+    replies = [decode(payload) for _topic, payload, _retain in server._link._inflight.values()]
+    refused = next(r for r in replies if r.cid == 9)
+    assert isinstance(refused, ErrorReply) and refused.code is ErrorCode.TOO_LARGE
+    assert isinstance(next(r for r in replies if r.cid == 10), Knowledge)
+    with pytest.raises(ValueError, match="exceeds the wire's"):
+        server._link.publish("fedcache/v1/big/down", bytes(4 * 1024 * 1024 + 1))
+    service.close()
