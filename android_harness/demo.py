@@ -173,7 +173,7 @@ def device_gains(reports: dict[str, dict[str, Any]]) -> list[tuple[str, str, flo
 
 def closing_lines(reports: dict[str, dict[str, Any]]) -> list[str]:
     """The table the demo ends with: method, MAUA, bytes per device per epoch, wall; then the gain."""
-    lines = [f"{'method':<10} {'MAUA':>7}  {'bytes / device / epoch':<34} {'wall':>7}"]
+    rows = [["method", "MAUA", "bytes / device / epoch", "wall"]]
     for method, r in reports.items():
         per = r["bytes_per_device_per_epoch"]
         traffic = (
@@ -181,13 +181,18 @@ def closing_lines(reports: dict[str, dict[str, Any]]) -> list[str]:
             if _per_epoch(r)
             else "0 (no traffic)"
         )
-        lines.append(f"{method:<10} {r['maua']:>7.4f}  {traffic:<34} {r['wall_s']:>5.0f} s")
+        rows.append([method, f"{r['maua']:.4f}", traffic, f"{r['wall_s']:.0f} s"])
+    widths = [max(len(row[n]) for row in rows) for n in range(len(rows[0]))]
+    lines = [
+        "  ".join([row[0].ljust(widths[0]), row[1].rjust(widths[1]), row[2].ljust(widths[2]), row[3].rjust(widths[3])])
+        for row in rows
+    ]
     gains = device_gains(reports)
     ahead = sum(g > 0 for _, _, g in gains)
     registration = reports["fedcache"]["bytes"]["register_up"] / max(len(reports["fedcache"]["devices"]), 1)
     lines.append(
         f"FedCache - local: {_gain_points(reports):+.2f} MAUA points after {reports['fedcache']['epochs']} epochs "
-        f"(same split, models, seeds and epochs); FedCache ahead on {ahead} of {len(gains)} devices; "
+        f"(same split, models, seeds and epochs), ahead on {ahead} of {len(gains)} devices; "
         f"registration {kib(registration)} per device, once"
     )
     return lines
