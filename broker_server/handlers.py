@@ -18,8 +18,9 @@ from broker_server.records import Rejected
 from broker_server.relations import EXACT_SEARCH_LIMIT
 from broker_server.state import KnowledgeState
 from broker_server.state_factory import open_state
-from fedwire.constants import DEFAULT_NEIGHBOURS
-from fedwire.messages import ErrorReply, Fetch, Hello, Reply, Request, Update, UpdateFetch
+from fedwire.constants import DEFAULT_NEIGHBOURS, ErrorCode
+from fedwire.errors import ProtocolError
+from fedwire.messages import ErrorReply, Fetch, Hello, Message, Reply, Request, Update, UpdateFetch
 
 
 def all_algorithms(
@@ -146,3 +147,22 @@ class CacheService:
         for algorithm in self._algorithms:
             if algorithm.join is not None and algorithm.name in request.capabilities:
                 algorithm.join(self._state_of(algorithm), request.device)
+
+
+def check_envelope(message: Message, *, device: str, topic_kind: str) -> Request:
+    """A device may only speak for itself, and the topic names the message's kind."""
+    if not isinstance(message, Request):
+        raise ProtocolError(
+            ErrorCode.BAD_SCHEMA, f"'{message.kind.value}' is a reply kind, not a request", cid=message.cid
+        )
+    if message.device != device:
+        raise ProtocolError(
+            ErrorCode.DEVICE_MISMATCH,
+            f"payload device '{message.device}' published on {device}'s topic",
+            cid=message.cid,
+        )
+    if message.kind.value != topic_kind:
+        raise ProtocolError(
+            ErrorCode.BAD_SCHEMA, f"payload kind '{message.kind.value}' on a '{topic_kind}' topic", cid=message.cid
+        )
+    return message

@@ -16,11 +16,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from broker_server.handlers import CacheService
+from broker_server.handlers import CacheService, check_envelope
 from broker_server.metrics import ServerMetrics
 from fedwire import ErrorCode, ErrorReply, ProtocolError, Reply, decode, down_topic, encode, parse_up_topic
 from fedwire.constants import DEFAULT_QOS, SERVER_SHARE_GROUP
-from fedwire.messages import Message, Request
 from fedwire.mqtt import (
     AcknowledgedPublisher,
     BrokerAddress,
@@ -218,7 +217,7 @@ class LegacyCacheServer:
         self._last_seen[device] = item.arrived
         cid = 0  # what an error reply carries when the payload held no valid correlation id
         try:
-            request = self._check_envelope(decode(item.payload), device=device, topic_kind=kind.value)
+            request = check_envelope(decode(item.payload), device=device, topic_kind=kind.value)
             cid = request.cid
             reply = self.service.handle(request)
         except ProtocolError as exc:
@@ -233,25 +232,6 @@ class LegacyCacheServer:
             log.warning("rejected %s from %s: %s %s", kind.value, device, reply.code.value, reply.message)
         self.metrics.requests.labels(kind.value, outcome).inc()
         return reply
-
-    @staticmethod
-    def _check_envelope(message: Message, *, device: str, topic_kind: str) -> Request:
-        """A device may only speak for itself, and the topic names the message's kind."""
-        if not isinstance(message, Request):
-            raise ProtocolError(
-                ErrorCode.BAD_SCHEMA, f"'{message.kind.value}' is a reply kind, not a request", cid=message.cid
-            )
-        if message.device != device:
-            raise ProtocolError(
-                ErrorCode.DEVICE_MISMATCH,
-                f"payload device '{message.device}' published on {device}'s topic",
-                cid=message.cid,
-            )
-        if message.kind.value != topic_kind:
-            raise ProtocolError(
-                ErrorCode.BAD_SCHEMA, f"payload kind '{message.kind.value}' on a '{topic_kind}' topic", cid=message.cid
-            )
-        return message
 
     def _refresh_gauges(self, now: float) -> None:
         stats = self.service.stats()

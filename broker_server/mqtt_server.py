@@ -20,13 +20,12 @@ from typing import Any, Protocol
 import msgpack
 
 from broker_server.batched import Answer, BatchedRequests
-from broker_server.handlers import CacheService
+from broker_server.handlers import CacheService, check_envelope
 from broker_server.legacy_server import LegacyCacheServer
 from broker_server.metrics import ServerMetrics
 from broker_server.mqtt_link import RETAIN_HANDLING_NEVER, Inbound, ServerLink, Will
 from fedwire import ErrorCode, ErrorReply, ProtocolError, decode, down_topic, encode, parse_up_topic
 from fedwire.constants import DEFAULT_QOS, MAX_PAYLOAD_BYTES, SERVER_SHARE_GROUP, Kind
-from fedwire.messages import Message, Request
 from fedwire.mqtt import BrokerAddress, Credentials
 from fedwire.topics import SERVER_STATUS, server_subscription
 
@@ -44,25 +43,6 @@ DRAIN_LIMIT_S = 10.0
 # On stop, how long to wait for the broker to acknowledge the replies and the 'offline' status still in flight.
 DELIVERY_LIMIT_S = 10.0
 _TOPIC_CACHE_LIMIT = 100_000
-
-
-def check_envelope(message: Message, *, device: str, topic_kind: str) -> Request:
-    """A device may only speak for itself, and the topic names the message's kind."""
-    if not isinstance(message, Request):
-        raise ProtocolError(
-            ErrorCode.BAD_SCHEMA, f"'{message.kind.value}' is a reply kind, not a request", cid=message.cid
-        )
-    if message.device != device:
-        raise ProtocolError(
-            ErrorCode.DEVICE_MISMATCH,
-            f"payload device '{message.device}' published on {device}'s topic",
-            cid=message.cid,
-        )
-    if message.kind.value != topic_kind:
-        raise ProtocolError(
-            ErrorCode.BAD_SCHEMA, f"payload kind '{message.kind.value}' on a '{topic_kind}' topic", cid=message.cid
-        )
-    return message
 
 
 def answer_one(service: CacheService, device: str, kind: Kind, payload: bytes) -> Answer:
