@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,8 @@ class TrialSettings:
     attacks: tuple[str, ...] = ()
     # The server's --defences ("on" | "off"); None keeps the server's default.
     defences: str | None = None
+    # The attackers' knobs (edge.config.AttackConfig fields other than mode and seed, e.g. {"shift": 40.0}).
+    attack_options: dict[str, Any] = field(default_factory=dict)
 
     def attack_of(self, index: int) -> str:
         return self.attacks[index] if index < len(self.attacks) else ""
@@ -130,6 +132,10 @@ class TrialSettings:
         unknown = sorted({a for a in self.attacks if a and a not in ATTACKS})
         if unknown:
             raise ValueError(f"unknown attacks {unknown}; choose from {ATTACKS}")
+        knobs = {f.name for f in fields(AttackConfig)} - {"mode", "seed"}
+        if set(self.attack_options) - knobs:
+            raise ValueError(f"attack_options must be among {sorted(knobs)}, got {sorted(self.attack_options)}")
+        AttackConfig(**self.attack_options)  # the knobs' own range checks, before any process starts
         if self.attackers and self.algorithm != "fedcache":
             raise ValueError(
                 f"attacks poison FedCache's knowledge: they need algorithm 'fedcache', not {self.algorithm!r}"
@@ -332,7 +338,11 @@ def _device_configs(
                     encoder=str(encoder), kind=settings.hash_kind, dim=settings.hash_dim, seed=settings.seed
                 ),
                 security=security.device_security[device] if security is not None else SecurityConfig(),
-                attack=AttackConfig(mode=settings.attack_of(index), seed=settings.seed),
+                attack=AttackConfig(
+                    mode=settings.attack_of(index),
+                    seed=settings.seed,
+                    **(settings.attack_options if settings.attack_of(index) else {}),
+                ),
             )
         )
     return configs
