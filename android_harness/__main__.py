@@ -14,6 +14,7 @@ from android_harness.flash import add_flash_parser, run_flash, run_provision, ru
 from android_harness.spec import SpecError, TrialSpec, load_spec
 from android_harness.trial import AUTH_MODES, DEFENCE_MODES, SECURITY_MODES, TrialSettings, run_trial
 from edge.config import ATTACKS
+from edge.data import PARTITIONS
 from fedwire import HashKind, LogitEncoding, TeacherForm
 
 ARCH_CHOICES = ("resnet8", "resnet16", "resnet20", "cnn", "mobilenet")
@@ -35,6 +36,13 @@ def _add_trial_options(parser: argparse.ArgumentParser, *, epochs: int, devices:
         help="comma-separated training backends assigned round-robin: torch, executorch (the .pte program)",
     )
     parser.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of the non-IID split")
+    parser.add_argument(
+        "--partition",
+        default="dirichlet",
+        choices=PARTITIONS,
+        help="how the split is drawn: dirichlet (ours, seeded by --seed; default) or dirichlet-per-class (the "
+        "published FedCache loader's, each class seeded by its index, --seed not used)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hash-kind", default="bin", choices=[k.value for k in HashKind])
     parser.add_argument("--hash-dim", type=int, default=256, help="hash bits (bin) or float16 dimensions (f16)")
@@ -84,6 +92,7 @@ def _settings(args: argparse.Namespace, *, algorithm: str, out: Path) -> TrialSe
         archs=archs,
         alpha=args.alpha,
         seed=args.seed,
+        partition=args.partition,
         hash_kind=HashKind(args.hash_kind),
         hash_dim=args.hash_dim,
         encoder_kind=args.encoder_kind,

@@ -182,7 +182,14 @@ def _write_shard(config: DeviceConfig, path: Path) -> Shard:
         shard = load_shard(Path(data.shard), dataset=data.dataset, index=data.index, num_devices=data.num_devices)
     else:
         dataset = load_dataset(data.dataset)
-        shard = device_shard(dataset, num_devices=data.num_devices, alpha=data.alpha, seed=data.seed, index=data.index)
+        shard = device_shard(
+            dataset,
+            num_devices=data.num_devices,
+            alpha=data.alpha,
+            seed=data.seed,
+            index=data.index,
+            partition=data.partition,
+        )
     save_shard(path, shard)
     return shard
 

@@ -16,6 +16,7 @@ from typing import Any
 from android_harness.faults import FaultPlan
 from android_harness.trial import AUTH_MODES, DEFENCE_MODES, SECURITY_MODES, TrialSettings
 from edge.config import ALGORITHMS, ATTACKS
+from edge.data import PARTITIONS
 from fedwire import HashKind, LogitEncoding
 from fedwire.mqtt import BrokerAddress
 
@@ -27,7 +28,7 @@ REMOTE_TARGETS = ("ssh", "adb")
 
 _SECTIONS = ("trial", "broker", "server", "devices", "faults")
 _TRIAL_KEYS = (
-    "description", "dataset", "epochs", "alpha", "seed", "algorithm", "timeout",
+    "description", "dataset", "epochs", "alpha", "partition", "seed", "algorithm", "timeout",
     "hash_kind", "hash_dim", "encoder_kind", "logit_encoding",
 )  # fmt: skip
 _BROKER_KEYS = ("url", "security", "auth")
@@ -125,6 +126,7 @@ def parse_spec(data: dict[str, Any], *, out: Path) -> TrialSpec:
         archs=tuple(g.arch for g in per_device),
         backends=tuple(g.backend for g in per_device),
         alpha=_number(trial, "alpha", where="[trial]", default=1.0, positive=True),
+        partition=_choice(trial, "partition", PARTITIONS, where="[trial]", default="dirichlet"),
         seed=_opt_int(trial, "seed", where="[trial]", minimum=0) or 0,
         hash_kind=HashKind(
             _choice(trial, "hash_kind", tuple(k.value for k in HashKind), where="[trial]", default="bin")

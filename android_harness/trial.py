@@ -78,6 +78,8 @@ class TrialSettings:
     backends: tuple[str, ...] = ("torch",)
     alpha: float = 1.0
     seed: int = 0
+    # How the dataset is cut into shards (edge.data.PARTITIONS); "dirichlet-per-class" is the published loader's.
+    partition: str = "dirichlet"
     hash_kind: HashKind = HashKind.BINARY
     hash_dim: int = 256
     encoder_kind: str = "conv"
@@ -332,6 +334,7 @@ def _device_configs(
                     alpha=settings.alpha,
                     seed=settings.seed,
                     index=index,
+                    partition=settings.partition,
                 ),
                 train=train,
                 hash=HashConfig(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.backends import BACKENDS
+from edge.data import PARTITIONS
 from fedwire import DEVICE_ID_PATTERN, HashKind, LogitEncoding, TeacherForm
 from fedwire.mqtt import BrokerAddress, Credentials
 
@@ -28,6 +29,13 @@ class DataConfig:
     seed: int = 0
     index: int = 0
     shard: str = ""  # a shard .npz written by edge.shard_file (a flashed bundle's); empty: derive it from the dataset
+    # edge.data.PARTITIONS: "dirichlet" (ours, seeded by `seed`) or "dirichlet-per-class" (the published
+    # FedCache loader's split, each class seeded by its index, so figures compare with published ones).
+    partition: str = "dirichlet"
+
+    def __post_init__(self) -> None:
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"data.partition must be one of {PARTITIONS}, got {self.partition!r}")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Datasets (FashionMNIST from IDX files, scikit-learn digits) and the deterministic Dirichlet non-IID device split.
+"""Datasets (FashionMNIST from IDX files, scikit-learn digits) and the deterministic Dirichlet non-IID device splits.
 
 Every device process derives the same partition on its own from (dataset, num_devices, alpha, seed), so no
 central party ever ships raw samples; a device only keeps its own shard.
@@ -43,6 +43,10 @@ _CACHE_VERSION = 1
 _DIGITS_TEST_FRACTION = 0.25
 _DIGITS_SPLIT_SEED = 0
 _MAX_PARTITION_TRIES = 1000
+# How a dataset is cut into device shards (DataConfig.partition): "dirichlet" draws every class's proportions
+# from one stream seeded by (seed, num_devices); "dirichlet-per-class" is the published FedCache/FedML loader's
+# procedure, each class's proportions drawn with the class index as seed, so our figures share its split.
+PARTITIONS = ("dirichlet", "dirichlet-per-class")
 
 
 @dataclass(frozen=True, eq=False)
@@ -331,16 +335,91 @@ def split_like(labels: np.ndarray, proportions: np.ndarray, *, seed: int) -> lis
     return [np.sort(np.concatenate(b)).astype(np.int64) if b else np.zeros(0, np.int64) for b in batches]
 
 
-def device_shard(dataset: Dataset, *, num_devices: int, alpha: float, seed: int, index: int) -> Shard:
+def per_class_seeded_proportions(
+    labels: np.ndarray, *, num_devices: int, alpha: float, min_size: int = DEFAULT_MIN_SHARD
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The published FedCache loader's Dirichlet split (FedML's): class k's draw seeded with k alone.
+
+    For class k, a legacy MT19937 stream seeded with k draws the device proportions from Dir(alpha) and then
+    shuffles the class's sample indices (in that order, as `np.random.seed(k)` followed by `dirichlet` and
+    `shuffle` does), so the split depends on nothing but the labels, alpha and num_devices: not on any seed
+    of ours. A device already holding more than N/num_devices gets no more of later classes (FedML's
+    balancing). Because every class reseeds, a redraw repeats the same split exactly: the published
+    `while min_size < 10` loop would spin forever on a split that fails, so a failing split is an error
+    here. Returns (sorted indices per device, proportions actually used, shape (classes, num_devices)).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError("labels must be one-dimensional")
+    if num_devices < 1:
+        raise ValueError("num_devices must be >= 1")
+    if alpha <= 0:
+        raise ValueError("alpha must be > 0")
+    if min_size * num_devices > len(labels):
+        raise ValueError(f"{len(labels)} samples cannot give {num_devices} devices {min_size} each")
+    classes = int(labels.max()) + 1 if len(labels) else 0
+    fair_share = len(labels) / num_devices
+    batches: list[list[np.ndarray]] = [[] for _ in range(num_devices)]
+    sizes = np.zeros(num_devices, dtype=np.int64)
+    proportions = np.zeros((classes, num_devices))
+    for cls in range(classes):
+        members = np.flatnonzero(labels == cls)
+        stream = np.random.RandomState(cls)  # the published np.random.seed(k), without touching global state
+        share = stream.dirichlet(np.full(num_devices, float(alpha)))
+        stream.shuffle(members)
+        share = share * (sizes < fair_share)
+        total = share.sum()
+        share = share / total if total > 0 else np.full(num_devices, 1.0 / num_devices)
+        proportions[cls] = share
+        for device, part in enumerate(_split_by(members, share)):
+            batches[device].append(part)
+            sizes[device] += len(part)
+    if sizes.min() < min_size:
+        raise RuntimeError(
+            f"the per-class-seeded split gives device {int(sizes.argmin())} only {int(sizes.min())} of "
+            f"{len(labels)} samples (< {min_size}); it is the same on every redraw (each class reseeds with its "
+            f"index), so raise alpha or lower num_devices ({num_devices})"
+        )
+    parts = [np.sort(np.concatenate(b)).astype(np.int64) if b else np.zeros(0, np.int64) for b in batches]
+    return parts, proportions
+
+
+def partition_shards(
+    dataset: Dataset, *, num_devices: int, alpha: float, seed: int, partition: str = "dirichlet"
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(train indices, test indices) of every device under the named partition (one of PARTITIONS).
+
+    "dirichlet": the train split's per-class proportions also cut the test split (`split_like`).
+    "dirichlet-per-class": the published loader runs its procedure on the test labels again; the per-class
+    seeds make its Dirichlet draws the very ones of the train split, so a device's test mix follows its
+    train mix (only FedML's balancing, computed on each split's own running sizes, may differ). `seed`
+    is not used by this one.
+    """
+    if partition == "dirichlet":
+        train_parts, proportions = dirichlet_proportions(
+            dataset.y_train, num_devices=num_devices, alpha=alpha, seed=seed
+        )
+        return train_parts, split_like(dataset.y_test, proportions, seed=seed)
+    if partition == "dirichlet-per-class":
+        train_parts, _ = per_class_seeded_proportions(dataset.y_train, num_devices=num_devices, alpha=alpha)
+        test_parts, _ = per_class_seeded_proportions(dataset.y_test, num_devices=num_devices, alpha=alpha)
+        return train_parts, test_parts
+    raise ValueError(f"unknown partition {partition!r}; known: {', '.join(PARTITIONS)}")
+
+
+def device_shard(
+    dataset: Dataset, *, num_devices: int, alpha: float, seed: int, index: int, partition: str = "dirichlet"
+) -> Shard:
     """Device `index`'s train and test data under Dir(alpha); its test data follows its train label mix.
 
     The paper evaluates each device on test samples drawn with its own label distribution, so the test
-    split is cut with the very per-class proportions that cut the train split.
+    split is cut with the same per-class proportions as the train split (`partition_shards`).
     """
     if not 0 <= index < num_devices:
         raise ValueError(f"index {index} outside [0, {num_devices})")
-    train_parts, proportions = dirichlet_proportions(dataset.y_train, num_devices=num_devices, alpha=alpha, seed=seed)
-    test_parts = split_like(dataset.y_test, proportions, seed=seed)
+    train_parts, test_parts = partition_shards(
+        dataset, num_devices=num_devices, alpha=alpha, seed=seed, partition=partition
+    )
     train_idx = np.sort(train_parts[index])
     test_idx = test_parts[index]
     return Shard(
@@ -392,6 +471,7 @@ def limit_train_samples(shard: Shard, *, max_samples: int, seed: int) -> Shard:
 
 __all__ = [
     "DATASETS",
+    "PARTITIONS",
     "Dataset",
     "IdxFormatError",
     "Shard",
@@ -402,6 +482,8 @@ __all__ = [
     "fashion_mnist_dir",
     "limit_train_samples",
     "load_dataset",
+    "partition_shards",
+    "per_class_seeded_proportions",
     "read_idx",
     "split_like",
     "write_idx",

@@ -49,7 +49,14 @@ def _device_shard(data: DataConfig, *, max_samples: int = 0) -> Shard:
         shard = load_shard(Path(data.shard), dataset=data.dataset, index=data.index, num_devices=data.num_devices)
     else:
         dataset = load_dataset(data.dataset)
-        shard = device_shard(dataset, num_devices=data.num_devices, alpha=data.alpha, seed=data.seed, index=data.index)
+        shard = device_shard(
+            dataset,
+            num_devices=data.num_devices,
+            alpha=data.alpha,
+            seed=data.seed,
+            index=data.index,
+            partition=data.partition,
+        )
     return limit_train_samples(shard, max_samples=max_samples, seed=data.seed)
 
 

@@ -1,16 +1,19 @@
-"""Tests of dataset loading (IDX reader, FashionMNIST cache, digits) and the Dirichlet device partition."""
+"""Tests of dataset loading (IDX reader, FashionMNIST cache, digits) and the Dirichlet device partitions."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edge.config import DataConfig, DeviceConfig, config_from_dict, config_to_toml
 from edge.data import (
     Dataset,
     IdxFormatError,
@@ -19,6 +22,8 @@ from edge.data import (
     fashion_mnist_dir,
     limit_train_samples,
     load_dataset,
+    partition_shards,
+    per_class_seeded_proportions,
     read_idx,
     write_idx,
 )
@@ -245,3 +250,113 @@ def test_sample_cap_keeps_a_fixed_stratified_subset_and_the_whole_test_split() -
     assert limit_train_samples(shard, max_samples=len(shard.y_train), seed=0) is shard
     with pytest.raises(ValueError):
         limit_train_samples(shard, max_samples=-1, seed=0)
+
+
+# --- the published loader's per-class-seeded split ("dirichlet-per-class") ---
+
+PER_CLASS = "dirichlet-per-class"
+
+
+def _class_shares(labels: np.ndarray, parts: list[np.ndarray]) -> np.ndarray:
+    """(classes, devices): the share of each class's samples every device holds."""
+    counts = np.stack([np.bincount(labels[p], minlength=10) for p in parts], axis=1)
+    return counts / np.bincount(labels, minlength=10)[:, None]
+
+
+@pytest.mark.parametrize("devices", [3, 5, 8])
+def test_per_class_split_is_deterministic_complete_and_ignores_the_seed(devices: int) -> None:
+    data = load_dataset("digits")
+    train, test = partition_shards(data, num_devices=devices, alpha=1.0, seed=0, partition=PER_CLASS)
+    for parts, labels in ((train, data.y_train), (test, data.y_test)):
+        joined = np.concatenate(parts)
+        assert len(joined) == len(labels) and len(np.unique(joined)) == len(labels)
+        assert min(len(p) for p in parts) >= 10
+    again = partition_shards(data, num_devices=devices, alpha=1.0, seed=0, partition=PER_CLASS)
+    other_seed = partition_shards(data, num_devices=devices, alpha=1.0, seed=7, partition=PER_CLASS)
+    for first, second, third in zip(train + test, again[0] + again[1], other_seed[0] + other_seed[1], strict=True):
+        np.testing.assert_array_equal(first, second)
+        np.testing.assert_array_equal(first, third)  # class k is seeded with k alone: our seed plays no part
+
+
+def test_each_class_draw_is_seeded_with_the_class_index() -> None:
+    """Class 0 comes first, before any device is over its fair share: its proportions are MT19937(0)'s draw."""
+    labels = np.repeat(np.arange(10), 600)
+    _, proportions = per_class_seeded_proportions(labels, num_devices=20, alpha=0.5)
+    np.testing.assert_allclose(proportions[0], np.random.RandomState(0).dirichlet(np.full(20, 0.5)))
+    first_class_only = per_class_seeded_proportions(labels[labels == 0], num_devices=20, alpha=0.5, min_size=0)[0]
+    np.testing.assert_array_equal(
+        [len(p) for p in first_class_only], np.diff(np.r_[0, (np.cumsum(proportions[0]) * 600).astype(int)[:-1], 600])
+    )
+    # Later classes are the same seeded draws, with devices already over N / devices masked out and renormalised.
+    for cls in (1, 5, 9):
+        raw = np.random.RandomState(cls).dirichlet(np.full(20, 0.5))
+        used = proportions[cls] > 0
+        np.testing.assert_allclose(proportions[cls][used], raw[used] / raw[used].sum())
+
+
+def test_per_class_train_and_test_of_a_device_share_class_proportions() -> None:
+    """Measured: each device's share of every class differs between train and test by cut rounding only."""
+    data = load_dataset("digits")
+    train, test = partition_shards(data, num_devices=5, alpha=1.0, seed=0, partition=PER_CLASS)
+    rounding = 1 / np.bincount(data.y_train)[:, None] + 1 / np.bincount(data.y_test)[:, None]
+    gap = np.abs(_class_shares(data.y_train, train) - _class_shares(data.y_test, test))
+    assert (gap < rounding).all()
+    _, train_props = per_class_seeded_proportions(data.y_train, num_devices=5, alpha=1.0)
+    _, test_props = per_class_seeded_proportions(data.y_test, num_devices=5, alpha=1.0)
+    np.testing.assert_allclose(train_props, test_props)
+    # The same measure catches a test split that does not follow the train split's mix.
+    _, other_test = partition_shards(data, num_devices=5, alpha=0.3, seed=0, partition=PER_CLASS)
+    assert (np.abs(_class_shares(data.y_train, train) - _class_shares(data.y_test, other_test)) >= rounding).any()
+
+
+def test_per_class_split_changes_with_alpha_and_differs_from_ours() -> None:
+    data = load_dataset("digits")
+    base, _ = partition_shards(data, num_devices=5, alpha=1.0, seed=0, partition=PER_CLASS)
+    for other in (
+        partition_shards(data, num_devices=5, alpha=0.5, seed=0, partition=PER_CLASS)[0],
+        partition_shards(data, num_devices=5, alpha=1.0, seed=0)[0],
+    ):
+        assert not all(np.array_equal(a, b) for a, b in zip(base, other, strict=True))
+
+    def classes_held(alpha: float) -> float:
+        parts, _ = partition_shards(data, num_devices=5, alpha=alpha, seed=0, partition=PER_CLASS)
+        return float(np.mean([np.sum(np.bincount(data.y_train[p], minlength=10) >= 0.05 * len(p)) for p in parts]))
+
+    assert classes_held(0.1) < classes_held(100.0)
+
+
+def test_per_class_split_that_leaves_a_device_too_small_is_an_error() -> None:
+    """Every redraw repeats the same split, so a device under min_size cannot be redrawn: refused, not looped."""
+    labels = load_dataset("digits").y_train
+    with pytest.raises(RuntimeError, match="same on every redraw"):
+        per_class_seeded_proportions(labels, num_devices=40, alpha=0.05)
+    with pytest.raises(ValueError):
+        per_class_seeded_proportions(labels, num_devices=5, alpha=0.0)
+
+
+def test_our_partition_is_unchanged_and_stays_the_default() -> None:
+    """The split every earlier figure used: its digits fingerprint, by default and by name."""
+    data = load_dataset("digits")
+
+    def fingerprint(**kwargs: str) -> str:
+        digest = hashlib.sha256()
+        for index in range(4):
+            shard = device_shard(data, num_devices=4, alpha=1.0, seed=0, index=index, **kwargs)
+            digest.update(shard.train_indices.astype("<i8").tobytes() + shard.test_indices.astype("<i8").tobytes())
+        return digest.hexdigest()
+
+    pinned = "1c5b34fb37d961f1cd8347ba987a0e9a337f1685277c0b310a8c3627b0fb06d2"  # edge/data.py before the new split
+    assert fingerprint() == fingerprint(partition="dirichlet") == pinned
+    assert fingerprint(partition=PER_CLASS) != pinned
+    assert DataConfig().partition == "dirichlet"
+    with pytest.raises(ValueError, match="unknown partition"):
+        device_shard(data, num_devices=4, alpha=1.0, seed=0, index=0, partition="iid")
+
+
+def test_device_config_carries_the_partition_and_rejects_unknown_ones() -> None:
+    config = DeviceConfig(id="dev000", data=DataConfig(dataset="digits", num_devices=4, partition=PER_CLASS))
+    text = config_to_toml(config)
+    assert 'partition = "dirichlet-per-class"' in text
+    assert config_from_dict(tomllib.loads(text)).data.partition == PER_CLASS
+    with pytest.raises(ValueError, match=r"data\.partition"):
+        DataConfig(partition="per-class")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import tomllib
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from android_harness import __main__ as cli
 from android_harness.__main__ import SCENARIOS
 from android_harness.spec import SpecError, load_spec, parse_spec
-from android_harness.trial import _server_command
+from android_harness.trial import _device_configs, _server_command
 from fedwire.mqtt import BrokerAddress
 
 SHIPPED = ("steady", "flaky_links", "server_crash", "broker_restart", "late_joiners", "secure_mixed")
@@ -141,3 +142,18 @@ def test_scenario_command_prints_verdicts_and_fails_on_a_failed_invariant(
     assert "PASS: 2 of 2 invariants hold" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="shipped scenarios: broker_restart, flaky_links"):
         cli.main(["scenario", "no_such_scenario"])
+
+
+def test_partition_reaches_every_device_config_from_the_file_and_the_command_line(tmp_path: Path) -> None:
+    assert parse_spec(_with(), out=tmp_path).settings.partition == "dirichlet"
+    chosen = parse_spec(_with(trial={"dataset": "digits", "partition": "dirichlet-per-class"}), out=tmp_path)
+    assert chosen.settings.partition == "dirichlet-per-class"
+    configs = _device_configs(chosen.settings, BrokerAddress("h", 1), tmp_path / "encoder.onnx")
+    assert [c.data.partition for c in configs] == ["dirichlet-per-class"] * 2
+    with pytest.raises(SpecError, match=r"\[trial\]\.partition: 'iid' is not one of"):
+        parse_spec(_with(trial={"dataset": "digits", "partition": "iid"}), out=tmp_path)
+    parser = argparse.ArgumentParser()
+    cli._add_trial_options(parser, epochs=1, devices=2)
+    flagged = cli._settings(parser.parse_args(["--partition", "dirichlet-per-class"]), algorithm="local", out=tmp_path)
+    assert flagged.partition == "dirichlet-per-class"
+    assert cli._settings(parser.parse_args([]), algorithm="local", out=tmp_path).partition == "dirichlet"
