@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup setup-test system-deps system-deps-test demo test lint typecheck clean
+.PHONY: setup setup-test system-deps system-deps-test demo test lint typecheck clean native
 
 # `make demo` installs only what the demo needs; `make test` adds what only the tests need (see the script).
 setup: system-deps $(STAMP)
 
-setup-test: system-deps-test $(STAMP)
+setup-test: system-deps-test $(STAMP) native
 
 system-deps:
 	@bash scripts/setup-system.sh
@@ -23,6 +23,11 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# The native device (edge_native/: C++ runtime over the executorch wheel's libraries, Paho MQTT C, SQLite);
+# incremental, so quick when built. See docs/native.md.
+native: system-deps $(STAMP)
+	$(MAKE) -C edge_native -j2 PYTHON=$(abspath $(PY))
 
 demo: setup
 	$(PY) -m android_harness demo --out runs/demo
@@ -40,4 +45,4 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict fedwire models edge broker_server
 
 clean:
-	rm -rf runs fedcache-data .pytest_cache
+	rm -rf runs fedcache-data .pytest_cache edge_native/build

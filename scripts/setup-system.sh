@@ -3,7 +3,8 @@
 # user's is started, stopped, disabled or reconfigured, and no process is killed. The project's own brokers
 # run on ports it picks and are stopped by PID. Idempotent, and quick when everything is present.
 #
-#   scripts/setup-system.sh          what `make demo` needs: Mosquitto, its clients, FashionMNIST
+#   scripts/setup-system.sh          what `make demo` needs: Mosquitto, its clients, FashionMNIST, and what
+#                                    `make native` builds with (g++, Paho MQTT C, msgpack-c, SQLite, OpenSSL headers)
 #   scripts/setup-system.sh --test   also what only the tests and the fault bench need: iproute2 and iptables
 #                                    (devices in network namespaces), OpenSSH client and server (the ssh
 #                                    target's test runs a private sshd), Chromium (the HTML report is rendered)
@@ -24,6 +25,8 @@ installed() {
 }
 
 wanted=(mosquitto mosquitto-clients dataset-fashion-mnist)
+# The native device (edge_native/, `make native`): a C++17 compiler, the Paho MQTT C client (v5, TLS), msgpack-c, SQLite.
+wanted+=(g++ make pkg-config libpaho-mqtt-dev libmsgpack-dev libsqlite3-dev libssl-dev)
 [ "$profile" = test ] && wanted+=(iproute2 iptables openssh-client openssh-server chromium)
 
 need=()
