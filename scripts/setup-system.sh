@@ -7,7 +7,8 @@
 #                                    `make native` builds with (g++, Paho MQTT C, msgpack-c, SQLite, OpenSSL headers)
 #   scripts/setup-system.sh --test   also what only the tests and the fault bench need: iproute2 and iptables
 #                                    (devices in network namespaces), OpenSSH client and server (the ssh
-#                                    target's test runs a private sshd), Chromium (the HTML report is rendered)
+#                                    target's test runs a private sshd), Chromium (the HTML report is rendered),
+#                                    Redis (the multi-node test replicates knowledge through a private redis-server)
 #
 # FEDCACHE_SETUP_REINSTALL="pkg ..." installs those packages again even when present (repairs a broken
 # install; the set-up test uses it to take the install path on a machine that has everything).
@@ -27,7 +28,7 @@ installed() {
 wanted=(mosquitto mosquitto-clients dataset-fashion-mnist)
 # The native device (edge_native/, `make native`): a C++17 compiler, the Paho MQTT C client (v5, TLS), msgpack-c, SQLite.
 wanted+=(g++ make pkg-config libpaho-mqtt-dev libmsgpack-dev libsqlite3-dev libssl-dev)
-[ "$profile" = test ] && wanted+=(iproute2 iptables openssh-client openssh-server chromium)
+[ "$profile" = test ] && wanted+=(iproute2 iptables openssh-client openssh-server chromium redis-server)
 
 need=()
 for package in "${wanted[@]}"; do
@@ -43,8 +44,8 @@ fi
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 echo "installing system packages ($profile): ${need[*]}"
-# Debian's mosquitto and openssh-server packages start their system services when first installed. Set-up
-# starts nothing, so during this one transaction a policy-rc.d (Debian's documented switch, honoured by
+# Debian's mosquitto, openssh-server and redis-server packages start their system services when first installed.
+# Set-up starts nothing, so during this one transaction a policy-rc.d (Debian's documented switch, honoured by
 # invoke-rc.d and deb-systemd-invoke) answers "not now"; the services' boot-time settings stay Debian's.
 # An existing policy-rc.d is the user's: it is left exactly as it is.
 policy=/usr/sbin/policy-rc.d

@@ -1,0 +1,68 @@
+"""Opens one server node's replicated state: its own SQLite store and journal, tailing the log at a redis:// URL."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from urllib.parse import urlparse
+
+from broker_server.cache import CacheConfig
+from broker_server.cached_state import CachedState
+from broker_server.relations import EXACT_SEARCH_LIMIT
+from broker_server.replication.journal import Journal
+from broker_server.replication.redis_log import LogUnavailable, RedisLog
+from broker_server.replication.replicated_state import ReplicatedState
+from broker_server.store import open_store
+from fedwire.constants import DEFAULT_NEIGHBOURS
+
+log = logging.getLogger(__name__)
+
+NODE_ID_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+
+
+def check_replication_url(url: str) -> str:
+    """`url` if it names a Redis (redis://host:port[/db]); ValueError saying what is wrong otherwise."""
+    parsed = urlparse(url)
+    if parsed.scheme != "redis" or not parsed.hostname:
+        raise ValueError(f"--replicate takes redis://HOST:PORT[/DB], not {url!r}")
+    return url
+
+
+def check_node_id(node: str) -> str:
+    """`node` if it is a valid node id ([A-Za-z0-9][A-Za-z0-9_-]{0,63}); ValueError otherwise."""
+    if not NODE_ID_PATTERN.match(node):
+        raise ValueError(f"a node id is [A-Za-z0-9][A-Za-z0-9_-]{{0,63}}, not {node!r}")
+    return node
+
+
+def open_replicated_state(
+    path: Path,
+    *,
+    node: str,
+    url: str,
+    config: CacheConfig | None = None,
+    neighbours: int = DEFAULT_NEIGHBOURS,
+    exact_limit: int = EXACT_SEARCH_LIMIT,
+) -> ReplicatedState:
+    """The state in directory `path` (SQLite store and replication journal), replicated through `url`, started.
+
+    The node serves at once from what it committed; its tailer then applies what the log gained meanwhile.
+    An unreachable log is logged, not fatal: updates wait in the outbox, registrations wait up to LOG_WAIT_S.
+    """
+    check_node_id(node)
+    check_replication_url(url)
+    journal = Journal(path, node=node)
+    try:
+        inner = CachedState.open(open_store(path), config=config, neighbours=neighbours, exact_limit=exact_limit)
+    except BaseException:
+        journal.close()
+        raise
+    probe = RedisLog(url)
+    try:
+        log.info("node %s: replication log %s holds %d entries; cursor %s", node, url, probe.length(), journal.cursor)
+    except LogUnavailable as exc:
+        log.warning("node %s: replication log unavailable for now (updates wait in the outbox): %s", node, exc)
+    finally:
+        probe.close()
+    return ReplicatedState(inner=inner, node=node, url=url, journal=journal).start()

@@ -1,0 +1,403 @@
+"""A knowledge state that every server node holds whole, kept alike through one replicated log (issue 14, part 2).
+
+- Reads (rows, fetch) are served from the node's own memory, as on one node: a remote gather would cost
+  about ten times the in-process one.
+- Hello and register go through the log first: the node appends the entry, then applies the log in order up
+  to it (its own entry included), so every node applies the same registrations in the same order, numbers
+  samples alike and, from the same rows and hashes, builds the same neighbour table. The device's answer is
+  what applying its entry gave.
+- Updates are applied at once (version-guarded) and staged; `commit()` commits the node's store, then writes
+  the batch's updates to the outbox and the log cursor (journal.py), and only then may the server acknowledge.
+  A sender thread moves the outbox to the log; a tailer thread applies other nodes' entries with the same
+  version-guarded upsert: idempotent, last writer (highest version) wins per sample, in any order.
+- Every accepted update is staged, also one that was not newer here: a node killed between its two commits
+  gets the request again from the broker, finds it already applied, and must still hand it to the others.
+
+Not thread-safe for its callers (one server thread, as every KnowledgeState); its own threads take `lock`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, TypeVar
+
+import numpy as np
+
+from broker_server.cached_state import CachedState
+from broker_server.records import Admission, CacheStats, DeviceKnowledge, DeviceRecord, Registration, Rejected, Teachers
+from broker_server.replication.entries import (
+    Entry,
+    EntryError,
+    HelloEntry,
+    RegisterEntry,
+    UpdatesEntry,
+    decode_entry,
+    encode_entry,
+)
+from broker_server.replication.journal import Journal
+from broker_server.replication.redis_log import LogUnavailable, RedisLog, id_key
+from broker_server.state import KnowledgeState
+from fedwire.constants import ErrorCode, HashKind
+
+log = logging.getLogger(__name__)
+
+READ_COUNT = 512  # log entries applied per turn
+TAIL_BLOCK_MS = 200
+SEND_LIMIT = 256  # outbox entries per pipelined XADD
+# How long a hello or register waits for the log before its device gets an `internal` error reply.
+LOG_WAIT_S = 10.0
+RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+_KEPT_OUTCOMES = 1024  # answers of this node's own hello / register entries, kept until their request takes them
+SOCKET_JOIN_S = 15.0
+_T = TypeVar("_T")
+
+
+class ReplicationStats(NamedTuple):
+    """What a node's replication did: entries applied and skipped, its outbox backlog and cursor."""
+
+    applied: int
+    rejected: int  # valid entries the state refused (every node refuses them alike)
+    invalid: int  # entries that did not decode: logged and skipped
+    unresolved: int  # update rows naming a sample this node does not hold
+    backlog: int
+    cursor: str
+
+
+Outcome = Admission | Registration | Rejected | None
+
+
+class ReplicatedState(KnowledgeState):
+    """`inner` (the node's own CachedState and SQLite store) kept alike with every other node's through the log."""
+
+    def __init__(self, *, inner: CachedState, node: str, url: str, journal: Journal) -> None:
+        if inner.cache.defences is not None:
+            raise ValueError("replication does not support defences yet: their trust follows the local order")
+        self.inner = inner
+        self.node = node
+        self.url = url
+        self.lock = threading.RLock()
+        self._journal = journal
+        self._cursor = journal.cursor
+        self._cursor_moved = False
+        self._staged: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._names: list[str] = []
+        self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
+        self._counts = {"applied": 0, "rejected": 0, "invalid": 0, "unresolved": 0}
+        self._log = RedisLog(url)  # the server thread's: appends of hello/register and catching up
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._send_loop, name=f"replication-send-{node}", daemon=True),
+            threading.Thread(target=self._tail_loop, name=f"replication-tail-{node}", daemon=True),
+        ]
+
+    def start(self) -> ReplicatedState:
+        """Start the sender (outbox to log) and the tailer (log to state)."""
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    # ------------------------------------------------------------ reads: the node's own memory
+
+    @property
+    def neighbours(self) -> int:
+        return self.inner.neighbours
+
+    @property
+    def classes(self) -> int:
+        return self.inner.classes
+
+    @property
+    def batchable(self) -> bool:
+        return self.inner.batchable
+
+    def record(self, device: str) -> DeviceRecord:
+        with self.lock:
+            return self.inner.record(device)
+
+    def rows(self, device: str, ids: np.ndarray) -> np.ndarray:
+        with self.lock:
+            return self.inner.rows(device, ids)
+
+    def rows_many(self, devices: Sequence[str], ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self.lock:
+            return self.inner.rows_many(devices, ids, counts)
+
+    def fetch(self, rows: np.ndarray, *, raw: bool = False) -> Teachers:
+        with self.lock:
+            return self.inner.fetch(rows, raw=raw)
+
+    def held(self, device: str) -> DeviceKnowledge:
+        with self.lock:
+            return self.inner.held(device)
+
+    def devices(self) -> tuple[DeviceRecord, ...]:
+        with self.lock:
+            return self.inner.devices()
+
+    def stats(self) -> CacheStats:
+        with self.lock:
+            return self.inner.stats()
+
+    def replication(self) -> ReplicationStats:
+        """Counters, outbox backlog and cursor, for logs, metrics and tests."""
+        with self.lock:
+            return ReplicationStats(**self._counts, backlog=self._journal.backlog(), cursor=self._cursor)
+
+    # ------------------------------------------------------------ registrations: through the log, in its order
+
+    def hello(
+        self,
+        *,
+        device: str,
+        model: str,
+        classes: int,
+        samples: int,
+        hash_kind: HashKind,
+        hash_dim: int,
+    ) -> Admission:
+        entry = HelloEntry(
+            origin=self.node, device=device, model=model, classes=classes, samples=samples, hash_kind=hash_kind,
+            hash_dim=hash_dim,
+        )  # fmt: skip
+        outcome = self._through_log(entry)
+        assert isinstance(outcome, Admission)
+        return outcome
+
+    def register(self, *, device: str, ids: np.ndarray, labels: np.ndarray, hashes: np.ndarray) -> Registration:
+        self.record(device)  # unknown_device before the log sees anything
+        outcome = self._through_log(_register_entry(self.node, device=device, ids=ids, labels=labels, hashes=hashes))
+        assert isinstance(outcome, Registration)
+        return outcome
+
+    def _through_log(self, entry: Entry) -> Outcome:
+        """Append `entry`, apply the log up to it, and return (or raise) what applying it gave."""
+        entry_id = self._retrying(lambda: self._log.append([encode_entry(entry)]))[0]
+        with self.lock:
+            while id_key(self._cursor) < id_key(entry_id):
+                found = self._retrying(
+                    lambda: self._log.between(after=self._cursor, through=entry_id, count=READ_COUNT)
+                )
+                if not found:
+                    raise LogUnavailable(f"entry {entry_id} is no longer in the log at {self.url}")
+                self._apply_all(found)
+            outcome = self._outcomes.pop(entry_id, None)
+        if isinstance(outcome, Rejected):
+            raise outcome
+        if outcome is None:
+            raise LogUnavailable(f"entry {entry_id} came back from the log undecodable")
+        return outcome
+
+    def _retrying(self, call: Callable[[], _T]) -> _T:
+        """`call()`, retried while the log is unavailable, for up to LOG_WAIT_S."""
+        deadline = time.monotonic() + LOG_WAIT_S
+        for attempt in range(1_000_000):
+            try:
+                return call()
+            except LogUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(RETRY_S[min(attempt, len(RETRY_S) - 1)])
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------ knowledge: applied here, staged for the others
+
+    def apply_update(self, *, rows: np.ndarray, logits: np.ndarray, version: int) -> np.ndarray:
+        with self.lock:
+            applied = self.inner.apply_update(rows=rows, logits=logits, version=version)
+            rows = np.asarray(rows, dtype=np.int64)
+            self._stage(rows, np.asarray(logits, dtype=np.float32), np.full(rows.size, version, np.int64))
+            return applied
+
+    def apply_updates(self, *, rows: np.ndarray, logits: np.ndarray, versions: np.ndarray) -> np.ndarray:
+        with self.lock:
+            applied = self.inner.apply_updates(rows=rows, logits=logits, versions=versions)
+            self._stage(np.asarray(rows, np.int64), np.asarray(logits, np.float32), np.asarray(versions, np.int64))
+            return applied
+
+    def _stage(self, rows: np.ndarray, logits: np.ndarray, versions: np.ndarray) -> None:
+        if rows.size:
+            self._staged.append((rows.copy(), logits.copy(), versions.copy()))
+
+    def commit(self) -> None:
+        """The node's store first, then the outbox and cursor: after this the batch may be acknowledged."""
+        with self.lock:
+            self.inner.commit()
+            bodies = [encode_entry(self._staged_entry())] if self._staged else []
+            self._journal.commit(bodies=bodies, cursor=self._cursor if self._cursor_moved else None)
+            self._staged = []
+            self._cursor_moved = False
+        if bodies:
+            self._wake.set()
+
+    def _staged_entry(self) -> UpdatesEntry:
+        """The staged updates as one entry naming samples by (device id, local id)."""
+        rows = np.concatenate([staged[0] for staged in self._staged])
+        cache = self.inner.cache
+        indices = cache.sample_devices[rows]
+        present, owners = np.unique(indices, return_inverse=True)
+        if present.size and int(present[-1]) >= len(self._names):
+            self._names = [record.device for record in self.inner.devices()]
+        return UpdatesEntry(
+            origin=self.node,
+            devices=tuple(self._names[int(index)] for index in present),
+            owners=owners.astype(np.uint32),
+            ids=cache.sample_ids[rows].astype(np.uint32),
+            versions=np.concatenate([staged[2] for staged in self._staged]),
+            logits=np.concatenate([staged[1] for staged in self._staged]),
+        )
+
+    # ------------------------------------------------------------ applying the log
+
+    def _apply_all(self, found: list[tuple[str, bytes]]) -> None:
+        """Apply entries newer than the cursor, in order, and move the cursor past them (caller holds the lock)."""
+        for entry_id, body in found:
+            if id_key(entry_id) <= id_key(self._cursor):
+                continue
+            answerable, outcome = self._apply(entry_id, body)
+            if answerable:
+                self._outcomes[entry_id] = outcome
+                while len(self._outcomes) > _KEPT_OUTCOMES:
+                    self._outcomes.popitem(last=False)
+            self._cursor = entry_id
+            self._cursor_moved = True
+
+    def _apply(self, entry_id: str, body: bytes) -> tuple[bool, Outcome]:
+        """One entry's effect on this node, and whether it is this node's own hello or register (then with the
+        outcome its device is answered with)."""
+        try:
+            entry = decode_entry(body)
+        except EntryError as exc:
+            self._counts["invalid"] += 1
+            log.warning("skipping log entry %s: %s", entry_id, exc)
+            return False, None
+        own = entry.origin == self.node
+        try:
+            if isinstance(entry, HelloEntry):
+                outcome: Outcome = self.inner.hello(
+                    device=entry.device, model=entry.model, classes=entry.classes, samples=entry.samples,
+                    hash_kind=entry.hash_kind, hash_dim=entry.hash_dim,
+                )  # fmt: skip
+            elif isinstance(entry, RegisterEntry):
+                outcome = self.inner.register(device=entry.device, ids=entry.ids, labels=entry.labels,
+                                              hashes=entry.hashes)  # fmt: skip
+            elif own:
+                return False, None  # this node applied its own updates when it accepted them
+            else:
+                self._apply_remote_updates(entry_id, entry)
+                outcome = None
+        except Rejected as rejection:
+            self._counts["rejected"] += 1
+            if not own:
+                log.warning("log entry %s from node %s refused here too: %s", entry_id, entry.origin, rejection)
+            outcome = rejection
+        self._counts["applied"] += 1
+        return own and not isinstance(entry, UpdatesEntry), outcome
+
+    def _apply_remote_updates(self, entry_id: str, entry: UpdatesEntry) -> None:
+        """Another node's updates with the version-guarded upsert; rows this node lacks are counted and skipped."""
+        order = np.argsort(entry.owners, kind="stable")
+        counts = np.bincount(entry.owners, minlength=len(entry.devices))
+        ids = entry.ids[order]
+        rows, resolved = self.inner.rows_many(entry.devices, ids, counts)
+        keep = np.repeat(resolved, counts)
+        if not keep.all():
+            self._counts["unresolved"] += int(np.count_nonzero(~keep))
+            log.warning("log entry %s names %d samples this node does not hold", entry_id, int((~keep).sum()))
+        if keep.any():
+            self.inner.apply_updates(
+                rows=rows[keep], logits=entry.logits[order][keep], versions=entry.versions[order][keep]
+            )
+
+    def _tail_loop(self) -> None:
+        """Apply what the log holds beyond the cursor, commit, repeat; waits out an unavailable log."""
+        reader = RedisLog(self.url)
+        failures = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    found = reader.read(after=self._cursor, count=READ_COUNT, block_ms=TAIL_BLOCK_MS)
+                    failures = 0
+                except LogUnavailable as exc:
+                    failures = self._wait_out(failures, exc, "tailing")
+                    continue
+                if not found:
+                    continue
+                with self.lock:
+                    self._apply_all(found)
+                    self.inner.commit()
+                    self._journal.commit(bodies=[], cursor=self._cursor)
+                    self._cursor_moved = False
+        except Exception:
+            log.exception("replication tailer of node %s failed; this node no longer learns others' knowledge",
+                          self.node)  # fmt: skip
+        finally:
+            reader.close()
+
+    def _send_loop(self) -> None:
+        """Move outbox entries to the log, oldest first; an entry leaves the outbox only once the log has it."""
+        writer = RedisLog(self.url)
+        failures = 0
+        try:
+            while True:
+                self._wake.clear()
+                pending = self._journal.pending(SEND_LIMIT)
+                if not pending:
+                    if self._stop.is_set():
+                        return
+                    self._wake.wait(0.5)
+                    continue
+                try:
+                    writer.append([body for _seq, body in pending])
+                    failures = 0
+                except LogUnavailable as exc:
+                    if self._stop.is_set():
+                        return  # the outbox keeps them for the next start
+                    failures = self._wait_out(failures, exc, "sending")
+                    continue
+                self._journal.sent(pending[-1][0])
+        except Exception:
+            log.exception("replication sender of node %s failed; its outbox is re-sent at the next start", self.node)
+        finally:
+            writer.close()
+
+    def _wait_out(self, failures: int, exc: LogUnavailable, doing: str) -> int:
+        if failures == 0:
+            log.warning("replication log unavailable while %s (retrying): %s", doing, exc)
+        self._stop.wait(RETRY_S[min(failures, len(RETRY_S) - 1)])
+        return failures + 1
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Stop the threads (the sender first hands the log what it can), then close the journal and the state."""
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=SOCKET_JOIN_S)
+        with self.lock:
+            self._log.close()
+            self._journal.close()
+            self.inner.close()
+
+
+def _register_entry(
+    node: str, *, device: str, ids: np.ndarray, labels: np.ndarray, hashes: np.ndarray
+) -> RegisterEntry:
+    """A registration chunk as a log entry; shapes and ranges the entry cannot carry exactly are refused here."""
+    ids, labels, hashes = np.asarray(ids), np.asarray(labels), np.asarray(hashes)
+    if ids.ndim != 1 or labels.shape != ids.shape or hashes.ndim != 2 or hashes.shape[0] != ids.size:
+        raise Rejected(ErrorCode.BAD_SHAPE, "ids, labels and hashes must have one entry per sample")
+    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.uint32).max):
+        raise Rejected(ErrorCode.BAD_SHAPE, "sample ids must lie in [0, 2^32)")
+    if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.uint16).max):
+        raise Rejected(ErrorCode.BAD_SHAPE, "labels must lie in [0, 2^16)")
+    if hashes.dtype != np.uint8:
+        raise Rejected(ErrorCode.BAD_DTYPE, f"hashes must be bytes (uint8), not {hashes.dtype}")
+    return RegisterEntry(origin=node, device=device, ids=ids.astype(np.uint32), labels=labels.astype(np.uint16),
+                         hashes=hashes)  # fmt: skip
