@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from broker_server.handlers import CacheService
     from fedwire.mosquitto import MosquittoBroker, PortInUseError
     from fedwire.mqtt import BrokerAddress, Credentials
 
@@ -149,6 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="N > 1: N MQTT front-ends on the share group (client ids CLIENT_ID, CLIENT_ID-w1, ...; their own "
         "identities on a secure broker) over one state process that answers and commits their batches, all "
         "restarted when they die (PIDs in DATA_DIR/workers.json; see docs/scaling.md). Default 1: one process",
+    )
+    replication = parser.add_argument_group(
+        "more than one machine",
+        "Several nodes, each serving the devices of its own broker and holding the whole knowledge table: "
+        "registrations and updates are replicated through a Redis stream (docs/scaling.md section 6).",
+    )
+    replication.add_argument(
+        "--replicate",
+        metavar="URL",
+        default=None,
+        help="redis://HOST:PORT[/DB]: replicate through the Redis there (appendonly yes, appendfsync always); "
+        "default: one node, nothing replicated",
+    )
+    replication.add_argument(
+        "--node-id", default="", help="with --replicate: this node's id, unique among the nodes ([A-Za-z0-9_-])"
     )
     parser.add_argument(
         "--request-path",
@@ -287,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print("fedcache server: --workers must be at least 1", file=sys.stderr)
         return EXIT_USAGE
+    if (problem := _replication_problem(args)) is not None:
+        print(f"fedcache server: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     broker = None
     credentials: Credentials | None = None
     if args.broker:
@@ -334,12 +353,15 @@ def main(argv: list[str] | None = None) -> int:
         profiles = ThreadProfiles()
         profiles.start()
     try:
-        service = CacheService.open(
-            args.data_dir / STATE_DIRNAME,
-            neighbours=args.neighbours,
-            round_timeout_s=args.round_timeout,
-            min_participants=args.fedavg_participants,
-        )
+        if args.replicate:
+            service = _replicated_service(args)
+        else:
+            service = CacheService.open(
+                args.data_dir / STATE_DIRNAME,
+                neighbours=args.neighbours,
+                round_timeout_s=args.round_timeout,
+                min_participants=args.fedavg_participants,
+            )
         metrics = ServerMetrics()
         if args.defences == "on":
             from broker_server.defences import DefenceCollector
@@ -394,6 +416,46 @@ def main(argv: list[str] | None = None) -> int:
         if profiles is not None:
             profiles.dump(args.profile)
     return 0
+
+
+def _replication_problem(args: argparse.Namespace) -> str | None:
+    """Why --replicate / --node-id cannot be served as given, or None."""
+    if not args.replicate:
+        return "--node-id needs --replicate" if args.node_id else None
+    from broker_server.replication.node import check_node_id, check_replication_url
+
+    try:
+        check_replication_url(args.replicate)
+        check_node_id(args.node_id)
+    except ValueError as exc:
+        return f"{exc} (--replicate needs --node-id NAME, unique among the nodes)" if not args.node_id else str(exc)
+    if args.workers > 1:
+        return "--replicate serves one process per node for now: drop --workers or run more nodes"
+    if args.defences == "on":
+        return "--replicate does not support --defences on yet: their trust follows each node's own order"
+    if args.request_path != "batched":
+        return "--replicate serves the batched request path only"
+    return None
+
+
+def _replicated_service(args: argparse.Namespace) -> CacheService:
+    """FedCache and the baselines over this node's replicated state (the baselines' states stay local)."""
+    from broker_server.handlers import CacheService, all_algorithms
+    from broker_server.replication import NodeMismatch, open_replicated_state
+    from broker_server.state_factory import STATE_DIRNAME
+
+    try:
+        state = open_replicated_state(
+            args.data_dir / STATE_DIRNAME, node=args.node_id, url=args.replicate, neighbours=args.neighbours
+        )
+    except NodeMismatch as exc:
+        print(f"fedcache server: {exc}: give each node its own --data-dir", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    logging.getLogger("broker_server").info("node %s: replicating through %s", args.node_id, args.replicate)
+    return CacheService(
+        state=state,
+        algorithms=all_algorithms(round_timeout_s=args.round_timeout, min_participants=args.fedavg_participants),
+    )
 
 
 def _run_workers(

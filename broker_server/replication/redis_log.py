@@ -13,6 +13,8 @@ from typing import Any
 
 import redis
 import redis.exceptions
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,14 @@ class RedisLog:
     def __init__(self, url: str, *, key: str = LOG_KEY) -> None:
         self.url = url
         self.key = key
+        # No retries inside the client: the callers retry (and say so) in one place, and a sender must see a
+        # failed XADD as failed, never as a success after a reconnect it did not notice.
         self._redis = redis.Redis.from_url(
-            url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S, decode_responses=False
+            url,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=SOCKET_TIMEOUT_S,
+            decode_responses=False,
+            retry=Retry(NoBackoff(), 0),
         )
 
     def append(self, bodies: list[bytes]) -> list[str]:
