@@ -15,6 +15,7 @@ from broker_server.replication import (
     EntryError,
     HelloEntry,
     Journal,
+    LogUnavailable,
     NodeMismatch,
     RedisLog,
     RegisterEntry,
@@ -212,3 +213,31 @@ def test_a_data_directory_belongs_to_one_node(tmp_path: Path) -> None:
     Journal(tmp_path / "n", node="a").close()
     with pytest.raises(NodeMismatch):
         Journal(tmp_path / "n", node="b")
+
+
+def test_while_the_log_is_down_known_devices_rejoin_and_new_ones_are_told_at_once(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a = _open(tmp_path, "a", redis_server.url)
+    try:
+        rows = _join(a, "da", seed=1)
+        entries = RedisLog(redis_server.url)
+        before = entries.length()
+        entries.close()
+        redis_server.kill()
+        _wait(lambda: a.replication().log_down, what="the tailer noticed the log is down")
+        # A device starting again repeats its hello and its chunks: nothing changes, so no log is needed.
+        assert _join(a, "da", seed=1).tolist() == rows.tolist()
+        started = time.monotonic()
+        with pytest.raises(LogUnavailable):
+            a.hello(device="new", model="m", classes=CLASSES, samples=4, hash_kind=HashKind.BINARY, hash_dim=32)
+        assert time.monotonic() - started < 2.0
+        redis_server.start()
+        entries = RedisLog(redis_server.url)
+        assert entries.length() == before  # the repeated hello and chunks were not appended
+        entries.close()
+        _wait(lambda: not a.replication().log_down, what="the tailer reconnected")
+        assert a.hello(device="new", model="m", classes=CLASSES, samples=4, hash_kind=HashKind.BINARY,
+                       hash_dim=32).changed  # fmt: skip
+    finally:
+        a.close()

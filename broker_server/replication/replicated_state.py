@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 READ_COUNT = 512  # log entries applied per turn
 TAIL_BLOCK_MS = 200
 SEND_LIMIT = 256  # outbox entries per pipelined XADD
-# How long a hello or register waits for the log before its device gets an `internal` error reply.
-LOG_WAIT_S = 10.0
+# How long a hello or register that changes something waits for the log before its device gets an `internal`
+# error reply (the node's other requests wait meanwhile); not at all while the tailer finds the log down.
+LOG_WAIT_S = 5.0
 RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)
 _KEPT_OUTCOMES = 1024  # answers of this node's own hello / register entries, kept until their request takes them
 SOCKET_JOIN_S = 15.0
@@ -65,6 +66,7 @@ class ReplicationStats(NamedTuple):
     unresolved: int  # update rows naming a sample this node does not hold
     backlog: int
     cursor: str
+    log_down: bool  # the tailer's last read of the log failed
 
 
 Outcome = Admission | Registration | Rejected | None
@@ -87,6 +89,7 @@ class ReplicatedState(KnowledgeState):
         self._names: list[str] = []
         self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
         self._counts = {"applied": 0, "rejected": 0, "invalid": 0, "unresolved": 0}
+        self._log_down = False  # the tailer's last read failed
         self._log = RedisLog(url)  # the server thread's: appends of hello/register and catching up
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -146,7 +149,9 @@ class ReplicatedState(KnowledgeState):
     def replication(self) -> ReplicationStats:
         """Counters, outbox backlog and cursor, for logs, metrics and tests."""
         with self.lock:
-            return ReplicationStats(**self._counts, backlog=self._journal.backlog(), cursor=self._cursor)
+            return ReplicationStats(
+                **self._counts, backlog=self._journal.backlog(), cursor=self._cursor, log_down=self._log_down
+            )
 
     # ------------------------------------------------------------ registrations: through the log, in its order
 
@@ -160,6 +165,14 @@ class ReplicatedState(KnowledgeState):
         hash_kind: HashKind,
         hash_dim: int,
     ) -> Admission:
+        with self.lock:
+            known = self.inner.cache.devices.get(device)
+            if known is not None and (known.model, known.classes, known.samples, known.hash_kind, known.hash_dim) == (
+                model, classes, samples, hash_kind, hash_dim,
+            ):  # fmt: skip
+                # Nothing changes (a device saying hello again at its start): no other node needs to know.
+                return self.inner.hello(device=device, model=model, classes=classes, samples=samples,
+                                        hash_kind=hash_kind, hash_dim=hash_dim)  # fmt: skip
         entry = HelloEntry(
             origin=self.node, device=device, model=model, classes=classes, samples=samples, hash_kind=hash_kind,
             hash_dim=hash_dim,
@@ -169,10 +182,29 @@ class ReplicatedState(KnowledgeState):
         return outcome
 
     def register(self, *, device: str, ids: np.ndarray, labels: np.ndarray, hashes: np.ndarray) -> Registration:
-        self.record(device)  # unknown_device before the log sees anything
+        with self.lock:
+            self.inner.record(device)  # unknown_device before the log sees anything
+            if self._registered_alike(device, ids=ids, labels=labels, hashes=hashes):
+                # A chunk sent again (a device resuming its registration): accepted without a change, here as
+                # on every other node.
+                return self.inner.register(device=device, ids=ids, labels=labels, hashes=hashes)
         outcome = self._through_log(_register_entry(self.node, device=device, ids=ids, labels=labels, hashes=hashes))
         assert isinstance(outcome, Registration)
         return outcome
+
+    def _registered_alike(self, device: str, *, ids: np.ndarray, labels: np.ndarray, hashes: np.ndarray) -> bool:
+        """Whether every sample of the chunk is registered already, with the same label and hash."""
+        ids, labels, hashes = np.asarray(ids), np.asarray(labels), np.asarray(hashes)
+        if ids.ndim != 1 or labels.shape != ids.shape or hashes.shape[:1] != ids.shape or hashes.dtype != np.uint8:
+            return False
+        try:
+            rows = self.inner.rows(device, ids)
+        except Rejected:
+            return False
+        cache = self.inner.cache
+        return hashes.shape[1:] == cache.hashes.shape[1:] and bool(
+            np.array_equal(cache.labels[rows], labels) and np.array_equal(cache.hashes[rows], hashes)
+        )
 
     def _through_log(self, entry: Entry) -> Outcome:
         """Append `entry`, apply the log up to it, and return (or raise) what applying it gave."""
@@ -194,7 +226,7 @@ class ReplicatedState(KnowledgeState):
 
     def _retrying(self, call: Callable[[], _T]) -> _T:
         """`call()`, retried while the log is unavailable, for up to LOG_WAIT_S."""
-        deadline = time.monotonic() + LOG_WAIT_S
+        deadline = time.monotonic() + (0.0 if self._log_down else LOG_WAIT_S)
         for attempt in range(1_000_000):
             try:
                 return call()
@@ -322,7 +354,9 @@ class ReplicatedState(KnowledgeState):
                 try:
                     found = reader.read(after=self._cursor, count=READ_COUNT, block_ms=TAIL_BLOCK_MS)
                     failures = 0
+                    self._log_down = False
                 except LogUnavailable as exc:
+                    self._log_down = True
                     failures = self._wait_out(failures, exc, "tailing")
                     continue
                 if not found:
