@@ -33,7 +33,7 @@ def _add_trial_options(parser: argparse.ArgumentParser, *, epochs: int, devices:
     parser.add_argument(
         "--backends",
         default="torch",
-        help="comma-separated training backends assigned round-robin: torch, executorch (the .pte program)",
+        help="training backends assigned round-robin: torch, executorch (the .pte program), native (edge_native/)",
     )
     parser.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of the non-IID split")
     parser.add_argument(
@@ -78,8 +78,8 @@ def _settings(args: argparse.Namespace, *, algorithm: str, out: Path) -> TrialSe
     if unknown:
         raise SystemExit(f"unknown architectures {unknown}; choose from {ARCH_CHOICES}")
     backends = tuple(b.strip() for b in args.backends.split(",") if b.strip())
-    if not set(backends) <= {"torch", "executorch"}:
-        raise SystemExit(f"unknown backends in {backends}; choose torch, executorch")
+    if not set(backends) <= {"torch", "executorch", "native"}:
+        raise SystemExit(f"unknown backends in {backends}; choose torch, executorch, native")
     if args.auth is not None and args.security == "none":
         raise SystemExit("--auth: devices authenticate only in a secure trial; add --security tls")
     return TrialSettings(

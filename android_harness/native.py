@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
+import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edge.config import DeviceConfig, config_to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE_DIR = ROOT / "edge_native"
@@ -106,6 +110,112 @@ def write_batches(directory: Path, batches: list[tuple[np.ndarray, np.ndarray, n
     return directory
 
 
+def device_command(config: Path) -> list[str]:
+    """`fedcache-device --config FILE`: one native device process (the counterpart of `python -m edge`)."""
+    return [str(DEVICE_BINARY), "--config", str(config)]
+
+
+def find_training_program(
+    artifacts: Path,
+    *,
+    arch: str,
+    classes: int,
+    input_shape: tuple[int, ...],
+    kd_alpha: float,
+    temperature: float,
+    batch_size: int,
+) -> tuple[Path, dict[str, Any]]:
+    """The exported training program (and its manifest record) a native device of these settings runs."""
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    for record in manifest["artifacts"]:
+        meta = record.get("metadata") or {}
+        loss = meta.get("loss", {})
+        if (
+            record["kind"] == "executorch-training"
+            and record["architecture"] == arch
+            and record["classes"] == classes
+            and tuple(record["input_shape"]) == tuple(input_shape)
+            and (loss.get("kd_alpha"), loss.get("temperature")) == (kd_alpha, temperature)
+            and int(meta.get("max_batch", 0)) >= batch_size
+        ):
+            return artifacts / record["path"], dict(record)
+    raise FileNotFoundError(f"no training program for {arch} {input_shape} in {artifacts}: run python -m export")
+
+
+def encoder_program(artifacts: Path, *, kind: str, input_shape: tuple[int, ...], dim: int, seed: int) -> Path:
+    """The hash encoder as an ExecuTorch program (the native device runs no ONNX Runtime); exported when missing."""
+    shape = "x".join(str(n) for n in input_shape)
+    path = artifacts / f"encoder-{kind}-{shape}-d{dim}-s{seed}.pte"
+    if not path.exists():
+        subprocess.run(
+            [sys.executable, "-m", "export", "--encoder", "--encoder-kind", kind, "--encoder-dim", str(dim),
+             "--encoder-seed", str(seed), "--input-shape", ",".join(str(n) for n in input_shape),
+             "--out", str(artifacts)],
+            check=True, stdout=subprocess.DEVNULL, cwd=ROOT,
+        )  # fmt: skip
+    return path
+
+
+def write_shard(directory: Path, *, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                y_test: np.ndarray) -> Path:  # fmt: skip
+    """A device's data as the four .npy files the native device reads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / "x_train.npy", np.ascontiguousarray(x_train, dtype="<f4"))
+    np.save(directory / "y_train.npy", np.ascontiguousarray(y_train, dtype="<i8"))
+    np.save(directory / "x_test.npy", np.ascontiguousarray(x_test, dtype="<f4"))
+    np.save(directory / "y_test.npy", np.ascontiguousarray(y_test, dtype="<i8"))
+    return directory
+
+
+def _toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def prepare_native_device(config: DeviceConfig, *, artifacts: Path, encoder_kind: str = "conv") -> Path:
+    """Write what a native device needs into its state directory and return its TOML file.
+
+    The file is the Python device's (config_to_toml, `backend = "native"`) plus a [native] section naming
+    the training program, the encoder program, the shard written as .npy and the initial weights, which are
+    the zoo's for the device's seed, so a native device starts exactly where a Python one would.
+    """
+    from edge.algorithms import model_seed
+    from edge.runtime import _device_shard
+    from models.zoo import build_model
+
+    state = Path(config.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    shard = _device_shard(config.data, max_samples=config.train.max_samples)
+    shard_dir = write_shard(
+        state / "native-shard", x_train=shard.x_train, y_train=shard.y_train, x_test=shard.x_test, y_test=shard.y_test
+    )
+    train = config.train
+    program, record = find_training_program(
+        artifacts, arch=train.arch, classes=shard.classes, input_shape=shard.input_shape, kd_alpha=train.kd_alpha,
+        temperature=train.temperature, batch_size=train.batch_size,
+    )  # fmt: skip
+    encoder = encoder_program(
+        artifacts, kind=encoder_kind, input_shape=shard.input_shape, dim=config.hash.dim, seed=config.hash.seed
+    )
+    model = build_model(train.arch, classes=shard.classes, in_channels=shard.input_shape[0], seed=model_seed(config))
+    weights = write_weights(state / "initial.fcw", {name: t.detach().numpy() for name, t in model.state_dict().items()})
+    meta = record["metadata"]
+    text = config_to_toml(replace(config, train=replace(train, backend="executorch")))
+    text = text.replace('backend = "executorch"', 'backend = "native"', 1)
+    text += (
+        "\n[native]\n"
+        f"program = {json.dumps(str(program))}\n"
+        f"encoder = {json.dumps(str(encoder))}\n"
+        f"shard = {json.dumps(str(shard_dir))}\n"
+        f"initial_weights = {json.dumps(str(weights))}\n"
+        f"parameter_names = {_toml_list(meta['parameter_names'])}\n"
+        f"buffer_names = {_toml_list(meta['buffer_names'])}\n"
+        f"running_stat_names = {_toml_list(meta['running_stat_names'])}\n"
+    )
+    path = state / "device.toml"
+    path.write_text(text)
+    return path
+
+
 __all__ = [
     "BUILD_DIR",
     "DEVICE_BINARY",
@@ -113,10 +223,15 @@ __all__ = [
     "TRAIN_CHECK_BINARY",
     "WIRE_CHECK_BINARY",
     "NativeBuildError",
+    "device_command",
+    "encoder_program",
     "ensure_built",
+    "find_training_program",
+    "prepare_native_device",
     "read_weights",
     "training_record",
     "write_batches",
     "write_names",
+    "write_shard",
     "write_weights",
 ]

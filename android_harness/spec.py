@@ -21,7 +21,7 @@ from fedwire import HashKind, LogitEncoding
 from fedwire.mqtt import BrokerAddress
 
 ARCHS = ("resnet8", "resnet16", "resnet20", "cnn", "mobilenet")
-BACKENDS = ("torch", "executorch")
+BACKENDS = ("torch", "executorch", "native")  # native: the C++ device of edge_native/
 DATASETS = ("fashion-mnist", "digits")
 TARGETS = ("local", "netns")
 REMOTE_TARGETS = ("ssh", "adb")

@@ -17,6 +17,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from android_harness import native
 from android_harness.faults import FaultDriver, FaultPlan, Processes, check_invariants, check_knowledge_flow
 from android_harness.netns import NetnsLab, netns_unavailable_reason
 from android_harness.processes import (
@@ -316,7 +317,8 @@ def _device_configs(
         train = TrainConfig(
             algorithm=settings.algorithm,
             arch=settings.archs[index % len(settings.archs)],
-            backend=settings.backends[index % len(settings.backends)],
+            # A native device (edge_native/) runs the ExecuTorch program; its file says backend = "native".
+            backend=_python_backend(settings.backends[index % len(settings.backends)]),
             artifacts_dir=str(settings.out / "artifacts"),
             epochs=settings.epochs,
             seed=settings.seed,
@@ -351,6 +353,11 @@ def _device_configs(
     return configs
 
 
+def _python_backend(backend: str) -> str:
+    """The edge config's backend for a trial backend: a native device trains the same ExecuTorch program."""
+    return "executorch" if backend == "native" else backend
+
+
 def _prepare_shared_artifacts(settings: TrialSettings) -> Path:
     """Decode the dataset into the shared cache and export the encoder once, not once per device."""
     from edge.backends import has_training_program
@@ -362,7 +369,7 @@ def _prepare_shared_artifacts(settings: TrialSettings) -> Path:
     executorch_archs = {
         settings.archs[i % len(settings.archs)]
         for i in range(settings.devices)
-        if settings.backends[i % len(settings.backends)] == "executorch"
+        if settings.backends[i % len(settings.backends)] in ("executorch", "native")
     }
     loss = LossSettings(**{k: v for k, v in settings.extra_train.items() if k in ("kd_alpha", "temperature")})
     batch = int(settings.extra_train.get("batch_size", TrainConfig.batch_size))
@@ -382,6 +389,12 @@ def _prepare_shared_artifacts(settings: TrialSettings) -> Path:
                 check=True,
                 stdout=subprocess.DEVNULL,
             )  # fmt: skip
+    if "native" in settings.backends:
+        native.ensure_built()
+        native.encoder_program(
+            artifacts, kind=settings.encoder_kind, input_shape=dataset.input_shape, dim=settings.hash_dim,
+            seed=settings.seed,
+        )  # fmt: skip
     path = settings.out / "encoder.onnx"
     export_encoder_onnx(
         path, input_shape=dataset.input_shape, dim=settings.hash_dim, seed=settings.seed, kind=settings.encoder_kind
@@ -499,8 +512,14 @@ def run_trial(settings: TrialSettings, *, progress: bool = True, faults: FaultPl
                     config = configs[index]
                     path = Path(config.state_dir) / "device.toml"
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text(config_to_toml(config))
-                    command = device_command(path)
+                    if settings.backends[index % len(settings.backends)] == "native":
+                        path = native.prepare_native_device(
+                            config, artifacts=settings.out / "artifacts", encoder_kind=settings.encoder_kind
+                        )
+                        command = native.device_command(path)
+                    else:
+                        path.write_text(config_to_toml(config))
+                        command = device_command(path)
                     processes[index] = process = subprocess.Popen(
                         lab.command(index, command) if lab is not None else command,
                         stdout=subprocess.DEVNULL,
