@@ -918,6 +918,7 @@ class StepResult:
     tls: str = ""  # negotiated TLS version and cipher
     path: str = ""  # the server's --request-path
     rate: float = 0.0  # open loop: requests/s offered per device; 0: closed loop
+    other_cpu: float = 0.0  # run_step's `others` (the replication log's Redis), percent of one core
 
     @property
     def loop(self) -> str:
@@ -1136,11 +1137,18 @@ def run_step(
     path: str = "",
     names: Sequence[str] | None = None,
     loadgen: str = "paho",
+    addresses: Sequence[BrokerAddress] = (),
+    more_servers: Sequence[psutil.Process] = (),
+    more_brokers: Sequence[psutil.Process] = (),
+    others: Sequence[psutil.Process] = (),
 ) -> StepResult:
     """Register `devices` simulated devices, warm the relations, then load the server for `duration` seconds.
 
     `credentials`: one per device (in `names` order, by default `device_names(devices)`) on a secure broker.
     `rate` > 0: open loop, each device offering `rate` requests/s (Poisson) whatever is in flight.
+    Several nodes (bench/serving_nodes.py): load-generator process i drives its devices through `addresses[i %
+    len(addresses)]`; `more_servers` and `more_brokers` count with `server` and `broker`, `others` (the
+    replication log's store) apart, as `other_cpu`.
     """
     ctx = mp.get_context("spawn")
     control = ctx.Queue()
@@ -1153,7 +1161,7 @@ def run_step(
     firsts = [devices * 10 + i for i in range(processes)]
     specs = [
         LoadSpec(
-            address=address,
+            address=addresses[number % len(addresses)] if addresses else address,
             devices=tuple(part),
             first_index=first * 100_000,
             samples=samples,
@@ -1165,7 +1173,7 @@ def run_step(
             credentials=identity,
             rate=rate,
         )
-        for part, first, identity in zip(parts, firsts, identities, strict=True)
+        for number, (part, first, identity) in enumerate(zip(parts, firsts, identities, strict=True))
     ]
     worker = lean_worker if loadgen == "lean" else load_worker
     procs = [ctx.Process(target=worker, args=(s, control, warm, go, window), daemon=True) for s in specs]
@@ -1180,11 +1188,13 @@ def run_step(
         window[0], window[1] = start, start + duration
         go.set()
         time.sleep(max(0.0, start - time.monotonic()))
-        tree = _process_tree(server)  # the server and, with --workers, its state process and front-ends
-        before = (_cpu_seconds(tree), _cpu_seconds([broker]), _cpu_seconds(generators))
+        # The server and, with --workers, its state process and front-ends (and every other node's).
+        tree = [process for node in (server, *more_servers) for process in _process_tree(node)]
+        brokers = [broker, *more_brokers]
+        before = (_cpu_seconds(tree), _cpu_seconds(brokers), _cpu_seconds(generators), _cpu_seconds(list(others)))
         with _Sampler(server) as sampler:
             time.sleep(max(0.0, start + duration - time.monotonic()))
-            after = (_cpu_seconds(tree), _cpu_seconds([broker]), _cpu_seconds(generators))
+            after = (_cpu_seconds(tree), _cpu_seconds(brokers), _cpu_seconds(generators), _cpu_seconds(list(others)))
         results: list[WorkerResult] = _collect(control, "result", processes, DRAIN_S + 30, procs)
         # Mosquitto's ticks come every ~2 s: the drain after the window adds ticks of the same requests.
         sys_bytes = sys_bytes_per_request(observer.snapshot(), start, time.monotonic())
@@ -1225,6 +1235,7 @@ def run_step(
         server_rss_mb=sampler.peak / 2**20,
         broker_cpu=cpu[1],
         loadgen_cpu=cpu[2],
+        other_cpu=cpu[3],
         window_s=duration,
         provision_s=provision_s,
         handshake_ms=_percentiles_ms([t for r in results for t in r.handshake_s]),
@@ -1655,6 +1666,12 @@ def main(argv: list[str] | None = None) -> int:
         "to the broker and the server) or paho (a paho client and the generic codec per device); default lean, paho "
         "with --tls or --modes (as their figures were measured)",
     )
+    parser.add_argument(
+        "--nodes",
+        action="store_true",
+        help="instead of the modes: one node, one node writing the replication log, and two nodes on two brokers "
+        "over one redis-server (bench/serving_nodes.py; default device counts 100 400, closed loop)",
+    )
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     modes = list(dict.fromkeys(args.modes or (["plain", "tls"] if args.tls else ["plain"])))
@@ -1670,6 +1687,9 @@ def main(argv: list[str] | None = None) -> int:
     if max([*device_counts, args.open_loop_devices]) > 1000:
         parser.error("at most 1000 devices (connections) on this benchmark")
     plans = [StepPlan(count) for count in device_counts]
+    if args.nodes:
+        return _main_nodes(args, plans=[StepPlan(n) for n in args.devices or (100, 400)], duration=duration,
+                           raw_messages=raw_messages)  # fmt: skip
     if args.open_loop_devices and args.open_loop_rate > 0:
         plans.append(StepPlan(args.open_loop_devices, rate=args.open_loop_rate))
 
@@ -1733,6 +1753,24 @@ def main(argv: list[str] | None = None) -> int:
             if profile.exists():
                 print(f"\n## server profile, {path} path, {profile.name} (CPU time of every thread, last step)\n")
                 _print_profile(profile)
+    return 0
+
+
+def _main_nodes(args: argparse.Namespace, *, plans: list[StepPlan], duration: float, raw_messages: int) -> int:
+    """`--nodes`: the multi-node rows (bench/serving_nodes.py), one table."""
+    from bench.serving_nodes import format_nodes, run_nodes
+
+    print(f"# serving, more than one node: {machine_line()}; load average at the start: {_loadavg()}")
+    with tempfile.TemporaryDirectory(prefix="bench-nodes-") as tmp:
+        rows, raws = run_nodes(args, root=Path(tmp), plans=plans, duration=duration, raw_messages=raw_messages)
+    print(
+        f"Nodes: broker_server/main.py --broker (batched path, SQLite store), with --replicate redis://... --node-id "
+        f"for the log (redis-server, appendonly, appendfsync always); {args.samples} samples per device, "
+        f"{duration:.0f} s closed loop, batch {args.batch}, {args.fetch_share:.0%} fetch, {args.loadgen} load "
+        f"generators ({args.processes} processes, split over the brokers). CPU µs/request: CPU time over the "
+        f"window / requests answered in it. Load average at the end: {_loadavg()}.\n"
+    )
+    print(format_nodes(rows, raws))
     return 0
 
 

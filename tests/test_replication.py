@@ -86,6 +86,8 @@ def test_entries_round_trip_and_bad_ones_are_refused() -> None:
                            logits=np.ones((2, 4), np.float32))  # fmt: skip
     back = decode_entry(encode_entry(updates))
     assert isinstance(back, UpdatesEntry) and back.devices == ("d0", "d1")
+    assert decode_entry(encode_entry(updates), skip_updates_from="b") is None
+    assert decode_entry(encode_entry(hello), skip_updates_from="a") == hello
     np.testing.assert_array_equal(back.versions, [3, 9])
 
     good: dict[str, object] = msgpack.unpackb(encode_entry(updates), raw=False)

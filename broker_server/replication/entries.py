@@ -107,8 +107,12 @@ def encode_entry(entry: Entry) -> bytes:
     return packed
 
 
-def decode_entry(data: bytes) -> Entry:
-    """The entry `data` holds, fully validated; EntryError says what is wrong otherwise."""
+def decode_entry(data: bytes, *, skip_updates_from: str = "") -> Entry | None:
+    """The entry `data` holds, fully validated; EntryError says what is wrong otherwise.
+
+    None for an updates entry of node `skip_updates_from`: a node reads its own updates back from the log and
+    has nothing to do with them, so their arrays are not even looked at.
+    """
     if not isinstance(data, bytes | bytearray) or len(data) > MAX_ENTRY_BYTES:
         raise EntryError("an entry is bytes of at most 16 MiB")
     try:
@@ -143,6 +147,8 @@ def decode_entry(data: bytes) -> Entry:
         return RegisterEntry(origin=origin, device=_device(body.get("d")), ids=ids, labels=labels,
                              hashes=hashes.reshape(ids.size, width))  # fmt: skip
     if kind == "u":
+        if origin == skip_updates_from:
+            return None
         devices = body.get("ds")
         if not isinstance(devices, list):
             raise EntryError("'ds' must be a list of device ids")

@@ -302,11 +302,13 @@ class ReplicatedState(KnowledgeState):
         """One entry's effect on this node, and whether it is this node's own hello or register (then with the
         outcome its device is answered with)."""
         try:
-            entry = decode_entry(body)
+            entry = decode_entry(body, skip_updates_from=self.node)
         except EntryError as exc:
             self._counts["invalid"] += 1
             log.warning("skipping log entry %s: %s", entry_id, exc)
             return False, None
+        if entry is None:
+            return False, None  # this node applied its own updates when it accepted them
         own = entry.origin == self.node
         try:
             if isinstance(entry, HelloEntry):
@@ -317,8 +319,6 @@ class ReplicatedState(KnowledgeState):
             elif isinstance(entry, RegisterEntry):
                 outcome = self.inner.register(device=entry.device, ids=entry.ids, labels=entry.labels,
                                               hashes=entry.hashes)  # fmt: skip
-            elif own:
-                return False, None  # this node applied its own updates when it accepted them
             else:
                 self._apply_remote_updates(entry_id, entry)
                 outcome = None
@@ -326,9 +326,9 @@ class ReplicatedState(KnowledgeState):
             self._counts["rejected"] += 1
             if not own:
                 log.warning("log entry %s from node %s refused here too: %s", entry_id, entry.origin, rejection)
-            outcome = rejection
+            return own, rejection  # own: a hello or register (this node's updates never get here)
         self._counts["applied"] += 1
-        return own and not isinstance(entry, UpdatesEntry), outcome
+        return own, outcome
 
     def _apply_remote_updates(self, entry_id: str, entry: UpdatesEntry) -> None:
         """Another node's updates with the version-guarded upsert; rows this node lacks are counted and skipped."""
