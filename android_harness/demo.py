@@ -13,6 +13,7 @@ from android_harness.html_report import kib, write_comparison_html
 from android_harness.plots import plot_device_gains, plot_maua_comparison
 from android_harness.report import maua_by_epoch, startup_phases
 from android_harness.trial import TrialSettings, run_trial
+from edge.data import PARTITIONS
 
 # The demo's setting (README, "Measured"): the paper's heterogeneous models on FashionMNIST, 20 devices,
 # each training on a small fixed share of its Dirichlet shard for more epochs, so that local training
@@ -45,6 +46,7 @@ class DemoSettings:
     max_samples: int = MAX_SAMPLES
     eval_every: int = EVAL_EVERY
     alpha: float = ALPHA
+    partition: str = "dirichlet"  # edge.data.PARTITIONS
     seed: int = SEED
     timeout_s: float = 3600.0
 
@@ -58,6 +60,7 @@ class DemoSettings:
             algorithm=algorithm,
             archs=self.archs,
             alpha=self.alpha,
+            partition=self.partition,
             seed=self.seed,
             extra_train={"max_samples": self.max_samples, "eval_every_epochs": self.eval_every},
             timeout_s=self.timeout_s,
@@ -65,8 +68,9 @@ class DemoSettings:
 
     def describe(self) -> str:
         samples = f"at most {self.max_samples} training samples each" if self.max_samples else "whole shards"
+        split = "" if self.partition == "dirichlet" else f", {self.partition} split"
         return (
-            f"{self.devices} devices on {self.dataset} (Dirichlet alpha {self.alpha}, {samples}), "
+            f"{self.devices} devices on {self.dataset} (Dirichlet alpha {self.alpha}{split}, {samples}), "
             f"{'/'.join(self.archs)}, {self.epochs} local epochs, seed {self.seed}"
         )
 
@@ -99,6 +103,12 @@ def add_demo_parser(commands: Any) -> None:
         help=f"devices evaluate every this many epochs and after the last (default {EVAL_EVERY})",
     )
     demo.add_argument("--alpha", type=float, default=ALPHA, help="Dirichlet concentration of the split")
+    demo.add_argument(
+        "--partition",
+        default="dirichlet",
+        choices=PARTITIONS,
+        help="dirichlet (ours, default) or dirichlet-per-class (the published FedCache loader's split)",
+    )
     demo.add_argument("--seed", type=int, default=SEED, help="split, models and batch order, shared by both runs")
     demo.add_argument("--timeout", type=float, default=3600.0, help="give up a run after this many seconds")
 
@@ -114,6 +124,7 @@ def run_demo(args: argparse.Namespace) -> int:
         max_samples=args.max_samples,
         eval_every=args.eval_every,
         alpha=args.alpha,
+        partition=args.partition,
         seed=args.seed,
         timeout_s=args.timeout,
     )
