@@ -89,15 +89,20 @@ def plain_accuracy(config: DeviceConfig, *, order_seed: int | None = None) -> Pl
     orders = np.random.default_rng(train.seed if order_seed is None else order_seed)
     for _ in range(train.epochs):
         model.train()
-        for batch in torch.from_numpy(orders.permutation(len(y))).split(train.batch_size):
+        order = torch.from_numpy(orders.permutation(len(y)))
+        for start in range(0, len(y), train.batch_size):  # consecutive batches, the last one partial
+            batch = order[start : start + train.batch_size]
             loss = F.cross_entropy(model(x[batch]), y[batch])
             optimiser.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
     model.eval()
+    if not len(shard.y_test):
+        return Plain(accuracy=0.0, wall_s=time.perf_counter() - started)  # as TorchTrainer.accuracy reports it
     with torch.no_grad():
-        logits = torch.cat([model(part) for part in torch.from_numpy(shard.x_test).split(512)])
-    accuracy = float((logits.argmax(dim=1).numpy() == shard.y_test).mean()) if len(shard.y_test) else 0.0
+        x_test = torch.from_numpy(np.ascontiguousarray(shard.x_test))
+        logits = torch.cat([model(x_test[start : start + 512]) for start in range(0, len(x_test), 512)])
+    accuracy = float((logits.argmax(dim=1).numpy() == shard.y_test).mean())
     return Plain(accuracy=accuracy, wall_s=time.perf_counter() - started)
 
 
