@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     replication = parser.add_argument_group(
         "more than one machine",
         "Several nodes, each serving the devices of its own broker and holding the whole knowledge table: "
-        "registrations and updates are replicated through a Redis stream (docs/scaling.md section 6).",
+        "registrations and updates are replicated through a Redis stream (docs/scaling.md section 5).",
     )
     replication.add_argument(
         "--replicate",
