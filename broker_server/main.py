@@ -363,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
                 min_participants=args.fedavg_participants,
             )
         metrics = ServerMetrics()
+        if args.replicate:
+            from broker_server.replication import ReplicatedState
+            from broker_server.replication.metrics import ReplicationCollector
+
+            assert isinstance(service.state, ReplicatedState)
+            metrics.registry.register(ReplicationCollector(service.state))
         if args.defences == "on":
             from broker_server.defences import DefenceCollector
 

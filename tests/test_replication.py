@@ -9,6 +9,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from broker_server.records import Rejected
 from broker_server.replication import (
@@ -25,6 +26,7 @@ from broker_server.replication import (
     encode_entry,
     open_replicated_state,
 )
+from broker_server.replication.metrics import ReplicationCollector
 from broker_server.state_factory import open_state
 from fedwire.constants import ErrorCode, HashKind
 from fedwire.redis_server import RedisServer
@@ -185,6 +187,11 @@ def test_a_bad_log_entry_is_skipped_and_replication_goes_on(tmp_path: Path, redi
         a.commit()
         _wait(lambda: len(_versions(b, "da")) == 2, what="b applied the entry after the bad ones")
         assert b.replication().invalid == 2
+        registry = CollectorRegistry()
+        registry.register(ReplicationCollector(b))
+        assert registry.get_sample_value("fedcache_replication_entries_total", {"outcome": "invalid"}) == 2
+        assert registry.get_sample_value("fedcache_replication_log_down") == 0
+        assert registry.get_sample_value("fedcache_replication_outbox_entries") == 0
     finally:
         writer.close()
         a.close()
