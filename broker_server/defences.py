@@ -56,6 +56,10 @@ class DefenceConfig:
     hub_device_factor: float = 2.5  # ... whose device draws this many times its share of the class's edges: a hub
     refill_slack: int = 4  # rows the caps leave more than this many slots short are searched again, wider
     trust: bool = True  # gate contributors by their device's trust
+    # Use only contributors whose latest knowledge puts its maximum on their own registered label. A sample's
+    # neighbours all carry its label (relations are built class by class), so a contributor that contradicts
+    # that label tells the sample nothing the server can trust: an honest one is wrong there, an attacker lies.
+    label_filter: bool = True
     # Trust: how far a device's evidence lies below the fleet's median, in robust deviations (1.4826 MAD, at
     # least trust_spread): up to trust_z_low deviations trust 1, from trust_z_high on 0 (its knowledge unused).
     trust_z_low: float = 2.0
@@ -168,6 +172,7 @@ class Defences:
         self._in_degree = np.zeros(0, np.int32)
         self._over_quota = np.zeros(0, bool)
         self._label_evidence = np.zeros(0, np.float32)  # per row: argmax == label (1/0), NaN: none
+        self._consistent = np.zeros(0, bool)  # per row: its latest knowledge's argmax is its label
         self._consensus_evidence = np.zeros(0, np.float32)  # per row: 1 - TV to the consensus, NaN: none
         self._sums = np.zeros((0, 4), np.float64)  # per device: label sum, label rows, consensus sum, rows
         self._trust: np.ndarray | None = None  # per device, as of the last computation
@@ -294,7 +299,7 @@ class Defences:
         gather_limit: int = 1 << 22,
     ) -> Teachers:
         """Robust teachers of the rows whose (safe) neighbour rows and contributing mask are given."""
-        used = contributing & self._gated(devices)[owners[neighbours]] if self.config.trust else contributing
+        used = self._usable(contributing, neighbours=neighbours, owners=owners, devices=devices)
         counts = used.sum(axis=1)
         if raw:
             return Teachers(counts=counts.astype(np.uint16), logits=knowledge[neighbours[used]].copy())
@@ -303,6 +308,16 @@ class Defences:
             counts=counts.astype(np.uint16),
             logits=self.aggregate(knowledge, neighbours[teach], used[teach], gather_limit=gather_limit),
         )
+
+    def _usable(self, used: np.ndarray, *, neighbours: np.ndarray, owners: np.ndarray, devices: int) -> np.ndarray:
+        """`used` (rows x R) less the contributors whose device is not trusted or whose knowledge contradicts
+        their label (`label_filter`); `neighbours` are safe row indices."""
+        if self.config.trust:
+            used = used & self._gated(devices)[owners[neighbours]]
+        if self.config.label_filter:
+            self._ensure_rows(owners.shape[0])
+            used = used & self._consistent[neighbours]
+        return used
 
     def aggregate(
         self, knowledge: np.ndarray, neighbours: np.ndarray, mask: np.ndarray, *, gather_limit: int = 1 << 22
@@ -346,7 +361,9 @@ class Defences:
         self._ensure_rows(labels.shape[0])
         self._ensure_devices(devices)
         logits = np.asarray(logits, dtype=np.float32)
-        label = (logits.argmax(axis=1) == labels[rows]).astype(np.float32)
+        consistent = logits.argmax(axis=1) == labels[rows]
+        self._consistent[rows] = consistent
+        label = consistent.astype(np.float32)
         self._replace(self._label_evidence, rows, label, owners=owners, column=0, memory=self.config.memory)
         if not self.config.consensus_rows or not table.shape[0]:
             return
@@ -386,8 +403,7 @@ class Defences:
         present = neighbours >= 0
         safe = np.where(present, neighbours, 0)
         used = present & (versions[safe] >= 0) & (owners[safe] != owners[rows][:, None])
-        if self.config.trust:
-            used &= self._gated(devices)[owners[safe]]
+        used = self._usable(used, neighbours=safe, owners=owners, devices=devices)
         agreement = np.full(rows.size, _NO_EVIDENCE, np.float32)
         some = np.flatnonzero(used.any(axis=1))
         if some.size:
@@ -532,6 +548,7 @@ class Defences:
         self._in_degree = _grown(self._in_degree, size, 0)
         self._over_quota = _grown(self._over_quota, size, False)
         self._label_evidence = _grown(self._label_evidence, size, _NO_EVIDENCE)
+        self._consistent = _grown(self._consistent, size, True)
         self._consensus_evidence = _grown(self._consensus_evidence, size, _NO_EVIDENCE)
 
     def _ensure_devices(self, devices: int) -> None:

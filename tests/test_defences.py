@@ -20,6 +20,7 @@ HASH_DIM = 256
 R = 16
 CONFIG = CacheConfig(classes=CLASSES, hash_kind=HashKind.BINARY, hash_dim=HASH_DIM)
 NO_TRUST = DefenceConfig(trust=False)
+NO_FILTER = DefenceConfig(trust=False, label_filter=False)
 
 
 class Fleet:
@@ -218,7 +219,7 @@ def test_quota_keeps_a_devices_samples_beyond_its_share_of_a_class_out_of_every_
 
 def test_trust_falls_for_a_device_whose_uploads_disagree_with_its_labels_and_its_knowledge_stops_counting() -> None:
     fleet = Fleet(seed=7)
-    cache = fleet.cache(DefenceConfig())
+    cache = fleet.cache(DefenceConfig(label_filter=False))  # the trust gate alone (the filter: the next test)
     liar = 5
     for index in range(fleet.devices):
         fleet.upload(cache, index, fdla(fleet.honest[index]) if index == liar else fleet.honest[index])
@@ -233,6 +234,37 @@ def test_trust_falls_for_a_device_whose_uploads_disagree_with_its_labels_and_its
     table = cache.relations.table[rows]
     from_others = ((table >= 0) & (cache.sample_devices[np.maximum(table, 0)] != liar)).sum(axis=1)
     assert np.array_equal(cache.fetch(rows).counts, from_others)
+
+
+def test_contributors_contradicting_their_own_label_teach_no_one_and_a_row_left_without_any_has_no_teacher() -> None:
+    fleet = Fleet(seed=4)
+    filtered, unfiltered = fleet.cache(DefenceConfig(trust=False)), fleet.cache(NO_FILTER)
+    uploads = []
+    for index in range(fleet.devices):
+        logits = fleet.honest[index].copy()
+        wrong = np.arange(logits.shape[0]) % 3 == 0  # a third of every device's rows argue for another class
+        logits[wrong] = 5.0 * np.eye(CLASSES)[(fleet.labels[index][wrong] + 1) % CLASSES]
+        uploads.append(logits)
+        for cache in (filtered, unfiltered):
+            fleet.upload(cache, index, logits)
+    knowledge = np.concatenate(uploads)  # rows in registration order, device by device
+    consistent = knowledge.argmax(axis=1) == filtered.labels
+    rows = np.arange(filtered.size)
+    table = filtered.relations.table[rows]
+    present = table >= 0
+    expected = (present & consistent[np.maximum(table, 0)]).sum(axis=1)
+    teachers = filtered.fetch(rows)
+    assert np.array_equal(teachers.counts, expected) and expected.min() < R
+    assert np.array_equal(unfiltered.fetch(rows).counts, present.sum(axis=1))
+    taught = teachers.counts > 0
+    assert (teachers.logits.argmax(axis=1) == filtered.labels[rows][taught]).all()
+    # A row whose every neighbour contradicts the label: no teacher at all (the device trains on its label).
+    for index in range(fleet.devices):
+        mask = fleet.labels[index] == 0
+        uploads[index][mask] = 5.0 * np.eye(CLASSES)[1]
+        fleet.upload(filtered, index, uploads[index], version=2)
+    zeros = np.flatnonzero(filtered.labels == 0)
+    assert np.all(filtered.fetch(zeros).counts == 0)
 
 
 def test_trust_ranks_adaptive_and_pcfdla_attackers_below_every_honest_device() -> None:

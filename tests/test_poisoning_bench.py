@@ -52,6 +52,7 @@ def test_the_last_devices_attack_with_the_runs_knobs_and_local_has_no_defences(t
     local = trial_settings(Run(LOCAL, algorithm="local"), SETTING, seed=0, out=tmp_path)
     assert local.defences is None and local.attackers == ()
     assert Run("h", "hub", 0.5).attackers(20) == 1 and Run("p", "pcfdla", 0.01).attackers(20) == 1
+    assert Run("p", "pcfdla", 0.2).options == {"shift": 100.0}  # the strengthened PCFDLA unless told otherwise
 
 
 def test_honest_maua_is_compared_over_the_same_device_ids() -> None:
