@@ -276,6 +276,7 @@ void NativeDevice::handle(const wire::Message& r) {
     hello_acked_ = true;
     if (int64_t(r.registered) >= samples_) {
       registered_ = true;
+      std::fprintf(stderr, "fedcache-device: the server already holds all %lld samples\n", (long long)samples_);
     } else {
       register_next_ = int64_t(r.registered);  // chunks go in order, one at a time: the server's count is a prefix
       send_register_chunk();
@@ -285,6 +286,7 @@ void NativeDevice::handle(const wire::Message& r) {
     register_next_ = std::min<int64_t>(samples_, register_next_ + int64_t(kRegisterChunk));
     if (register_next_ >= samples_) {
       registered_ = true;
+      std::fprintf(stderr, "fedcache-device: registered %lld samples\n", (long long)samples_);
       startup_s_["registration"] = std::round((now() - registration_started_) * 1000) / 1000;
     } else {
       send_register_chunk();
