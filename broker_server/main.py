@@ -428,15 +428,19 @@ def _replication_problem(args: argparse.Namespace) -> str | None:
     """Why --replicate / --node-id cannot be served as given, or None."""
     if not args.replicate:
         return "--node-id needs --replicate" if args.node_id else None
-    from broker_server.replication.node import check_node_id, check_replication_url
+    from broker_server.replication.journal import NodeMismatch
+    from broker_server.replication.node import check_node_directory, check_node_id, check_replication_url
+    from broker_server.state_factory import STATE_DIRNAME
 
     try:
         check_replication_url(args.replicate)
         check_node_id(args.node_id)
     except ValueError as exc:
         return f"{exc} (--replicate needs --node-id NAME, unique among the nodes)" if not args.node_id else str(exc)
-    if args.workers > 1:
-        return "--replicate serves one process per node for now: drop --workers or run more nodes"
+    try:
+        check_node_directory(args.data_dir / STATE_DIRNAME, node=args.node_id)
+    except NodeMismatch as exc:
+        return f"{exc}: give each node its own --data-dir"
     if args.defences == "on":
         return "--replicate does not support --defences on yet: their trust follows each node's own order"
     if args.request_path != "batched":
@@ -445,22 +449,17 @@ def _replication_problem(args: argparse.Namespace) -> str | None:
 
 
 def _replicated_service(args: argparse.Namespace) -> CacheService:
-    """FedCache and the baselines over this node's replicated state (the baselines' states stay local)."""
-    from broker_server.handlers import CacheService, all_algorithms
-    from broker_server.replication import NodeMismatch, open_replicated_state
+    """This node's service over its replicated state (one process; with --workers the state process opens it)."""
+    from broker_server.replication.node import open_replicated_service
     from broker_server.state_factory import STATE_DIRNAME
 
-    try:
-        state = open_replicated_state(
-            args.data_dir / STATE_DIRNAME, node=args.node_id, url=args.replicate, neighbours=args.neighbours
-        )
-    except NodeMismatch as exc:
-        print(f"fedcache server: {exc}: give each node its own --data-dir", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE) from None
-    logging.getLogger("broker_server").info("node %s: replicating through %s", args.node_id, args.replicate)
-    return CacheService(
-        state=state,
-        algorithms=all_algorithms(round_timeout_s=args.round_timeout, min_participants=args.fedavg_participants),
+    return open_replicated_service(
+        args.data_dir / STATE_DIRNAME,
+        node=args.node_id,
+        url=args.replicate,
+        neighbours=args.neighbours,
+        round_timeout_s=args.round_timeout,
+        min_participants=args.fedavg_participants,
     )
 
 
@@ -485,6 +484,8 @@ def _run_workers(
         round_timeout_s=args.round_timeout,
         min_participants=args.fedavg_participants,
         defences=args.defences == "on",
+        replicate=args.replicate or "",
+        node_id=args.node_id,
         metrics_port=args.metrics_port,
         log_level=args.log_level,
         log_format=args.log_format,

@@ -200,6 +200,8 @@ class StateOptions:
     round_timeout_s: float = 120.0
     min_participants: int = 0
     defences: bool = False
+    replicate: str = ""  # redis://...: this node's state is replicated (broker_server/replication), as node_id
+    node_id: str = ""
     metrics_port: int = 0
     log_level: str = "INFO"
     log_format: str = "text"
@@ -218,14 +220,28 @@ def _serve_state(options: StateOptions, stop: threading.Event, ready: Any) -> No
     from broker_server.handlers import CacheService
     from broker_server.metrics import ServerMetrics
 
-    service = CacheService.open(
-        options.state_dir,
-        neighbours=options.neighbours,
-        round_timeout_s=options.round_timeout_s,
-        min_participants=options.min_participants,
-    )
+    if options.replicate:
+        from broker_server.replication.node import open_replicated_service
+
+        service = open_replicated_service(
+            options.state_dir, node=options.node_id, url=options.replicate, neighbours=options.neighbours,
+            round_timeout_s=options.round_timeout_s, min_participants=options.min_participants,
+        )  # fmt: skip
+    else:
+        service = CacheService.open(
+            options.state_dir,
+            neighbours=options.neighbours,
+            round_timeout_s=options.round_timeout_s,
+            min_participants=options.min_participants,
+        )
     try:
         metrics = ServerMetrics()
+        if options.replicate:
+            from broker_server.replication import ReplicatedState
+            from broker_server.replication.metrics import ReplicationCollector
+
+            assert isinstance(service.state, ReplicatedState)
+            metrics.registry.register(ReplicationCollector(service.state))
         if options.defences:
             from broker_server.defences import DefenceCollector
 

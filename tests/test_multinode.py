@@ -1,5 +1,6 @@
-"""Two brokers, two server nodes, one Redis, all real processes: devices on each side learn from the other side's
-knowledge, both nodes' tables converge, and kill -9 of a node or of Redis loses nothing acknowledged."""
+"""Two brokers, two server nodes (one of them `--workers 2`), one Redis, all real processes: devices on each side
+learn from the other side's knowledge, both nodes' tables converge, and kill -9 of a node or of Redis loses nothing
+acknowledged."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from contextlib import closing
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from android_harness.processes import ServerProcess, server_command
-from broker_server.replication.journal import JOURNAL_FILENAME
+from broker_server.replication.journal import JOURNAL_FILENAME, Journal
 from broker_server.state_factory import STATE_DIRNAME, open_state
 from fedwire import Fetch, HashKind, Hello, HelloAck, Knowledge, LogitEncoding, Register, RegisterAck, Update, UpdateAck
 from fedwire import decode as decode_message
@@ -33,14 +35,16 @@ Held = dict[tuple[str, int], tuple[int, bytes]]  # (device, id) -> (version, flo
 class Side:
     """One site: its broker, its server node (a real `main.py --replicate` process) and its devices."""
 
-    def __init__(self, tmp_path: Path, name: str, *, redis_url: str, devices: tuple[str, ...]) -> None:
+    def __init__(
+        self, tmp_path: Path, name: str, *, redis_url: str, devices: tuple[str, ...], options: tuple[str, ...] = ()
+    ) -> None:
         self.name = name
         self.broker = MosquittoBroker(data_dir=tmp_path / f"broker-{name}").start()
         self.data_dir = tmp_path / f"node-{name}"
         self.log = tmp_path / f"node-{name}.log"
         self.command = server_command(
             broker=self.broker.address, data_dir=self.data_dir, client_id=f"node-{name}",
-            options=["--replicate", redis_url, "--node-id", name, "--neighbours", str(NEIGHBOURS)],
+            options=["--replicate", redis_url, "--node-id", name, "--neighbours", str(NEIGHBOURS), *options],
         )  # fmt: skip
         self.node = ServerProcess(command=self.command, broker=self.broker.address, log=self.log).start()
         self.devices = {device: _Device(self.broker.address, device) for device in devices}
@@ -55,13 +59,16 @@ class Side:
         self.broker.stop()
 
 
-def _reply(device: _Device, cid: int) -> object:
-    """The reply carrying `cid` (the broker may hold it while a node comes back)."""
+def _replies(device: _Device, cids: set[int]) -> dict[int, object]:
+    """The replies carrying `cids`, in whatever order they come (a node's front-ends answer in parallel, and the
+    broker may hold them while a node comes back); replies to other requests (resends) are skipped."""
     deadline = time.monotonic() + REPLY_TIMEOUT_S
-    while True:
+    found: dict[int, object] = {}
+    while len(found) < len(cids):
         reply = decode_message(device.replies.get(timeout=max(0.1, deadline - time.monotonic())))
-        if reply.cid == cid:
-            return reply
+        if reply.cid in cids:
+            found[reply.cid] = reply
+    return found
 
 
 def _join(device: _Device, seed: int) -> None:
@@ -105,9 +112,10 @@ class Traffic:
         return self._cid, update
 
     def settle(self, device: _Device, sent: list[tuple[int, Update]]) -> None:
-        """Wait for the replies to `sent` (in order) and record what they acknowledged."""
+        """Wait for the replies to `sent` and record what they acknowledged (in the order sent)."""
+        replies = _replies(device, {cid for cid, _update in sent})
         for cid, update in sent:
-            ack = _reply(device, cid)
+            ack = replies[cid]
             assert isinstance(ack, UpdateAck), ack
             for sample, row in zip(update.ids.tolist(), update.logits, strict=True):
                 self.acknowledged[(device.device, sample)] = (update.version, row.astype("<f4").tobytes())
@@ -171,7 +179,8 @@ def test_two_sites_learn_from_each_other_and_kill_9_loses_nothing_acknowledged(t
     try:
         a = Side(tmp_path, "a", redis_url=redis.url, devices=SIDE_A)
         sides.append(a)
-        b = Side(tmp_path, "b", redis_url=redis.url, devices=SIDE_B)
+        # Node B runs as a state process and two front-ends (--workers 2): its state process replicates.
+        b = Side(tmp_path, "b", redis_url=redis.url, devices=SIDE_B, options=("--workers", "2"))
         sides.append(b)
         for seed, device in enumerate([*a.devices.values(), *b.devices.values()]):
             _join(device, seed)
@@ -237,3 +246,23 @@ def test_two_sites_learn_from_each_other_and_kill_9_loses_nothing_acknowledged(t
         np.testing.assert_array_equal(teachers_a.counts, teachers_b.counts)
         np.testing.assert_array_equal(teachers_a.logits, teachers_b.logits)
         assert [r.device for r in state_a.devices()] == [r.device for r in state_b.devices()]
+
+
+def test_the_cli_refuses_what_a_node_cannot_serve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each refusal is one line and exit status 2, before any broker or state is started."""
+    from broker_server.main import main as server_main
+
+    Journal(tmp_path / "taken" / STATE_DIRNAME, node="a").close()
+    cases = [
+        (["--node-id", "a"], "--node-id needs --replicate"),
+        (["--replicate", "redis://127.0.0.1:1"], "needs --node-id"),
+        (["--replicate", "http://127.0.0.1:1", "--node-id", "a"], "redis://HOST:PORT"),
+        (["--replicate", "redis://127.0.0.1:1", "--node-id", "a/b"], "a node id is"),
+        (["--replicate", "redis://127.0.0.1:1", "--node-id", "a", "--defences", "on"], "--defences on"),
+        (["--replicate", "redis://127.0.0.1:1", "--node-id", "b", "--data-dir", str(tmp_path / "taken")], "node 'a'"),
+    ]
+    for argv, says in cases:
+        data_dir = [] if "--data-dir" in argv else ["--data-dir", str(tmp_path / "fresh")]
+        assert server_main([*argv, *data_dir, "--metrics-port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from broker_server.cache import CacheConfig
@@ -15,6 +16,9 @@ from broker_server.replication.redis_log import LogUnavailable, RedisLog
 from broker_server.replication.replicated_state import ReplicatedState
 from broker_server.store import open_store
 from fedwire.constants import DEFAULT_NEIGHBOURS
+
+if TYPE_CHECKING:
+    from broker_server.handlers import CacheService
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,30 @@ def check_node_id(node: str) -> str:
     if not NODE_ID_PATTERN.match(node):
         raise ValueError(f"a node id is [A-Za-z0-9][A-Za-z0-9_-]{{0,63}}, not {node!r}")
     return node
+
+
+def check_node_directory(path: Path, *, node: str) -> None:
+    """NodeMismatch when the state directory `path` already belongs to another node id."""
+    Journal(path, node=node).close()
+
+
+def open_replicated_service(
+    path: Path,
+    *,
+    node: str,
+    url: str,
+    neighbours: int = DEFAULT_NEIGHBOURS,
+    round_timeout_s: float,
+    min_participants: int,
+) -> CacheService:
+    """FedCache and the baselines over this node's replicated state (the baselines' states stay local)."""
+    from broker_server.handlers import CacheService, all_algorithms
+
+    state = open_replicated_state(path, node=node, url=url, neighbours=neighbours)
+    log.info("node %s: replicating through %s", node, url)
+    return CacheService(
+        state=state, algorithms=all_algorithms(round_timeout_s=round_timeout_s, min_participants=min_participants)
+    )
 
 
 def open_replicated_state(
