@@ -50,6 +50,14 @@ def add_flash_parser(commands: argparse._SubParsersAction) -> None:
     flash.add_argument("--no-deps", action="store_true", help="install only the bundle's wheel, no dependencies")
     flash.add_argument("--start", action="store_true", help="start the device after installing")
     flash.add_argument("--build-only", action="store_true", help="build the bundle, install nothing")
+    flash.add_argument(
+        "--native",
+        action="store_true",
+        help="a native bundle: the C++ device (edge_native/, docs/native.md) instead of the Python one",
+    )
+    flash.add_argument(
+        "--artifacts", type=Path, default=Path("runs/artifacts"), help="with --native: where programs are exported"
+    )
 
     provision = commands.add_parser(
         "provision", help="credentials for devices from the cache server's CA, one directory per device"
@@ -225,7 +233,12 @@ def run_flash(args: argparse.Namespace) -> int:
                     security_dir.reload_broker(admin)
                 return security_dir.provision(admin, config.id, auth=auth, out=directory).credentials
 
-    bundle = build_bundle(config, out, broker=broker, provision=provision)
+    if args.native:
+        from android_harness.native_bundle import build_native_bundle
+
+        bundle = build_native_bundle(config, out, artifacts=args.artifacts, broker=broker, provision=provision)
+    else:
+        bundle = build_bundle(config, out, broker=broker, provision=provision)
     print(f"bundle {bundle.root}: {len(bundle.files)} files, {bundle.total_bytes / 1024:.1f} KiB")
     if args.provision is not None:
         print(f"{config.id}: {args.provision} credentials in {bundle.root / 'credentials'}; broker {broker}")

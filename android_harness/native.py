@@ -142,6 +142,28 @@ def find_training_program(
     raise FileNotFoundError(f"no training program for {arch} {input_shape} in {artifacts}: run python -m export")
 
 
+def ensure_training_program(config: DeviceConfig, *, artifacts: Path) -> None:
+    """Export the training program a native device of `config` runs into `artifacts` unless it is there already."""
+    from edge.backends import has_training_program
+    from edge.data import load_dataset
+    from models.loss import LossSettings
+
+    dataset = load_dataset(config.data.dataset)
+    train = config.train
+    loss = LossSettings(kd_alpha=train.kd_alpha, temperature=train.temperature)
+    if has_training_program(
+        artifacts, arch=train.arch, classes=dataset.classes, input_shape=dataset.input_shape, loss=loss,
+        batch_size=train.batch_size,
+    ):  # fmt: skip
+        return
+    subprocess.run(
+        [sys.executable, "-m", "export", "--arch", train.arch, "--classes", str(dataset.classes), "--input-shape",
+         ",".join(str(n) for n in dataset.input_shape), "--out", str(artifacts), "--kd-alpha", str(loss.kd_alpha),
+         "--temperature", str(loss.temperature), "--batch", str(max(train.batch_size, 8)), "--no-inference"],
+        check=True, stdout=subprocess.DEVNULL, cwd=ROOT,
+    )  # fmt: skip
+
+
 def encoder_program(artifacts: Path, *, kind: str, input_shape: tuple[int, ...], dim: int, seed: int) -> Path:
     """The hash encoder as an ExecuTorch program (the native device runs no ONNX Runtime); exported when missing."""
     shape = "x".join(str(n) for n in input_shape)
@@ -226,6 +248,7 @@ __all__ = [
     "device_command",
     "encoder_program",
     "ensure_built",
+    "ensure_training_program",
     "find_training_program",
     "prepare_native_device",
     "read_weights",

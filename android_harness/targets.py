@@ -102,6 +102,17 @@ echo $? > ../device.exit
 """
 
 
+# A native bundle (android_harness/native_bundle.py) runs its own binary: no venv, no interpreter.
+_RUN_NATIVE_DEVICE = """#!/bin/sh
+# Written by android_harness: run the native device from its bundle alone (bundle as cwd).
+cd "$(dirname "$0")/bundle" || exit 1
+./bin/fedcache-device --config "${1:-device.toml}" &
+echo $! > ../device.pid
+wait $!
+echo $? > ../device.exit
+"""
+
+
 class HostTarget(DeviceTarget):
     """A Linux host reached through a Shell; `launch` prefixes the device command (e.g. `ip netns exec NS`)."""
 
@@ -130,8 +141,12 @@ class HostTarget(DeviceTarget):
             f"cd {self._q}",
             "(cd bundle && sha256sum -c --quiet SHA256SUMS)",
             "rm -rf venv device.pid device.exit",
-            f"{shlex.quote(opts.python)} -m venv{venv_flags} venv",
         ]
+        if bundle.backend == "native":
+            lines.append(f"cat > run-device.sh <<'FEDCACHE_EOF'\n{_RUN_NATIVE_DEVICE}FEDCACHE_EOF")
+            self.shell.run("\n".join(lines))
+            return
+        lines.append(f"{shlex.quote(opts.python)} -m venv{venv_flags} venv")
         if opts.reuse_site_packages:
             purelib = "venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])'"
             lines.append(f'echo {shlex.quote(opts.reuse_site_packages)} > "$({purelib})/fedcache-reused-site.pth"')
@@ -160,7 +175,8 @@ class HostTarget(DeviceTarget):
     def status(self) -> TargetStatus:
         out = self.shell.run(
             f"cd {self._q} 2>/dev/null || {{ echo installed=0; exit 0; }}\n"
-            "installed=0; [ -f bundle/bundle.json ] && [ -x venv/bin/python ] && installed=1\n"
+            "installed=0; [ -f bundle/bundle.json ] && { [ -x venv/bin/python ] || [ -x bundle/bin/fedcache-device ]; }"
+            " && installed=1\n"
             "pid=$(cat device.pid 2>/dev/null || true); code=$(cat device.exit 2>/dev/null || true)\n"
             'running=0; if [ -n "$pid" ] && [ -z "$code" ] && kill -0 "$pid" 2>/dev/null; then running=1; fi\n'
             'echo "installed=$installed running=$running pid=$pid exit=$code"'
