@@ -10,7 +10,7 @@ import pytest
 
 from broker_server.cache import CacheConfig, KnowledgeCache
 from broker_server.cached_state import CachedState
-from broker_server.defences import DefenceConfig, robust_mean
+from broker_server.defences import DefenceConfig, near_copies, robust_mean
 from broker_server.state_factory import open_state
 from edge.attacks import adaptive, fdla, hub_samples, pcfdla
 from fedwire.constants import HashKind
@@ -192,6 +192,25 @@ def test_hub_hashes_take_honest_slots_without_defences_and_are_flagged_and_cappe
             assert not np.isin(table, crafted[flags[crafted]]).any()  # a flagged hub is nobody's neighbour
     assert np.median(holdings["plain"]) >= R / 2  # the threat is real: half the slots or more
     assert holdings["defended"].max() <= DefenceConfig().device_cap
+
+
+def test_near_copies_of_one_devices_hashes_are_flagged_and_real_samples_are_not() -> None:
+    fleet = Fleet(seed=5)
+    hub = hub_samples(
+        fleet.hashes[0], fleet.labels[0], kind=HashKind.BINARY, classes=CLASSES, copies=24,
+        rng=np.random.default_rng(1),
+    )  # fmt: skip
+    hashes = np.concatenate([*fleet.hashes, hub.hashes])
+    labels = np.concatenate([*fleet.labels, hub.labels])
+    owners = np.concatenate([np.full(len(y), i) for i, y in enumerate(fleet.labels)] + [np.zeros(hub.count, int)])
+    crafted = np.zeros(labels.size, bool)
+    crafted[-hub.count :] = True
+    flagged = np.zeros(labels.size, bool)
+    for label in range(CLASSES):
+        members = np.flatnonzero(labels == label)
+        flagged[members] = near_copies(hashes[members], owners[members], kind=HashKind.BINARY, ratio=0.35)
+    assert flagged[crafted].mean() >= 0.9 and flagged[~crafted].mean() <= 0.01
+    assert not near_copies(hashes, owners, kind=HashKind.BINARY, ratio=0.0).any()  # 0: off
 
 
 def test_quota_keeps_a_devices_samples_beyond_its_share_of_a_class_out_of_every_list() -> None:
