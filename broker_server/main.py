@@ -354,7 +354,13 @@ def main(argv: list[str] | None = None) -> int:
         profiles.start()
     try:
         if args.replicate:
-            service = _replicated_service(args)
+            from broker_server.replication.journal import NodeMismatch
+
+            try:
+                service = _replicated_service(args)
+            except NodeMismatch as exc:  # another node claimed the id since the check above
+                print(f"fedcache server: {exc}: give each node its own --node-id", file=sys.stderr)
+                return EXIT_USAGE
         else:
             service = CacheService.open(
                 args.data_dir / STATE_DIRNAME,
@@ -438,9 +444,9 @@ def _replication_problem(args: argparse.Namespace) -> str | None:
     except ValueError as exc:
         return f"{exc} (--replicate needs --node-id NAME, unique among the nodes)" if not args.node_id else str(exc)
     try:
-        check_node_directory(args.data_dir / STATE_DIRNAME, node=args.node_id)
+        check_node_directory(args.data_dir / STATE_DIRNAME, node=args.node_id, url=args.replicate)
     except NodeMismatch as exc:
-        return f"{exc}: give each node its own --data-dir"
+        return f"{exc}: give each node its own --node-id and --data-dir"
     if args.defences == "on":
         return "--replicate does not support --defences on yet: their trust follows each node's own order"
     if args.request_path != "batched":

@@ -65,7 +65,11 @@ def _join(state: ReplicatedState, device: str, seed: int) -> np.ndarray:
 
 
 def _versions(state: ReplicatedState, device: str) -> dict[int, int]:
-    held = state.held(device)
+    """Version per id the state holds for `device` ({} while the device has not reached this node)."""
+    try:
+        held = state.held(device)
+    except Rejected:
+        return {}
     return dict(zip(held.ids.tolist(), held.versions.tolist(), strict=True))
 
 
@@ -248,5 +252,31 @@ def test_while_the_log_is_down_known_devices_rejoin_and_new_ones_are_told_at_onc
         _wait(lambda: not a.replication().log_down, what="the tailer reconnected")
         assert a.hello(device="new", model="m", classes=CLASSES, samples=4, hash_kind=HashKind.BINARY,
                        hash_dim=32).changed  # fmt: skip
+    finally:
+        a.close()
+
+
+def test_one_node_id_belongs_to_one_data_directory(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Two directories under one id would each skip the other's updates as their own: the second is refused."""
+    _open(tmp_path, "a", redis_server.url).close()
+    with pytest.raises(NodeMismatch):
+        open_replicated_state(tmp_path / "elsewhere", node="a", url=redis_server.url, neighbours=4)
+    _open(tmp_path, "a", redis_server.url).close()  # the same directory again (a restart) is fine
+
+
+def test_a_node_started_later_catches_up_from_the_log(tmp_path: Path, redis_server: RedisServer) -> None:
+    a = _open(tmp_path, "a", redis_server.url)
+    try:
+        rows = _join(a, "da", seed=1)
+        a.apply_updates(rows=rows, logits=np.ones((SAMPLES, CLASSES), np.float32), versions=np.full(SAMPLES, 2))
+        a.commit()
+        _wait(lambda: a.replication().backlog == 0, what="a's outbox emptied")
+        late = _open(tmp_path, "late", redis_server.url)
+        try:
+            _wait(lambda: late.stats().with_knowledge == SAMPLES, what="the late node caught up")
+            assert _versions(late, "da") == dict.fromkeys(range(SAMPLES), 2)
+            np.testing.assert_array_equal(late.rows("da", np.arange(SAMPLES)), rows)
+        finally:
+            late.close()
     finally:
         a.close()

@@ -9,6 +9,7 @@ and entries applied again change nothing.
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
 from pathlib import Path
@@ -42,10 +43,14 @@ class Journal:
             self._conn.execute(statement)
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'node'").fetchone()
         if row is None:
-            self._conn.execute("INSERT INTO meta (key, value) VALUES ('node', ?)", (node,))
+            self._conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)", (("node", node), ("token", secrets.token_hex(16)))
+            )
         elif row[0] != node:
             self._conn.close()
             raise NodeMismatch(f"{directory} holds the state of node '{row[0]}', not '{node}'")
+        # Which data directory this is: the log remembers the token of each node id (RedisLog.claim).
+        self.token = str(self._conn.execute("SELECT value FROM meta WHERE key = 'token'").fetchone()[0])
 
     @property
     def cursor(self) -> str:

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 from broker_server.cache import CacheConfig
 from broker_server.cached_state import CachedState
 from broker_server.relations import EXACT_SEARCH_LIMIT
-from broker_server.replication.journal import Journal
+from broker_server.replication.journal import Journal, NodeMismatch
 from broker_server.replication.redis_log import LogUnavailable, RedisLog
 from broker_server.replication.replicated_state import ReplicatedState
 from broker_server.store import open_store
@@ -40,9 +40,25 @@ def check_node_id(node: str) -> str:
     return node
 
 
-def check_node_directory(path: Path, *, node: str) -> None:
-    """NodeMismatch when the state directory `path` already belongs to another node id."""
-    Journal(path, node=node).close()
+def check_node_directory(path: Path, *, node: str, url: str) -> None:
+    """NodeMismatch when the state directory `path` belongs to another node id, or when the log at `url` ties
+    `node` to another data directory (not checked while the log is unreachable)."""
+    journal = Journal(path, node=node)
+    try:
+        _claim(journal, node=node, url=url)
+    except LogUnavailable:
+        pass
+    finally:
+        journal.close()
+
+
+def _claim(journal: Journal, *, node: str, url: str) -> None:
+    probe = RedisLog(url)
+    try:
+        if probe.claim(node, journal.token) != journal.token:
+            raise NodeMismatch(f"node id '{node}' is already used by another data directory at {url}")
+    finally:
+        probe.close()
 
 
 def open_replicated_service(
@@ -88,9 +104,14 @@ def open_replicated_state(
         raise
     probe = RedisLog(url)
     try:
+        _claim(journal, node=node, url=url)
         log.info("node %s: replication log %s holds %d entries; cursor %s", node, url, probe.length(), journal.cursor)
     except LogUnavailable as exc:
         log.warning("node %s: replication log unavailable for now (updates wait in the outbox): %s", node, exc)
+    except BaseException:
+        journal.close()
+        inner.close()
+        raise
     finally:
         probe.close()
     return ReplicatedState(inner=inner, node=node, url=url, journal=journal).start()

@@ -90,6 +90,20 @@ class RedisLog:
             raise LogUnavailable(f"{self.url}: {exc}") from exc
         return self._entries(found)
 
+    def claim(self, node: str, token: str) -> str:
+        """Tie node id `node` to the data directory with `token` (SET NX); returns the token the log holds for it.
+
+        Two data directories under one node id would each skip the other's updates as their own: the second
+        one finds another token here and is refused.
+        """
+        key = f"{self.key}:node:{node}"
+        try:
+            self._redis.set(key, token, nx=True)
+            held = self._redis.get(key)
+        except _TRANSIENT as exc:
+            raise LogUnavailable(f"{self.url}: {exc}") from exc
+        return _text(held) if held is not None else ""
+
     def length(self) -> int:
         """Entries in the stream."""
         try:
