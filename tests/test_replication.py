@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -280,3 +281,31 @@ def test_a_node_started_later_catches_up_from_the_log(tmp_path: Path, redis_serv
             late.close()
     finally:
         a.close()
+
+
+def test_a_failing_store_delays_replication_but_does_not_stop_it(tmp_path: Path, redis_server: RedisServer) -> None:
+    a, b = _open(tmp_path, "a", redis_server.url), _open(tmp_path, "b", redis_server.url)
+    try:
+        rows = _join(a, "da", seed=1)
+        _wait(lambda: b.stats().samples == SAMPLES, what="b has da")
+        commit = b.inner.commit
+        failures = [sqlite3.OperationalError("disk I/O error")]
+
+        def failing_commit() -> None:
+            if failures:
+                raise failures.pop()
+            commit()
+
+        b.inner.commit = failing_commit  # type: ignore[method-assign]
+        a.apply_updates(rows=rows[:3], logits=np.ones((3, CLASSES), np.float32), versions=np.full(3, 4))
+        a.commit()
+        _wait(lambda: b.replication().errors == 1, what="the tailer met the failing store")
+        a.apply_updates(rows=rows[3:5], logits=np.ones((2, CLASSES), np.float32), versions=np.full(2, 4))
+        a.commit()
+        _wait(lambda: len(_versions(b, "da")) == 5, what="replication went on after the failure")
+        b.commit()
+    finally:
+        a.close()
+        b.close()
+    with open_state(tmp_path / "b", neighbours=4, read_only=True) as stored:
+        assert stored.held("da").ids.tolist() == [0, 1, 2, 3, 4]  # the failed commit's updates made it, later

@@ -33,6 +33,11 @@ class ReplicationCollector(Collector):
             entries.add_metric([outcome], getattr(stats, outcome))
         yield entries
         yield CounterMetricFamily(
+            "fedcache_replication_errors",
+            "Failures of the replication threads themselves (see the log); growing: this node stopped learning",
+            value=stats.errors,
+        )
+        yield CounterMetricFamily(
             "fedcache_replication_unresolved_samples",
             "Update rows from the log naming a sample this node does not hold (skipped)",
             value=stats.unresolved,

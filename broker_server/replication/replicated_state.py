@@ -64,6 +64,7 @@ class ReplicationStats(NamedTuple):
     rejected: int  # valid entries the state refused (every node refuses them alike)
     invalid: int  # entries that did not decode: logged and skipped
     unresolved: int  # update rows naming a sample this node does not hold
+    errors: int  # failures of the tailer or sender themselves (a store error, a bug), logged with a traceback
     backlog: int
     cursor: str
     log_down: bool  # the tailer's last read of the log failed
@@ -88,7 +89,7 @@ class ReplicatedState(KnowledgeState):
         self._staged: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._names: list[str] = []
         self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
-        self._counts = {"applied": 0, "rejected": 0, "invalid": 0, "unresolved": 0}
+        self._counts = {"applied": 0, "rejected": 0, "invalid": 0, "unresolved": 0, "errors": 0}
         self._log_down = False  # the tailer's last read failed
         self._log = RedisLog(url)  # the server thread's: appends of hello/register and catching up
         self._stop = threading.Event()
@@ -361,14 +362,19 @@ class ReplicatedState(KnowledgeState):
                     continue
                 if not found:
                     continue
-                with self.lock:
-                    self._apply_all(found)
-                    self.inner.commit()
-                    self._journal.commit(bodies=[], cursor=self._cursor)
-                    self._cursor_moved = False
-        except Exception:
-            log.exception("replication tailer of node %s failed; this node no longer learns others' knowledge",
-                          self.node)  # fmt: skip
+                try:
+                    with self.lock:
+                        self._apply_all(found)
+                        self.inner.commit()
+                        self._journal.commit(bodies=[], cursor=self._cursor)
+                        self._cursor_moved = False
+                except Exception:
+                    # Not an entry's fault (those are EntryError or Rejected, handled one by one): a store that
+                    # failed, or a bug. Applying is idempotent, so wait and go on rather than stop learning for
+                    # good; the error count (and the log) show a problem that does not heal.
+                    self._counts["errors"] += 1
+                    log.exception("node %s could not apply log entries; retrying", self.node)
+                    self._stop.wait(RETRY_S[-1])
         finally:
             reader.close()
 
@@ -379,23 +385,26 @@ class ReplicatedState(KnowledgeState):
         try:
             while True:
                 self._wake.clear()
-                pending = self._journal.pending(SEND_LIMIT)
-                if not pending:
-                    if self._stop.is_set():
-                        return
-                    self._wake.wait(0.5)
-                    continue
                 try:
+                    pending = self._journal.pending(SEND_LIMIT)
+                    if not pending:
+                        if self._stop.is_set():
+                            return
+                        self._wake.wait(0.5)
+                        continue
                     writer.append([body for _seq, body in pending])
                     failures = 0
+                    self._journal.sent(pending[-1][0])
                 except LogUnavailable as exc:
                     if self._stop.is_set():
                         return  # the outbox keeps them for the next start
                     failures = self._wait_out(failures, exc, "sending")
-                    continue
-                self._journal.sent(pending[-1][0])
-        except Exception:
-            log.exception("replication sender of node %s failed; its outbox is re-sent at the next start", self.node)
+                except Exception:
+                    if self._stop.is_set():
+                        return
+                    self._counts["errors"] += 1  # the journal failed, or a bug: the outbox keeps what is unsent
+                    log.exception("node %s could not send its outbox; retrying", self.node)
+                    self._stop.wait(RETRY_S[-1])
         finally:
             writer.close()
 
