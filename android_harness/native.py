@@ -48,7 +48,7 @@ def write_weights(path: Path, tensors: Mapping[str, np.ndarray]) -> Path:
     """Write named float32/int64 tensors as FCW1 (sorted by name, as the C++ side writes them)."""
     out = bytearray(_MAGIC + struct.pack("<I", len(tensors)))
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
+        array = np.asarray(tensors[name], order="C")  # (ascontiguousarray would make scalars 1-D)
         array = array.astype("<i8") if array.dtype.kind in "iu" else array.astype("<f4")
         encoded = name.encode()
         out += struct.pack("<H", len(encoded)) + encoded
