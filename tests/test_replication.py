@@ -309,3 +309,33 @@ def test_a_failing_store_delays_replication_but_does_not_stop_it(tmp_path: Path,
         b.close()
     with open_state(tmp_path / "b", neighbours=4, read_only=True) as stored:
         assert stored.held("da").ids.tolist() == [0, 1, 2, 3, 4]  # the failed commit's updates made it, later
+
+
+def test_others_knowledge_held_in_memory_only_is_replayed_after_a_crash(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """b applies a's updates in memory and would write them to its store later; b dies first (its threads stop,
+    nothing is flushed or closed, as after kill -9): restarted, it replays them from the log."""
+    a = _open(tmp_path, "a", redis_server.url)
+    b = open_replicated_state(tmp_path / "b", node="b", url=redis_server.url, neighbours=4, flush_s=3600)
+    try:
+        rows = _join(a, "da", seed=1)
+        _wait(lambda: b.stats().samples == SAMPLES, what="b has da")
+        a.apply_updates(rows=rows, logits=np.full((SAMPLES, CLASSES), 3.0, np.float32), versions=np.full(SAMPLES, 9))
+        a.commit()
+        _wait(lambda: len(_versions(b, "da")) == SAMPLES, what="b applied a's updates in memory")
+        b.commit()  # a server commit on b meanwhile must not move its cursor past what its store lacks
+        b._stop.set()  # the crash: b's threads stop, its store and journal stay as they are on disk
+        for thread in b._threads:
+            thread.join(timeout=10)
+        with open_state(tmp_path / "b", neighbours=4, read_only=True) as stored:
+            assert stored.held("da").ids.size == 0  # in memory only, never written
+        again = _open(tmp_path, "b", redis_server.url)
+        try:
+            _wait(lambda: _versions(again, "da") == dict.fromkeys(range(SAMPLES), 9), what="b replayed a's updates")
+        finally:
+            again.close()
+        with open_state(tmp_path / "b", neighbours=4, read_only=True) as stored:
+            assert stored.held("da").versions.tolist() == [9] * SAMPLES  # written at the clean stop
+    finally:
+        a.close()

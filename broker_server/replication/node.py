@@ -13,7 +13,7 @@ from broker_server.cached_state import CachedState
 from broker_server.relations import EXACT_SEARCH_LIMIT
 from broker_server.replication.journal import Journal, NodeMismatch
 from broker_server.replication.redis_log import LogUnavailable, RedisLog
-from broker_server.replication.replicated_state import ReplicatedState
+from broker_server.replication.replicated_state import FLUSH_S, ReplicatedState
 from broker_server.store import open_store
 from fedwire.constants import DEFAULT_NEIGHBOURS
 
@@ -88,6 +88,7 @@ def open_replicated_state(
     config: CacheConfig | None = None,
     neighbours: int = DEFAULT_NEIGHBOURS,
     exact_limit: int = EXACT_SEARCH_LIMIT,
+    flush_s: float = FLUSH_S,
 ) -> ReplicatedState:
     """The state in directory `path` (SQLite store and replication journal), replicated through `url`, started.
 
@@ -114,4 +115,4 @@ def open_replicated_state(
         raise
     finally:
         probe.close()
-    return ReplicatedState(inner=inner, node=node, url=url, journal=journal).start()
+    return ReplicatedState(inner=inner, node=node, url=url, journal=journal, flush_s=flush_s).start()
