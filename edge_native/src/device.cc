@@ -453,7 +453,8 @@ void NativeDevice::report(int epoch, bool done) {
   last_report_ = o.str();
   write_atomic(settings_.state_dir + "/last_report.json", last_report_);  // on disk first: a lost message is no loss
   const std::vector<uint8_t> payload(last_report_.begin(), last_report_.end());
-  link_->publish("fedcache/v1/" + settings_.id + "/metrics", payload);
+  const bool published = link_->publish("fedcache/v1/" + settings_.id + "/metrics", payload);
+  final_report_owed_ = done && !published;  // stop() publishes it once the link is back
   std::fprintf(stderr, "fedcache-device: epoch %d accuracy %.4f coverage %.2f up %lld down %lld outbox %lld\n", epoch,
                accuracy, double(covered) / double(samples_), (long long)bytes_up_, (long long)bytes_down_,
                (long long)store_->outbox_size());
@@ -563,11 +564,15 @@ int NativeDevice::stop(double timeout_s) {
     }
   }
   const double deadline = now() + timeout_s;
-  int owed = link_->undelivered();
+  int owed = link_->undelivered() + int(final_report_owed_);
   while (owed > 0 && now() < deadline) {
     link_->maintain();  // paho resends unacknowledged QoS 1 publishes after a reconnect
+    if (final_report_owed_ && link_->connected()) {
+      const std::vector<uint8_t> payload(last_report_.begin(), last_report_.end());
+      final_report_owed_ = !link_->publish("fedcache/v1/" + settings_.id + "/metrics", payload);
+    }
     pump(0.05);
-    owed = link_->undelivered();
+    owed = link_->undelivered() + int(final_report_owed_);
   }
   link_->disconnect(1000);
   return owed;

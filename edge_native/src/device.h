@@ -100,7 +100,7 @@ class NativeDevice {
   int64_t steps_this_run_ = 0;
   std::map<std::string, double> startup_s_;
   std::string last_report_;
-  bool final_reported_ = false;
+  bool final_report_owed_ = false;  // the done report could not be published yet (offline)
 };
 
 }  // namespace fedcache
