@@ -11,7 +11,7 @@
   A sender thread moves the outbox to the log; a tailer thread applies other nodes' entries with the same
   version-guarded rule: idempotent, last writer (highest version) wins per sample, in any order.
 - Other nodes' updates are applied in memory at once and written to this node's store at most FLUSH_S later,
-  once per sample however often it changed meanwhile (a row upsert costs ~6x the in-memory apply). The
+  once per sample however often it changed meanwhile (a row upsert costs several in-memory applies). The
   journal's cursor never passes an entry whose effects are not in the store, so a crash replays at most
   that much of the log, and nothing is lost: the log still holds it.
 - Every accepted update is staged, also one that was not newer here: a node killed between its two commits
