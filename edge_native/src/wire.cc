@@ -85,6 +85,59 @@ void check_document(const msgpack_object& o, int depth) {
   }
 }
 
+// A walk over the raw bytes before msgpack-c sees them: every declared str/bin/ext length and every
+// container count must fit in the bytes that are left (an element takes at least one byte). msgpack-c
+// allocates for the declared counts up front, so without this a 5-byte header claiming 2^32 entries
+// asks for 128 GiB; with it, what a payload can make the decoder allocate is bounded by its own size.
+bool counts_fit(const uint8_t* p, size_t n) {
+  size_t at = 0, pending = 1;  // elements still to read
+  auto big = [&](size_t bytes, uint64_t* out) {
+    if (n - at < bytes) return false;
+    uint64_t v = 0;
+    for (size_t i = 0; i < bytes; ++i) v = (v << 8) | p[at + i];
+    at += bytes;
+    *out = v;
+    return true;
+  };
+  while (pending > 0) {
+    if (at >= n) return false;
+    const uint8_t b = p[at++];
+    --pending;
+    uint64_t len = 0, items = 0;
+    if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3) continue;
+    if (b >= 0xa0 && b <= 0xbf) { len = b & 0x1f; }
+    else if (b >= 0x90 && b <= 0x9f) { items = b & 0x0f; }
+    else if (b >= 0x80 && b <= 0x8f) { items = uint64_t(b & 0x0f) * 2; }
+    else switch (b) {
+      case 0xc4: case 0xd9: if (!big(1, &len)) return false; break;
+      case 0xc5: case 0xda: if (!big(2, &len)) return false; break;
+      case 0xc6: case 0xdb: if (!big(4, &len)) return false; break;
+      case 0xc7: if (!big(1, &len)) return false; len += 1; break;
+      case 0xc8: if (!big(2, &len)) return false; len += 1; break;
+      case 0xc9: if (!big(4, &len)) return false; len += 1; break;
+      case 0xca: case 0xd2: case 0xce: len = 4; break;
+      case 0xcb: case 0xd3: case 0xcf: len = 8; break;
+      case 0xcc: case 0xd0: len = 1; break;
+      case 0xcd: case 0xd1: len = 2; break;
+      case 0xd4: len = 2; break;
+      case 0xd5: len = 3; break;
+      case 0xd6: len = 5; break;
+      case 0xd7: len = 9; break;
+      case 0xd8: len = 17; break;
+      case 0xdc: if (!big(2, &items)) return false; break;
+      case 0xdd: if (!big(4, &items)) return false; break;
+      case 0xde: if (!big(2, &items)) return false; items *= 2; break;
+      case 0xdf: if (!big(4, &items)) return false; items *= 2; break;
+      default: return false;  // 0xc1, never used
+    }
+    if (len > n - at) return false;
+    at += size_t(len);
+    if (items > n - at) return false;
+    pending += size_t(items);
+  }
+  return at == n;
+}
+
 // ---------------------------------------------------------------- one map's fields
 
 struct Map {
@@ -147,7 +200,7 @@ struct Map {
     if (b.size % 4) fail("bad_dtype", where + "." + key + " is not a whole number of uint32");
     if (b.size / 4 > kMaxIds) fail("too_large", where + "." + key + " has more than 8192 ids");
     std::vector<uint32_t> out(b.size / 4);
-    std::memcpy(out.data(), b.ptr, b.size);
+    if (b.size) std::memcpy(out.data(), b.ptr, b.size);
     std::vector<uint32_t> sorted = out;
     std::sort(sorted.begin(), sorted.end());
     if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) fail("bad_shape", where + "." + key +
@@ -406,8 +459,9 @@ Message decode(const uint8_t* data, size_t size) {
   std::unique_ptr<msgpack_unpacked, void (*)(msgpack_unpacked*)> guard(&result, msgpack_unpacked_destroy);
   size_t offset = 0;
   const bool too_large = size > kMaxPayloadBytes;
+  const bool fits = size > 0 && counts_fit(data, size);
   const msgpack_unpack_return ret =
-      msgpack_unpack_next(&result, reinterpret_cast<const char*>(data), size, &offset);
+      fits ? msgpack_unpack_next(&result, reinterpret_cast<const char*>(data), size, &offset) : MSGPACK_UNPACK_PARSE_ERROR;
   const bool parsed = ret == MSGPACK_UNPACK_SUCCESS && offset == size;
   if (!parsed && !too_large) fail("bad_encoding", "not exactly one msgpack document");
   const msgpack_object& root = result.data;
