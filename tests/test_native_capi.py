@@ -1,0 +1,57 @@
+"""The C API an app's JNI or Swift glue calls, driven from plain C through libfedcache_native.so."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from android_harness.native import BUILD_DIR, ensure_built, prepare_native_device
+from broker_server.mqtt_server import CacheServer
+from edge.backends import make_trainer
+from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig
+from fedwire.mosquitto import MosquittoBroker
+from models.loss import LossSettings
+
+FC_OK, FC_DONE, FC_ERROR, FC_NOT_CONFIGURED, FC_BUFFER_TOO_SMALL = 0, 2, -1, -2, -3
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ensure_built()
+    path = tmp_path_factory.getbasetemp() / "artifacts"
+    make_trainer(backend="executorch", arch="cnn", classes=10, in_channels=1, seed=0, lr=0.01, momentum=0.9,
+                 weight_decay=5e-4, loss=LossSettings(), artifacts_dir=path, input_shape=(1, 8, 8))  # fmt: skip
+    return path
+
+
+def test_the_c_api_runs_a_device_life_and_reports_misuse(
+    tmp_path: Path, artifacts: Path, broker: MosquittoBroker, server: CacheServer
+) -> None:
+    config = DeviceConfig(
+        id="capi-device",
+        broker=broker.address.url,
+        state_dir=str(tmp_path / "state"),
+        data=DataConfig(dataset="digits", num_devices=4, alpha=1.0, index=2),
+        train=TrainConfig(arch="cnn", backend="executorch", epochs=1),
+        hash=HashConfig(),
+    )
+    path = prepare_native_device(config, artifacts=artifacts)
+    result = subprocess.run(
+        [str(BUILD_DIR / "fedcache-capi-check"), str(path)], capture_output=True, text=True, timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    calls = json.loads(result.stdout.strip().splitlines()[-1])
+    assert calls["step_unconfigured"] == FC_NOT_CONFIGURED
+    assert calls["bad_config"] == FC_ERROR and "[device] id must be a string" in calls["bad_error"]
+    assert calls["null_config"] == FC_ERROR
+    assert calls["configured"] == FC_OK and calls["small_status"] == FC_BUFFER_TOO_SMALL
+    assert calls["final"] == FC_DONE and calls["calls"] > 1 and calls["owed"] == 0
+    status = calls["status"]
+    assert status["state"] == "done" and status["registered"] is True
+    assert status["last_report"]["done"] is True and status["last_report"]["outbox"] == 0
+    assert server.service.cache.registered("capi-device") == status["last_report"]["train_samples"]
