@@ -40,6 +40,15 @@ int arrived(void* context, char* topic, int topic_len, MQTTClient_message* messa
   return MqttLink::on_message(context, topic, topic_len, message);
 }
 
+// Paho returns negative client errors in an MQTTReasonCodes enum field; read the bits as an int (loading an
+// out-of-range enum value is undefined behaviour, and UBSan says so).
+int reason_of(const MQTTResponse& response) {
+  int rc = 0;
+  static_assert(sizeof(response.reasonCode) == sizeof(int), "MQTTReasonCodes is int-sized");
+  std::memcpy(&rc, &response.reasonCode, sizeof rc);
+  return rc;
+}
+
 }  // namespace
 
 size_t publish_packet_bytes(const std::string& topic, size_t payload_len) {
@@ -145,11 +154,11 @@ bool MqttLink::maintain() {
   MQTTProperties_add(&properties, &expiry);
   MQTTResponse response = MQTTClient_connect5(client, &options, &properties, nullptr);
   MQTTProperties_free(&properties);
-  const int rc = response.reasonCode;
+  const int rc = reason_of(response);
   MQTTResponse_free(response);
   if (rc == MQTTCLIENT_SUCCESS) {
     MQTTResponse sub = MQTTClient_subscribe5(client, down_topic_.c_str(), 1, nullptr, nullptr);
-    const int granted = sub.reasonCode;
+    const int granted = reason_of(sub);
     MQTTResponse_free(sub);
     if (granted == 1 || granted == 0) {
       set_nodelay();
@@ -187,7 +196,7 @@ bool MqttLink::publish(const std::string& topic, const std::vector<uint8_t>& pay
   message.retained = 0;
   MQTTClient_deliveryToken token = 0;
   MQTTResponse response = MQTTClient_publishMessage5(client_, topic.c_str(), &message, &token);
-  const int rc = response.reasonCode;
+  const int rc = reason_of(response);
   MQTTResponse_free(response);
   return rc == MQTTCLIENT_SUCCESS;
 }
