@@ -344,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int, help="training samples per device, 0 = whole shard (default 250)")
     parser.add_argument("--no-hub-bench", action="store_true", help="skip the in-process hub and cost figures")
     parser.add_argument("--reuse", action="store_true", help="keep runs whose report in --out has these settings")
+    parser.add_argument(
+        "--no-run", action="store_true", help="with --reuse: tabulate the reports there, run nothing missing"
+    )
     parser.add_argument("--out", type=Path, help="default runs/poisoning (quick: runs/poisoning-quick)")
     parser.add_argument("--timeout", type=float, default=7200.0, help="per-trial limit in seconds")
     args = parser.parse_args(argv)
@@ -364,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.no_run and not args.reuse:
+        parser.error("--no-run tabulates reused reports: give --reuse too")
     out = args.out or Path("runs/poisoning-quick" if args.quick else "runs/poisoning")
     print(f"# poisoning: {setting.describe()}, seeds {seeds}")
     print(f"machine: {machine_line()}", flush=True)
@@ -372,8 +377,10 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             settings = trial_settings(run, setting, seed=seed, out=out / f"s{seed}" / run.name)
             report = reusable_report(settings.out / "report.json", asdict(settings)) if args.reuse else None
-            print(f"== seed {seed} {run.name}" + (" (reused)" if report is not None else ""), file=sys.stderr,
-                  flush=True)  # fmt: skip
+            state = "reused" if report is not None else ("no report: skipped" if args.no_run else "")
+            print(f"== seed {seed} {run.name}" + (f" ({state})" if state else ""), file=sys.stderr, flush=True)
+            if report is None and args.no_run:
+                continue
             if report is None:
                 report = run_trial(settings, progress=False)
             rows.setdefault(run.name, Row(run, {})).reports[seed] = report
