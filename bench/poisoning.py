@@ -188,7 +188,10 @@ def _spread(values: Sequence[float]) -> str:
 
 
 def difference(row: Row, reference: Row | None, *, arch: str | None = None) -> float | None:
-    """Mean over seeds of (this run's honest MAUA - the reference's over the same ids), in points."""
+    """Mean over seeds of (this run's honest MAUA - the reference's over the same ids), in points; None when
+    the two ran for different numbers of epochs (the `-e2` rows)."""
+    if reference is not None and row.run.epochs != reference.run.epochs:
+        return None
     diffs = [own - other for own, other in row.honest(reference, arch=arch) if other is not None]
     return _mean(diffs) * 100 if diffs else None
 

@@ -391,8 +391,12 @@ class Defences:
         table: np.ndarray,
         versions: np.ndarray,
         devices: int,
+        every_row: bool = False,
     ) -> None:
         """Evidence from freshly applied knowledge of `rows` (logits as stored); replaces those rows' evidence.
+
+        An upload's consensus evidence is a sample of its rows (`consensus_rows`), so serving stays cheap;
+        `every_row` compares all of them (`settle`: evidence rebuilt once, at start-up or inspection).
 
         `labels`, `owners`, `knowledge` and `versions` are the cache's per-row arrays, `table` its neighbour
         table for the rows it covers so far.
@@ -410,7 +414,7 @@ class Defences:
         if not self.config.consensus_rows or not table.shape[0]:
             return
         # Every row of a small update, a strided sample of a large one (its offset moving from update to update).
-        stride = max(1, -(-rows.size // self.config.consensus_rows))
+        stride = 1 if every_row else max(1, -(-rows.size // self.config.consensus_rows))
         self._observed += 1
         offset = int((self._observed * _GOLDEN) % 1.0 * stride)  # a Weyl sequence: no period to fall in step with
         picked = np.arange(offset, rows.size, stride)
@@ -504,8 +508,8 @@ class Defences:
         for start in range(0, pending.size, step):
             part = pending[start : start + step]
             held = {"labels": labels, "owners": owners, "knowledge": knowledge, "table": table, "versions": versions}
-            # Each part counts as an update: its consensus evidence is a sample of it, as for uploads.
-            self.observe(rows=part, logits=knowledge[part], devices=devices, **held)
+            # Every row of every part is compared with its consensus: what the uploads sampled over time, at once.
+            self.observe(rows=part, logits=knowledge[part], devices=devices, every_row=True, **held)
         return int(pending.size)
 
     def scores(self, devices: int) -> tuple[np.ndarray, np.ndarray]:
@@ -565,6 +569,7 @@ class Defences:
                 "label_agreement": round(float(sums[i, 0] / sums[i, 1]), 4) if sums[i, 1] else None,
                 "consensus_agreement": round(float(sums[i, 2] / sums[i, 3]), 4) if sums[i, 3] else None,
                 "evidence_rows": int(sums[i, 1]),
+                "consensus_rows": int(sums[i, 3]),
                 "hub_samples": int(hubs[i]),
                 "over_quota_samples": int(over[i]),
             }

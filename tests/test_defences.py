@@ -340,6 +340,19 @@ def test_evidence_and_trust_come_back_after_a_restart(tmp_path: Path) -> None:
     again.close()
 
 
+def test_evidence_rebuilt_at_start_up_compares_every_row_with_its_consensus() -> None:
+    """Uploads sample their consensus rows (serving stays cheap); a rebuild has no such excuse: a device's
+    consensus agreement after a restart rests on all its rows, not on the 16 of one large part."""
+    fleet = Fleet(seed=3)
+    cache = fleet.cache()
+    for index in range(fleet.devices):
+        fleet.upload(cache, index, fleet.honest[index])
+    defences = cache.defend(DefenceConfig())  # what a restart with defences does: evidence from stored knowledge
+    report = defences.describe([f"dev{i:02d}" for i in range(fleet.devices)], owners=cache.sample_devices)
+    rows = [entry["consensus_rows"] for entry in report["devices"].values()]
+    assert min(rows) >= 0.9 * fleet.per_device and sum(rows) > DefenceConfig().consensus_rows
+
+
 def test_inspect_reports_trust_without_changing_the_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from broker_server.inspection import main as inspect
 
