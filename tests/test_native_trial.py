@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from android_harness.native import ensure_built
 from android_harness.trial import TrialSettings, run_trial
+from broker_server.state_factory import STATE_DIRNAME, open_state
 from edge.backends import make_trainer
 from models.loss import LossSettings
 
@@ -44,6 +46,26 @@ def _server_holdings(server_dir: Path) -> dict[str, tuple[int, int]]:
     return holdings
 
 
+def _neighbour_shares(server_dir: Path, *, native: set[str]) -> dict[str, float]:
+    """Over the relation the server builds from its stored state (opened from a copy): the share of Python
+    devices' samples with a native neighbour holding knowledge, and the converse."""
+    copy = server_dir.parent / "state-copy"
+    shutil.copytree(server_dir / STATE_DIRNAME, copy)
+    with open_state(copy) as state:
+        cache = state.cache  # type: ignore[attr-defined]
+        names = [r.device for r in sorted(cache.devices.values(), key=lambda record: record.index)]
+        is_native = np.array([name in native for name in names])[cache.sample_devices]
+        table = cache.relations.table
+        safe = np.maximum(table, 0)
+        teaching = (table >= 0) & (cache.versions[safe] >= 0)
+        from_native = (teaching & is_native[safe]).any(axis=1)
+        from_python = (teaching & ~is_native[safe]).any(axis=1)
+        return {
+            "python_taught_by_native": float(from_native[~is_native].mean()),
+            "native_taught_by_python": float(from_python[is_native].mean()),
+        }
+
+
 def test_half_native_trial_shares_one_knowledge_cache(artifacts: Path, tmp_path: Path) -> None:
     shutil.copytree(artifacts, tmp_path / "artifacts", dirs_exist_ok=True)
     settings = TrialSettings(out=tmp_path, dataset="digits", devices=4, epochs=3, backends=("torch", "native"))
@@ -60,6 +82,10 @@ def test_half_native_trial_shares_one_knowledge_cache(artifacts: Path, tmp_path:
     holdings = _server_holdings(tmp_path / "server")
     for native in ("dev001", "dev003"):
         assert holdings[native][0] == holdings[native][1] == by_id[native]["train_samples"]
+    # Both directions in the server's own relation: Python devices' samples have native neighbours holding
+    # knowledge (their teachers average native uploads) and native devices' samples have Python ones.
+    shares = _neighbour_shares(tmp_path / "server", native={"dev001", "dev003"})
+    assert shares["python_taught_by_native"] > 0.2 and shares["native_taught_by_python"] > 0.2, shares
     # ... and they spoke the protocol like the Python devices: no request of theirs was rejected.
     for native in ("dev001", "dev003"):
         last = json.loads((tmp_path / "devices" / native / "last_report.json").read_text())
