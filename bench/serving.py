@@ -86,6 +86,8 @@ from fedwire.mqtt import BrokerAddress, Credentials, apply_credentials, connect_
 from fedwire.topics import SERVER_STATUS
 
 CLASSES = 10
+# A request path's variant with the server's defences on (docs/robustness.md).
+DEFENDED = "+defences"
 HASH_BITS = 256
 SEED = 0
 RAW_TOPIC = "bench/raw"
@@ -1497,8 +1499,11 @@ def _start_bench_server(
 ) -> _BenchServer:
     """A fresh server for the variant `path` (a request path, `-wN` for N workers) with its own state under `root`,
     started and awaited through the observer."""
-    request_path, _, workers = path.partition("-w")
+    base, defended = path.removesuffix(DEFENDED), path.endswith(DEFENDED)
+    request_path, _, workers = base.partition("-w")
     options = ["--log-level", "WARNING", "--request-path", request_path]
+    if defended:
+        options += ["--defences", "on"]
     if workers:
         options += ["--workers", workers]
     if args.profile_server:
@@ -1672,6 +1677,12 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the modes: one node, one node writing the replication log, and two nodes on two brokers "
         "over one redis-server (bench/serving_nodes.py; default device counts 100 400, closed loop)",
     )
+    parser.add_argument(
+        "--defences",
+        action="store_true",
+        help=f"each request path also with the server's --defences on (variants PATH{DEFENDED}, measured back to "
+        "back with the plain ones)",
+    )
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     modes = list(dict.fromkeys(args.modes or (["plain", "tls"] if args.tls else ["plain"])))
@@ -1681,6 +1692,8 @@ def main(argv: list[str] | None = None) -> int:
     if "batched" in paths and modes == ["plain"]:
         at = paths.index("batched") + 1
         paths[at:at] = [f"batched-w{n}" for n in sorted(set(args.workers)) if n > 1]
+    if args.defences:
+        paths += [f"{path}{DEFENDED}" for path in list(paths)]
     device_counts = args.devices or ([100] if modes != ["plain"] else [10, 100, 1000])
     duration = args.duration or (4.0 if args.quick else 20.0)
     raw_messages = args.raw_messages or (5000 if args.quick else 20000)

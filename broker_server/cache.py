@@ -192,14 +192,14 @@ class KnowledgeCache:
             self.refresh_relations()
         return self.defences
 
-    def _observe(self, rows: np.ndarray, logits: np.ndarray) -> None:
-        """Hand freshly applied knowledge to the defences' trust evidence."""
+    def _observe(self, rows: np.ndarray, logits: np.ndarray, *, every_row: bool = False) -> None:
+        """Hand freshly applied knowledge to the defences' trust evidence (`every_row`: see Defences.observe)."""
         if self.defences is not None and self._relations is not None:
             self.refresh_relations(rows)  # the consensus needs the rows' neighbours, as their next fetch would
             self.defences.observe(
                 rows=rows, logits=logits, labels=self._labels.view, owners=self._sample_devices.view,
                 knowledge=self._knowledge.view, table=self._relations.table, versions=self._versions.view,
-                devices=len(self._records),
+                devices=len(self._records), every_row=every_row,
             )  # fmt: skip
 
     # ------------------------------------------------------------ read access
@@ -474,7 +474,8 @@ class KnowledgeCache:
 
         A row that appears twice is compared the second time with what the first entry left, exactly as
         separate apply_update() calls would; the whole batch is validated before anything changes. With
-        defences on, entry by entry through apply_update (their evidence follows each update).
+        defences on, the rows the batch changed then give their evidence once, from what they hold now, each
+        compared with its consensus (as the requests' own updates of up to consensus_rows rows would be).
         """
         rows = np.asarray(rows, dtype=np.int64)
         logits = np.asarray(logits, dtype=np.float32)
@@ -482,12 +483,14 @@ class KnowledgeCache:
         if versions.shape != rows.shape:
             raise Rejected(ErrorCode.BAD_SHAPE, f"{rows.size} rows but {versions.size} versions")
         self.check_update(rows=rows, logits=logits, version=int(versions.min()) if versions.size else 0)
-        if self.defences is not None:
-            one = [
-                self.apply_update(rows=rows[i : i + 1], logits=logits[i : i + 1], version=int(v))
-                for i, v in enumerate(versions)
-            ]
-            return np.concatenate(one) if one else np.zeros(0, bool)
+        applied = self._apply_entries(rows=rows, logits=logits, versions=versions)
+        if self.defences is not None and applied.any():
+            changed = np.unique(rows[applied])
+            self._observe(changed, self._knowledge.view[changed], every_row=True)
+        return applied
+
+    def _apply_entries(self, *, rows: np.ndarray, logits: np.ndarray, versions: np.ndarray) -> np.ndarray:
+        """apply_updates' version-guarded writes, entry by entry in order (validated by the caller)."""
         held = self._versions.view
         ordered = np.sort(rows)
         if not (ordered[1:] == ordered[:-1]).any():  # no row twice: all at once

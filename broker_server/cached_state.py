@@ -120,8 +120,8 @@ class CachedState(KnowledgeState):
 
     @property
     def batchable(self) -> bool:
-        """Not with defences on: their trust evidence follows every update as it is applied, one by one."""
-        return self.cache.defences is None
+        """Always: with defences on, a batch's updates give their trust evidence once the batch is applied."""
+        return True
 
     def rows_many(self, devices: Sequence[str], ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.cache.rows_many(devices, ids, counts)

@@ -293,22 +293,30 @@ def _with_a_neighbour_of(service: CacheService, device: str, owner: str) -> np.n
     return _ids_of(device)[position : position + 1]
 
 
-def test_with_defences_on_every_request_is_answered_one_by_one(tmp_path: Path) -> None:
-    """Defences follow each update as it is applied: the state says it is not batchable, and the answers are
-    the per-message path's whatever the arrival order."""
+@pytest.mark.parametrize("seed", range(3))
+def test_with_defences_on_a_batch_is_answered_as_the_per_message_path_answers_it(tmp_path: Path, seed: int) -> None:
+    """Defences take a batch's evidence once its updates are applied (before its fetches, as the per-message
+    path takes each update's before the fetches behind it): the answers are the per-message path's, byte for
+    byte, on the batches of the test above."""
     legacy_service, batched_service = _service(tmp_path / "legacy"), _service(tmp_path / "batched")
     legacy_service.cache.defend()
     batched_service.cache.defend()
-    assert batched_service.batch_state() is None
+    assert batched_service.batch_state() is not None
     legacy, batched = _legacy(legacy_service), _batched(batched_service)
-    requests = Requests(11)
-    for number in range(4):
-        batch = [requests.update(DEVICES[n % 4], 10 + number, combined=True) for n in range(6)]
-        batch += [requests.fetch(DEVICES[n % 4]) for n in range(6)]
+    requests = Requests(100 + seed)
+    warm = [
+        (device, Kind.UPDATE, encode(Update(device=device, cid=1, ids=_ids_of(device),
+                                            logits=requests.logits(SAMPLES), version=1)))
+        for device in DEVICES[:4]
+    ]  # fmt: skip
+    knowledge = 0
+    for batch in [warm] + [_batch(requests, stale_version=1, fresh_version=10 * (n + 2)) for n in range(8)]:
         expected = [_legacy_answer(legacy, *request) for request in batch]
-        assert [a.payload for a in batched.answer(batch)] == expected
         legacy_service.commit()
+        assert [a.payload for a in batched.answer(batch)] == expected
         batched_service.commit()
+        knowledge += sum(isinstance(decode(payload), Knowledge) for payload in expected)
+    assert knowledge > 10
     legacy_service.close()
     batched_service.close()
 
