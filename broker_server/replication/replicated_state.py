@@ -242,9 +242,9 @@ class ReplicatedState(KnowledgeState):
             try:
                 return call()
             except LogUnavailable:
-                if time.monotonic() > deadline:
+                # A back-off against an unreachable Redis (nothing to wait on but time), cut short by stop().
+                if time.monotonic() > deadline or self._stop.wait(RETRY_S[min(attempt, len(RETRY_S) - 1)]):
                     raise
-                time.sleep(RETRY_S[min(attempt, len(RETRY_S) - 1)])
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ knowledge: applied here, staged for the others
