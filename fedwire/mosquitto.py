@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from fedwire import child_process
 from fedwire.constants import MAX_PAYLOAD_BYTES
 from fedwire.mqtt import BrokerAddress
 
@@ -353,20 +354,11 @@ class MosquittoBroker:
         """Graceful stop (SIGTERM): Mosquitto writes its persistence file before it exits."""
         if self.security is not None:
             self.security.run_file.unlink(missing_ok=True)
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        child_process.terminate(self.process, timeout=timeout)
 
     def kill(self) -> None:
         """SIGKILL: what a crash looks like to clients."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        child_process.kill(self.process)
 
     def restart(self) -> None:
         """Stop and start again on the same port and data dir."""

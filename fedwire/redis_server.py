@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from fedwire import child_process
 from fedwire.mosquitto import LOOPBACK, check_port_free, free_port
 
 log = logging.getLogger(__name__)
@@ -119,20 +120,11 @@ class RedisServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM: redis-server flushes its append-only file before it exits."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        child_process.terminate(self.process, timeout=timeout)
 
     def kill(self) -> None:
         """SIGKILL: what a crash of the store looks like to its clients."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        child_process.kill(self.process)
 
     def __enter__(self) -> RedisServer:
         return self.start()
