@@ -1516,7 +1516,12 @@ def _start_bench_server(
         client_id=SECURE_SERVER_ID if identity is not None else f"bench-server-{os.getpid()}-{path}",
         options=options,
     )
-    server = _BenchServer(command=command, broker=broker.address, log=root / "server.log", observer=observer)
+    return launch_bench_server(command, broker=broker, log=root / "server.log", observer=observer)
+
+
+def launch_bench_server(command: list[str], *, broker: MosquittoBroker, log: Path, observer: _Observer) -> _BenchServer:
+    """Start `command` as a bench server and await it through the observer; stopped again if it fails to."""
+    server = _BenchServer(command=command, broker=broker.address, log=log, observer=observer)
     try:
         server.start(timeout=SERVER_START_S)
     except BaseException:

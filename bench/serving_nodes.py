@@ -26,7 +26,6 @@ import redis
 from android_harness.processes import server_command
 from bench._report import markdown_table
 from bench.serving import (
-    SERVER_START_S,
     RawRate,
     StepPlan,
     StepResult,
@@ -35,6 +34,7 @@ from bench.serving import (
     _payload_bytes,
     _stop_bench_server,
     device_names,
+    launch_bench_server,
     measure_raw,
     measure_raw_lean,
     run_step,
@@ -127,13 +127,7 @@ def _node(broker: MosquittoBroker, observer: _Observer, *, root: Path, node: str
     command = server_command(
         broker=broker.address, data_dir=root / "data", client_id=f"bench-node-{os.getpid()}-{node}", options=options
     )
-    server = _BenchServer(command=command, broker=broker.address, log=root / "server.log", observer=observer)
-    try:
-        server.start(timeout=SERVER_START_S)
-    except BaseException:
-        _stop_bench_server(server)
-        raise
-    return server
+    return launch_bench_server(command, broker=broker, log=root / "server.log", observer=observer)
 
 
 def _cursor(server: _BenchServer) -> str:
