@@ -84,3 +84,17 @@ def reuse_install() -> InstallOptions:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
+
+
+@pytest.fixture(scope="session")
+def native_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The native tests' artifacts (the cnn training program at 8x8, exported once) and the native device built."""
+    from android_harness.native import ensure_built
+    from edge.backends import make_trainer
+    from models.loss import LossSettings
+
+    ensure_built()
+    path = tmp_path_factory.getbasetemp() / "artifacts"
+    make_trainer(backend="executorch", arch="cnn", classes=10, in_channels=1, seed=0, lr=0.01, momentum=0.9,
+                 weight_decay=5e-4, loss=LossSettings(), artifacts_dir=path, input_shape=(1, 8, 8))  # fmt: skip
+    return path

@@ -8,31 +8,17 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from android_harness.bundle import Bundle
-from android_harness.native import ensure_built
 from android_harness.targets import make_target
 from broker_server.mqtt_server import CacheServer
-from edge.backends import make_trainer
 from fedwire.mosquitto import MosquittoBroker
-from models.loss import LossSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALLED_LIMIT_BYTES = 25 * 1024 * 1024  # the target for an installed native device
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ensure_built()
-    path = tmp_path_factory.getbasetemp() / "artifacts"
-    make_trainer(backend="executorch", arch="cnn", classes=10, in_channels=1, seed=0, lr=0.01, momentum=0.9,
-                 weight_decay=5e-4, loss=LossSettings(), artifacts_dir=path, input_shape=(1, 8, 8))  # fmt: skip
-    return path
-
-
 def test_flash_native_builds_installs_and_runs(
-    tmp_path: Path, artifacts: Path, broker: MosquittoBroker, server: CacheServer
+    tmp_path: Path, native_artifacts: Path, broker: MosquittoBroker, server: CacheServer
 ) -> None:
     config = tmp_path / "device.toml"
     config.write_text(
@@ -42,7 +28,7 @@ def test_flash_native_builds_installs_and_runs(
     out, root = tmp_path / "bundle", tmp_path / "installed"
     result = subprocess.run(
         [sys.executable, "-m", "android_harness", "flash", "--native", "--target", f"local:{root}", "--device-config",
-         str(config), "--out", str(out), "--artifacts", str(artifacts), "--start"],
+         str(config), "--out", str(out), "--artifacts", str(native_artifacts), "--start"],
         capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,29 +7,16 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from android_harness.native import BUILD_DIR, ensure_built, prepare_native_device
+from android_harness.native import BUILD_DIR, prepare_native_device
 from broker_server.mqtt_server import CacheServer
-from edge.backends import make_trainer
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig
 from fedwire.mosquitto import MosquittoBroker
-from models.loss import LossSettings
 
 FC_OK, FC_DONE, FC_ERROR, FC_NOT_CONFIGURED, FC_BUFFER_TOO_SMALL = 0, 2, -1, -2, -3
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    ensure_built()
-    path = tmp_path_factory.getbasetemp() / "artifacts"
-    make_trainer(backend="executorch", arch="cnn", classes=10, in_channels=1, seed=0, lr=0.01, momentum=0.9,
-                 weight_decay=5e-4, loss=LossSettings(), artifacts_dir=path, input_shape=(1, 8, 8))  # fmt: skip
-    return path
-
-
 def test_the_c_api_runs_a_device_life_and_reports_misuse(
-    tmp_path: Path, artifacts: Path, broker: MosquittoBroker, server: CacheServer
+    tmp_path: Path, native_artifacts: Path, broker: MosquittoBroker, server: CacheServer
 ) -> None:
     config = DeviceConfig(
         id="capi-device",
@@ -39,7 +26,7 @@ def test_the_c_api_runs_a_device_life_and_reports_misuse(
         train=TrainConfig(arch="cnn", backend="executorch", epochs=1),
         hash=HashConfig(),
     )
-    path = prepare_native_device(config, artifacts=artifacts)
+    path = prepare_native_device(config, artifacts=native_artifacts)
     result = subprocess.run(
         [str(BUILD_DIR / "fedcache-capi-check"), str(path)], capture_output=True, text=True, timeout=240,
         env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False,

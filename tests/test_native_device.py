@@ -11,24 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from android_harness.native import device_command, ensure_built, prepare_native_device
+from android_harness.native import device_command, prepare_native_device
 from broker_server.handlers import CacheService
 from broker_server.mqtt_server import CacheServer
-from edge.backends import make_trainer
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig
 from edge.state import DeviceState
 from fedwire.mosquitto import MosquittoBroker
-from models.loss import LossSettings
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's artifacts (the cnn program at 8x8, exported if missing), and the native device built."""
-    ensure_built()
-    path = tmp_path_factory.getbasetemp() / "artifacts"
-    make_trainer(backend="executorch", arch="cnn", classes=10, in_channels=1, seed=0, lr=0.01, momentum=0.9,
-                 weight_decay=5e-4, loss=LossSettings(), artifacts_dir=path, input_shape=(1, 8, 8))  # fmt: skip
-    return path
 
 
 def _config(tmp_path: Path, broker: str, *, epochs: int, device: str = "native-7") -> DeviceConfig:
@@ -58,10 +46,10 @@ def _wait_for(path: Path, process: subprocess.Popen[bytes], log: Path, timeout: 
 
 
 def test_killed_native_device_resumes_where_it_was(
-    tmp_path: Path, artifacts: Path, broker: MosquittoBroker, server: CacheServer
+    tmp_path: Path, native_artifacts: Path, broker: MosquittoBroker, server: CacheServer
 ) -> None:
     config = _config(tmp_path, broker.address.url, epochs=12)
-    path = prepare_native_device(config, artifacts=artifacts)
+    path = prepare_native_device(config, artifacts=native_artifacts)
     state_dir = Path(config.state_dir)
     log = tmp_path / "device.log"
     process = _start(path, log)
@@ -89,14 +77,14 @@ def test_killed_native_device_resumes_where_it_was(
         state.close()
 
 
-def test_native_device_rides_out_a_broker_restart(tmp_path: Path, artifacts: Path) -> None:
+def test_native_device_rides_out_a_broker_restart(tmp_path: Path, native_artifacts: Path) -> None:
     with MosquittoBroker(data_dir=tmp_path / "mosquitto") as broker:
         service = CacheService.open(None)
         server = CacheServer(service=service, address=broker.address, client_id=f"native-test-{time.time_ns()}")
         server.start()
         try:
             config = _config(tmp_path, broker.address.url, epochs=15, device="native-restart")
-            path = prepare_native_device(config, artifacts=artifacts)
+            path = prepare_native_device(config, artifacts=native_artifacts)
             log = tmp_path / "device.log"
             process = _start(path, log)
             _wait_for(Path(config.state_dir) / "checkpoint.fcw", process, log)  # registered and training
@@ -124,16 +112,16 @@ def test_native_device_rides_out_a_broker_restart(tmp_path: Path, artifacts: Pat
         (lambda t: t.replace("[native]", '[native]\nprogram = "x"'), "given twice"),
     ],
 )
-def test_a_bad_config_is_a_clear_error(tmp_path: Path, artifacts: Path, edit: object, message: str) -> None:
-    path = prepare_native_device(_config(tmp_path, "mqtt://127.0.0.1:9", epochs=1), artifacts=artifacts)
+def test_a_bad_config_is_a_clear_error(tmp_path: Path, native_artifacts: Path, edit: object, message: str) -> None:
+    path = prepare_native_device(_config(tmp_path, "mqtt://127.0.0.1:9", epochs=1), artifacts=native_artifacts)
     path.write_text(edit(path.read_text()))  # type: ignore[operator]
     result = subprocess.run(device_command(path), capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
 
 
-def test_a_missing_program_is_a_clear_error(tmp_path: Path, artifacts: Path) -> None:
-    path = prepare_native_device(_config(tmp_path, "mqtt://127.0.0.1:9", epochs=1), artifacts=artifacts)
+def test_a_missing_program_is_a_clear_error(tmp_path: Path, native_artifacts: Path) -> None:
+    path = prepare_native_device(_config(tmp_path, "mqtt://127.0.0.1:9", epochs=1), artifacts=native_artifacts)
     text = path.read_text()
     program = next(line for line in text.splitlines() if line.startswith("program = "))
     path.write_text(text.replace(program, 'program = "/nonexistent/model.train.pte"'))

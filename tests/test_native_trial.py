@@ -9,25 +9,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from android_harness.native import ensure_built
 from android_harness.trial import TrialSettings, run_trial
 from broker_server.state_factory import STATE_DIRNAME, open_state
-from edge.backends import make_trainer
-from models.loss import LossSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's artifacts (cnn program at 8x8), so trials copy them instead of exporting again."""
-    ensure_built()
-    path = tmp_path_factory.getbasetemp() / "artifacts"
-    make_trainer(backend="executorch", arch="cnn", classes=10, in_channels=1, seed=0, lr=0.01, momentum=0.9,
-                 weight_decay=5e-4, loss=LossSettings(), artifacts_dir=path, input_shape=(1, 8, 8))  # fmt: skip
-    return path
 
 
 def _server_holdings(server_dir: Path) -> dict[str, tuple[int, int]]:
@@ -66,8 +52,8 @@ def _neighbour_shares(server_dir: Path, *, native: set[str]) -> dict[str, float]
         }
 
 
-def test_half_native_trial_shares_one_knowledge_cache(artifacts: Path, tmp_path: Path) -> None:
-    shutil.copytree(artifacts, tmp_path / "artifacts", dirs_exist_ok=True)
+def test_half_native_trial_shares_one_knowledge_cache(native_artifacts: Path, tmp_path: Path) -> None:
+    shutil.copytree(native_artifacts, tmp_path / "artifacts", dirs_exist_ok=True)
     settings = TrialSettings(out=tmp_path, dataset="digits", devices=4, epochs=3, backends=("torch", "native"))
     report = run_trial(settings, progress=False)
     assert report["exit_status"] == {f"dev00{i}": 0 for i in range(4)}
@@ -92,9 +78,9 @@ def test_half_native_trial_shares_one_knowledge_cache(artifacts: Path, tmp_path:
         assert last["backend"] == "native" and last["rejections"] == 0 and last["teachers_received"] > 0
 
 
-def test_native_devices_join_a_secure_trial(artifacts: Path, tmp_path: Path) -> None:
+def test_native_devices_join_a_secure_trial(native_artifacts: Path, tmp_path: Path) -> None:
     """TLS with a password device and a certificate device (auth 'mixed'), both native."""
-    shutil.copytree(artifacts, tmp_path / "artifacts", dirs_exist_ok=True)
+    shutil.copytree(native_artifacts, tmp_path / "artifacts", dirs_exist_ok=True)
     settings = TrialSettings(
         out=tmp_path, dataset="digits", devices=2, epochs=1, backends=("native",), security="tls", auth="mixed"
     )
