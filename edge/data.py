@@ -83,6 +83,20 @@ class IdxFormatError(ValueError):
     """A file that is not a well-formed IDX file (bad magic, unknown type, wrong size)."""
 
 
+def _checked_labels(labels: np.ndarray, *, num_devices: int, alpha: float, min_size: int) -> np.ndarray:
+    """`labels` as an array, refused with a clear error where no Dirichlet split of them can exist."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError("labels must be one-dimensional")
+    if num_devices < 1:
+        raise ValueError("num_devices must be >= 1")
+    if alpha <= 0:
+        raise ValueError("alpha must be > 0")
+    if min_size * num_devices > len(labels):
+        raise ValueError(f"{len(labels)} samples cannot give {num_devices} devices {min_size} each")
+    return labels
+
+
 def read_idx(path: Path | str, *, expected_magic: int | None = None) -> np.ndarray:
     """Decode an IDX file (gzipped if the name ends in .gz) into a native-endian numpy array.
 
@@ -273,15 +287,7 @@ def dirichlet_proportions(
     device holds at least `min_size` samples. Returns (indices per device, proportions of shape
     (classes, num_devices)); the proportions let the test split follow the same label distribution.
     """
-    labels = np.asarray(labels)
-    if labels.ndim != 1:
-        raise ValueError("labels must be one-dimensional")
-    if num_devices < 1:
-        raise ValueError("num_devices must be >= 1")
-    if alpha <= 0:
-        raise ValueError("alpha must be > 0")
-    if min_size * num_devices > len(labels):
-        raise ValueError(f"{len(labels)} samples cannot give {num_devices} devices {min_size} each")
+    labels = _checked_labels(labels, num_devices=num_devices, alpha=alpha, min_size=min_size)
     classes = int(labels.max()) + 1 if len(labels) else 0
     rng = np.random.default_rng(np.random.SeedSequence([seed, num_devices]))
     fair_share = len(labels) / num_devices
@@ -348,15 +354,7 @@ def per_class_seeded_proportions(
     `while min_size < 10` loop would spin forever on a split that fails, so a failing split is an error
     here. Returns (sorted indices per device, proportions actually used, shape (classes, num_devices)).
     """
-    labels = np.asarray(labels)
-    if labels.ndim != 1:
-        raise ValueError("labels must be one-dimensional")
-    if num_devices < 1:
-        raise ValueError("num_devices must be >= 1")
-    if alpha <= 0:
-        raise ValueError("alpha must be > 0")
-    if min_size * num_devices > len(labels):
-        raise ValueError(f"{len(labels)} samples cannot give {num_devices} devices {min_size} each")
+    labels = _checked_labels(labels, num_devices=num_devices, alpha=alpha, min_size=min_size)
     classes = int(labels.max()) + 1 if len(labels) else 0
     fair_share = len(labels) / num_devices
     batches: list[list[np.ndarray]] = [[] for _ in range(num_devices)]
