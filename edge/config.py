@@ -64,6 +64,10 @@ class TrainConfig:
     # FedCache's teacher: the server's mean of the R neighbours (default) or every neighbour's row, averaged here
     teacher_form: TeacherForm = TeacherForm.MEAN
     eval_every_epochs: int = 1
+    # Before each evaluation, recompute every batch-norm layer's running mean and variance over this many of the
+    # device's own training samples (0 = off, the running averages training left; at least the shard's count =
+    # all of them; TorchTrainer.recalibrate_batchnorm). Torch backend only: an exported program cannot do it.
+    bn_recalibration: int = 0
     fd_every_batches: int = 0  # FD: upload per-class logits every this many batches; 0 = once per epoch
 
 
@@ -140,6 +144,17 @@ class DeviceConfig:
             raise ValueError(f"train.eval_every_epochs must be >= 1, got {self.train.eval_every_epochs}")
         if self.train.max_samples < 0:
             raise ValueError(f"train.max_samples must be >= 0 (0 = every sample), got {self.train.max_samples}")
+        recalibration = self.train.bn_recalibration
+        if isinstance(recalibration, bool) or not isinstance(recalibration, int) or recalibration < 0:
+            raise ValueError(
+                f"train.bn_recalibration must be >= 0 (0 = off, N = recompute over N training samples), got "
+                f"{recalibration!r}"
+            )
+        if recalibration and self.train.backend != "torch":
+            raise ValueError(
+                f"train.bn_recalibration is implemented for the torch backend only, not for backend "
+                f"{self.train.backend!r} (its training program keeps the running statistics inside); set it to 0"
+            )
         if not 0 <= self.data.index < self.data.num_devices:
             raise ValueError(f"data.index {self.data.index} outside [0, {self.data.num_devices})")
         if self.hash.kind is HashKind.BINARY and self.hash.dim % 8:
@@ -157,6 +172,9 @@ _SECTIONS: dict[str, type] = {
     "security": SecurityConfig,
     "attack": AttackConfig,
 }
+# [train] keys written only when set, so files of devices without them stay as they were (and the native device,
+# which rejects keys it does not know, reads them as before: android_harness.native refuses the setting itself).
+_OMITTED_WHEN_OFF = ("bn_recalibration",)
 _ENUM_FIELDS: dict[str, type] = {"logit_encoding": LogitEncoding, "teacher_form": TeacherForm, "kind": HashKind}
 
 
@@ -202,7 +220,11 @@ def config_to_toml(config: DeviceConfig) -> str:
             continue  # honest devices' files stay as they were
         lines.append(f"\n[{name}]")
         section = getattr(config, name)
-        lines += [f"{f.name} = {_toml_value(getattr(section, f.name))}" for f in fields(section)]
+        lines += [
+            f"{f.name} = {_toml_value(getattr(section, f.name))}"
+            for f in fields(section)
+            if not (name == "train" and f.name in _OMITTED_WHEN_OFF and not getattr(section, f.name))
+        ]
     return "\n".join(lines) + "\n"
 
 

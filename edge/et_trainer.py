@@ -247,5 +247,11 @@ class ExecuTorchTrainer:
             return 0.0
         return float((self.predict(x).argmax(axis=1) == y).mean())
 
+    def recalibrate_batchnorm(self, x: np.ndarray) -> None:
+        """Refused: the program's train method updates running statistics only with its baked momentum, over
+        batches of at most `max_batch`, and exposes no layer's input, so the exact statistics TorchTrainer
+        records cannot be had here (DeviceConfig refuses train.bn_recalibration for this backend first)."""
+        raise NotImplementedError("batch-norm recalibration (train.bn_recalibration) needs the torch backend")
+
 
 __all__ = ["EVAL_BACKENDS", "ExecuTorchRuntime", "ExecuTorchTrainer", "executorch_runtime", "set_threads"]

@@ -60,6 +60,17 @@ def _device_shard(data: DataConfig, *, max_samples: int = 0) -> Shard:
     return limit_train_samples(shard, max_samples=max_samples, seed=data.seed)
 
 
+def recalibration_samples(samples: int, *, wanted: int, seed: int) -> np.ndarray:
+    """Which training samples a device recomputes its batch-norm statistics over (train.bn_recalibration):
+    all of them when `wanted` covers the shard, else a fixed seeded subset, in shard order, so every evaluation
+    (and a resumed run) uses the same ones; none when the setting is off."""
+    if wanted <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if wanted >= samples:
+        return np.arange(samples, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).permutation(samples)[:wanted])
+
+
 class StartupClock:
     """Where a device's start-up went: wall seconds of each phase from process start to its first report.
 
@@ -120,6 +131,9 @@ class DeviceRuntime:
         self.schedule = BatchSchedule(
             samples=len(self.shard.y_train), batch_size=train.batch_size, epochs=train.epochs, seed=train.seed
         )
+        self.recalibration = recalibration_samples(
+            len(self.shard.y_train), wanted=train.bn_recalibration, seed=train.seed
+        )
         self.position = 0
         self.progress = ProgressBeacon(config.state_path)
         checkpoint = self.state.load_checkpoint()
@@ -149,6 +163,15 @@ class DeviceRuntime:
     def _checkpoint(self) -> None:
         self.state.save_checkpoint(Checkpoint(position=self.position, trainer=self.trainer.checkpoint_state()))
         self.algorithm.checkpoint()
+
+    def _recalibrate(self) -> None:
+        """Before an evaluation: the batch-norm statistics over the chosen training samples (train.bn_recalibration).
+
+        Runs before the epoch's checkpoint, so what the device evaluates is what it keeps and resumes from.
+        Training itself is unaffected: a train-mode step normalises by its batch, never by these buffers.
+        """
+        if len(self.recalibration):
+            self.trainer.recalibrate_batchnorm(self.shard.x_train[self.recalibration])
 
     def _report(self, *, epoch: int, done: bool) -> dict[str, Any]:
         accuracy = self.trainer.accuracy(self.shard.x_test, self.shard.y_test)
@@ -202,6 +225,7 @@ class DeviceRuntime:
         x, y = self.shard.x_train, self.shard.y_train
         algorithm = self.algorithm
         epoch_done = self.schedule.epoch_of[self.position - 1] + 1 if self.position else 0
+        self._recalibrate()
         metrics = self._report(epoch=epoch_done, done=self.position == len(self.schedule))
         algorithm.begin(self.position)
         while self.position < len(self.schedule):
@@ -218,9 +242,12 @@ class DeviceRuntime:
             if self._epoch_ends_at(self.position):
                 epoch = self.schedule.epoch_of[self.position - 1] + 1
                 last = self.position == len(self.schedule)
+                evaluate = epoch % self.config.train.eval_every_epochs == 0 or last
                 algorithm.end_epoch(epoch=epoch, last=last)
+                if evaluate:
+                    self._recalibrate()
                 self._checkpoint()
-                if epoch % self.config.train.eval_every_epochs == 0 or last:
+                if evaluate:
                     metrics = self._report(epoch=epoch, done=last)
         return metrics
 

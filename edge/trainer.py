@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,24 @@ import torch
 from torch import nn
 
 from models.loss import LossSettings, fedcache_loss
+
+# Samples per forward pass of a batch-norm recalibration: large enough that a demo device's 250 samples are one
+# pass (so the recorded statistics are exactly the ones its training samples see in that pass), small enough
+# that a whole shard of thousands does not hold every activation of every sample at once.
+RECALIBRATION_CHUNK = 256
+
+
+@dataclass
+class _Moments:
+    """Per-channel sums of one batch-norm layer's input over a recalibration's samples, in float64."""
+
+    total: torch.Tensor
+    squares: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def empty(cls, channels: int) -> _Moments:
+        return cls(torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64))
 
 
 class Sgd:
@@ -121,6 +140,59 @@ class TorchTrainer:
         return student.detach().numpy()
 
     @torch.no_grad()
+    def recalibrate_batchnorm(self, x: np.ndarray, *, chunk: int = RECALIBRATION_CHUNK) -> None:
+        """Replace every batch-norm layer's running mean and variance by its input's statistics over `x`.
+
+        Why: during training the running statistics are an exponential average (momentum 0.1) over batches of
+        a few samples taken while the weights move fast, and the last update of an epoch may come from a batch
+        of two; evaluation then normalises with statistics no current weight produced (docs/benchmarks.md §6).
+        Here the model runs train-mode forward passes without gradients over `x` in chunks of `chunk`, each
+        layer normalising by its chunk's statistics as in training, and each layer's new running mean and
+        (unbiased, as torch keeps it) variance are the exact sample-weighted statistics of its input over all
+        of `x`: with one chunk, what `momentum=None` over one pass records. Parameters, the optimiser's state
+        and `num_batches_tracked` stay as they were; the new buffers stay in the model, so checkpoints and
+        handed-back weights carry them.
+        """
+        layers = [
+            m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
+        if not layers or len(x) == 0:
+            return
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        moments: dict[nn.Module, _Moments] = {}
+
+        def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            values = inputs[0].detach().double().transpose(0, 1).reshape(inputs[0].shape[1], -1)  # channel x rest
+            seen = moments.setdefault(module, _Moments.empty(values.shape[0]))
+            seen.total += values.sum(dim=1)
+            seen.squares += (values * values).sum(dim=1)
+            seen.count += values.shape[1]
+
+        tracking = [layer.track_running_stats for layer in layers]
+        was_training = self.model.training
+        hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+        try:
+            for layer in layers:
+                layer.track_running_stats = False  # train-mode batch statistics, buffers left alone
+            self.model.train()
+            for start in range(0, len(x), chunk):
+                self.model(torch.from_numpy(x[start : start + chunk]))
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for layer, track in zip(layers, tracking, strict=True):
+                layer.track_running_stats = track
+            self.model.train(was_training)
+        for layer in layers:
+            seen = moments[layer]
+            mean = seen.total / seen.count
+            variance = ((seen.squares - seen.count * mean * mean) / max(seen.count - 1, 1)).clamp_min(0)
+            assert layer.running_mean is not None and layer.running_var is not None  # tracking layers have them
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(variance)
+
+    @torch.no_grad()
     def predict(self, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """Logits for many samples, in eval mode."""
         self.model.eval()
@@ -134,4 +206,4 @@ class TorchTrainer:
         return float((self.predict(x).argmax(axis=1) == y).mean())
 
 
-__all__ = ["Sgd", "TorchTrainer"]
+__all__ = ["RECALIBRATION_CHUNK", "Sgd", "TorchTrainer"]
