@@ -57,6 +57,14 @@ def _add_trial_options(parser: argparse.ArgumentParser, *, epochs: int, devices:
         help="fedcache: the server's mean of the R neighbours' logits (default) or every neighbour's row (raw)",
     )
     parser.add_argument(
+        "--bn-recalibration",
+        type=int,
+        default=0,
+        metavar="N",
+        help="before each evaluation, recompute batch-norm statistics over N of each device's training samples "
+        "(0 = off, default; torch backend only; docs/benchmarks.md §6)",
+    )
+    parser.add_argument(
         "--security",
         default="none",
         choices=SECURITY_MODES,
@@ -97,11 +105,23 @@ def _settings(args: argparse.Namespace, *, algorithm: str, out: Path) -> TrialSe
         hash_dim=args.hash_dim,
         encoder_kind=args.encoder_kind,
         logit_encoding=LogitEncoding(args.logit_encoding),
-        extra_train={} if args.teacher == "mean" else {"teacher_form": TeacherForm(args.teacher)},
+        extra_train=_extra_train(args),
         timeout_s=args.timeout,
         security=args.security,
         auth=args.auth or "password",
     )
+
+
+def _extra_train(args: argparse.Namespace) -> dict[str, object]:
+    """The [train] settings the options change from the devices' defaults (only those, so files stay minimal)."""
+    extra: dict[str, object] = {}
+    if args.teacher != "mean":
+        extra["teacher_form"] = TeacherForm(args.teacher)
+    if args.bn_recalibration < 0:
+        raise SystemExit(f"--bn-recalibration {args.bn_recalibration}: 0 (off) or a number of samples")
+    if args.bn_recalibration:
+        extra["bn_recalibration"] = args.bn_recalibration
+    return extra
 
 
 def _attacked(settings: TrialSettings, args: argparse.Namespace) -> TrialSettings:

@@ -45,6 +45,9 @@ class DemoSettings:
     archs: tuple[str, ...] = ARCHS
     max_samples: int = MAX_SAMPLES
     eval_every: int = EVAL_EVERY
+    # Devices recompute batch-norm statistics over this many of their training samples before each evaluation
+    # (train.bn_recalibration; 0 = off, the measured default; docs/benchmarks.md §6).
+    bn_recalibration: int = 0
     alpha: float = ALPHA
     partition: str = "dirichlet"  # edge.data.PARTITIONS
     seed: int = SEED
@@ -62,16 +65,25 @@ class DemoSettings:
             alpha=self.alpha,
             partition=self.partition,
             seed=self.seed,
-            extra_train={"max_samples": self.max_samples, "eval_every_epochs": self.eval_every},
+            extra_train={
+                "max_samples": self.max_samples,
+                "eval_every_epochs": self.eval_every,
+                **({"bn_recalibration": self.bn_recalibration} if self.bn_recalibration else {}),
+            },
             timeout_s=self.timeout_s,
         )
 
     def describe(self) -> str:
         samples = f"at most {self.max_samples} training samples each" if self.max_samples else "whole shards"
         split = "" if self.partition == "dirichlet" else f", {self.partition} split"
+        recalibrated = (
+            f", batch-norm statistics recomputed over {self.bn_recalibration} samples before each evaluation"
+            if self.bn_recalibration
+            else ""
+        )
         return (
             f"{self.devices} devices on {self.dataset} (Dirichlet alpha {self.alpha}{split}, {samples}), "
-            f"{'/'.join(self.archs)}, {self.epochs} local epochs, seed {self.seed}"
+            f"{'/'.join(self.archs)}, {self.epochs} local epochs, seed {self.seed}{recalibrated}"
         )
 
 
@@ -102,6 +114,14 @@ def add_demo_parser(commands: Any) -> None:
         default=EVAL_EVERY,
         help=f"devices evaluate every this many epochs and after the last (default {EVAL_EVERY})",
     )
+    demo.add_argument(
+        "--bn-recalibration",
+        type=int,
+        default=0,
+        metavar="N",
+        help="before each evaluation, devices recompute batch-norm statistics over N of their training samples "
+        "(0 = off, default; docs/benchmarks.md §6)",
+    )
     demo.add_argument("--alpha", type=float, default=ALPHA, help="Dirichlet concentration of the split")
     demo.add_argument(
         "--partition",
@@ -123,6 +143,7 @@ def run_demo(args: argparse.Namespace) -> int:
         archs=tuple(a.strip() for a in args.archs.split(",") if a.strip()),
         max_samples=args.max_samples,
         eval_every=args.eval_every,
+        bn_recalibration=args.bn_recalibration,
         alpha=args.alpha,
         partition=args.partition,
         seed=args.seed,

@@ -204,6 +204,13 @@ def prepare_native_device(config: DeviceConfig, *, artifacts: Path, encoder_kind
     from edge.runtime import _device_shard
     from models.zoo import build_model
 
+    if config.train.bn_recalibration:
+        # The C++ trainer keeps the program's running statistics and has no recalibration; its config reader
+        # rejects the key, so refuse here with the reason rather than let a trial fail in every device.
+        raise ValueError(
+            f"{config.id}: train.bn_recalibration ({config.train.bn_recalibration}) is implemented for the torch "
+            "backend only, not for the native device (edge_native); set it to 0"
+        )
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     shard = _device_shard(config.data, max_samples=config.train.max_samples)

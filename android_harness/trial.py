@@ -159,6 +159,12 @@ class TrialSettings:
                 f"FedAvg averages one architecture's PyTorch weights: got archs {self.archs}, backends "
                 f"{self.backends}; use a single --archs and --backends torch (FedCache and FD allow heterogeneity)"
             )
+        other = sorted(set(self.backends) - {"torch"})
+        if self.extra_train.get("bn_recalibration") and other:
+            raise ValueError(
+                f"bn_recalibration (batch-norm statistics recomputed before each evaluation) is implemented for the "
+                f"torch backend only, not for {other}: run those devices with --backends torch or set it to 0"
+            )
 
 
 @dataclass(frozen=True)
