@@ -29,7 +29,7 @@ REMOTE_TARGETS = ("ssh", "adb")
 _SECTIONS = ("trial", "broker", "server", "devices", "faults")
 _TRIAL_KEYS = (
     "description", "dataset", "epochs", "alpha", "partition", "seed", "algorithm", "timeout",
-    "hash_kind", "hash_dim", "encoder_kind", "logit_encoding",
+    "hash_kind", "hash_dim", "encoder_kind", "logit_encoding", "bn_recalibration",
 )  # fmt: skip
 _BROKER_KEYS = ("url", "security", "auth")
 _SERVER_KEYS = ("neighbours", "defences")
@@ -110,6 +110,12 @@ def parse_spec(data: dict[str, Any], *, out: Path) -> TrialSpec:
         )
 
     neighbours = _opt_int(server, "neighbours", where="[server]", minimum=1)
+    recalibration = _opt_int(trial, "bn_recalibration", where="[trial]", minimum=0) or 0
+    other_backends = sorted({g.backend for g in devices} - {"torch"})
+    if recalibration and other_backends:
+        raise SpecError(
+            f"[trial].bn_recalibration: implemented for the torch backend only; [[devices]] use {other_backends}"
+        )
     dataset = _choice(trial, "dataset", DATASETS, where="[trial]", default="fashion-mnist")
     algorithm = _choice(trial, "algorithm", ALGORITHMS, where="[trial]", default="fedcache")
     defences = (
@@ -137,6 +143,7 @@ def parse_spec(data: dict[str, Any], *, out: Path) -> TrialSpec:
             _choice(trial, "logit_encoding", tuple(e.value for e in LogitEncoding), where="[trial]", default="f16")
         ),
         timeout_s=_number(trial, "timeout", where="[trial]", default=3600.0, positive=True),
+        extra_train={"bn_recalibration": recalibration} if recalibration else {},
         broker_url=url,
         neighbours=neighbours,
         start_after_s=tuple(g.start_after_s for g in per_device) if any(g.start_after_s for g in per_device) else (),
