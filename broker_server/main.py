@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="FedCache knowledge cache server. With no options it starts a private Mosquitto "
         "(persistence on) on 127.0.0.1:1883 and keeps its state in ./fedcache-data.",
         epilog="python broker_server/main.py inspect --data-dir DIR [--json]: print what the state in DIR holds, "
-        "read-only (see inspect --help).",
+        "read-only (see inspect --help). python broker_server/main.py replication status|forget|seed: the "
+        "replication log's nodes and trimming (see replication --help).",
     )
     parser.add_argument(
         "--broker",
@@ -281,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         from broker_server.inspection import main as inspect
 
         return inspect(argv[1:], prog="python broker_server/main.py inspect", default_data_dir=DEFAULT_DATA_DIR)
+    if argv[:1] == ["replication"]:
+        from broker_server.replication.admin import main as replication
+
+        return replication(argv[1:], prog="python broker_server/main.py replication")
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     log = logging.getLogger("broker_server")
@@ -436,6 +441,7 @@ def _replication_problem(args: argparse.Namespace) -> str | None:
         return "--node-id needs --replicate" if args.node_id else None
     from broker_server.replication.journal import NodeMismatch
     from broker_server.replication.node import check_node_directory, check_node_id, check_replication_url
+    from broker_server.replication.redis_log import CursorTrimmed
     from broker_server.state_factory import STATE_DIRNAME
 
     try:
@@ -447,6 +453,8 @@ def _replication_problem(args: argparse.Namespace) -> str | None:
         check_node_directory(args.data_dir / STATE_DIRNAME, node=args.node_id, url=args.replicate)
     except NodeMismatch as exc:
         return f"{exc}: give each node its own --node-id and --data-dir"
+    except CursorTrimmed as exc:
+        return str(exc)
     if args.defences == "on":
         return "--replicate does not support --defences on yet: their trust follows each node's own order"
     if args.request_path != "batched":

@@ -38,6 +38,16 @@ class ReplicationCollector(Collector):
             value=stats.errors,
         )
         yield CounterMetricFamily(
+            "fedcache_replication_trimmed_entries",
+            "Log entries this node's trims removed (every claimed node had applied them durably)",
+            value=stats.trimmed_entries,
+        )
+        yield GaugeMetricFamily(
+            "fedcache_replication_forgotten",
+            "1 when an operator forgot this node in the log while it ran: it may miss entries; seed it again",
+            value=stats.forgotten,
+        )
+        yield CounterMetricFamily(
             "fedcache_replication_unresolved_samples",
             "Update rows from the log naming a sample this node does not hold (skipped)",
             value=stats.unresolved,

@@ -16,12 +16,15 @@
   that much of the log, and nothing is lost: the log still holds it.
 - Every accepted update is staged, also one that was not newer here: a node killed between its two commits
   gets the request again from the broker, finds it already applied, and must still hand it to the others.
+- Every TRIM_S the tailer publishes the node's durable cursor and trims the log below the lowest cursor of all
+  nodes (redis_log.py), so the log holds only what some node has yet to apply durably.
 
 Not thread-safe for its callers (one server thread, as every KnowledgeState); its own threads take `lock`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -58,6 +61,7 @@ FLUSH_ROWS = 1 << 18  # ... or sooner, once this many rows wait
 # error reply (the node's other requests wait meanwhile); not at all while the tailer finds the log down.
 LOG_WAIT_S = 5.0
 RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+TRIM_S = 10.0  # how often a node publishes its durable cursor and trims the log below every node's
 _KEPT_OUTCOMES = 1024  # answers of this node's own hello / register entries, kept until their request takes them
 SOCKET_JOIN_S = 15.0
 _T = TypeVar("_T")
@@ -74,6 +78,9 @@ class ReplicationStats(NamedTuple):
     backlog: int
     cursor: str
     log_down: bool  # the tailer's last read of the log failed
+    trimmed: str  # the log's trimmed point as this node last saw it: entries before it are gone
+    trimmed_entries: int  # entries this node's trims removed
+    forgotten: bool  # an operator dropped this node's claim while it ran: it no longer holds trimming back
 
 
 Outcome = Admission | Registration | Rejected | None
@@ -82,7 +89,16 @@ Outcome = Admission | Registration | Rejected | None
 class ReplicatedState(KnowledgeState):
     """`inner` (the node's own CachedState and SQLite store) kept alike with every other node's through the log."""
 
-    def __init__(self, *, inner: CachedState, node: str, url: str, journal: Journal, flush_s: float = FLUSH_S) -> None:
+    def __init__(
+        self,
+        *,
+        inner: CachedState,
+        node: str,
+        url: str,
+        journal: Journal,
+        flush_s: float = FLUSH_S,
+        trim_s: float = TRIM_S,
+    ) -> None:
         if inner.cache.defences is not None:
             raise ValueError("replication does not support defences yet: their trust follows the local order")
         self.inner = inner
@@ -101,6 +117,10 @@ class ReplicatedState(KnowledgeState):
         self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
         self._counts = {"applied": 0, "rejected": 0, "invalid": 0, "unresolved": 0, "errors": 0}
         self._log_down = False  # the tailer's last read failed
+        self._trim_s = trim_s
+        self._trimmed = "0-0"
+        self._trimmed_entries = 0
+        self._forgotten = False
         self._log = RedisLog(url)  # the server thread's: appends of hello/register and catching up
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -161,7 +181,13 @@ class ReplicatedState(KnowledgeState):
         """Counters, outbox backlog and cursor, for logs, metrics and tests."""
         with self.lock:
             return ReplicationStats(
-                **self._counts, backlog=self._journal.backlog(), cursor=self._cursor, log_down=self._log_down
+                **self._counts,
+                backlog=self._journal.backlog(),
+                cursor=self._cursor,
+                log_down=self._log_down,
+                trimmed=self._trimmed,
+                trimmed_entries=self._trimmed_entries,
+                forgotten=self._forgotten,
             )
 
     # ------------------------------------------------------------ registrations: through the log, in its order
@@ -382,9 +408,13 @@ class ReplicatedState(KnowledgeState):
         """Apply what the log holds beyond the cursor, commit, repeat; waits out an unavailable log."""
         reader = RedisLog(self.url)
         failures = 0
+        trim_at = time.monotonic() + self._trim_s
         try:
             while not self._stop.is_set():
                 try:
+                    if time.monotonic() >= trim_at:
+                        self._publish_and_trim(reader)
+                        trim_at = time.monotonic() + self._trim_s
                     found = reader.read(after=self._cursor, count=READ_COUNT, block_ms=TAIL_BLOCK_MS)
                     failures = 0
                     self._log_down = False
@@ -410,6 +440,25 @@ class ReplicatedState(KnowledgeState):
                     self._stop.wait(RETRY_S[-1])
         finally:
             reader.close()
+
+    def _publish_and_trim(self, log_: RedisLog) -> None:
+        """Tell the log how far this node's store holds its effects, then trim what every node holds."""
+        with self.lock:
+            durable = self._durable
+        claimed, _trimmed = log_.publish_cursor(self.node, self._journal.token, durable)
+        if not claimed and not self._forgotten:
+            log.error(
+                "node %s was forgotten in the log (replication forget) while running: it no longer holds trimming "
+                "back and may miss entries; stop it and seed it again from a peer",
+                self.node,
+            )
+        self._forgotten = not claimed
+        trimmed, removed = log_.trim()
+        with self.lock:
+            self._trimmed = trimmed
+            self._trimmed_entries += removed
+        if removed:
+            log.info("node %s trimmed %d log entries (the log now starts after %s)", self.node, removed, trimmed)
 
     def _send_loop(self) -> None:
         """Move outbox entries to the log, oldest first; an entry leaves the outbox only once the log has it."""
@@ -461,6 +510,8 @@ class ReplicatedState(KnowledgeState):
                 self._flush()
             except Exception:  # the log still holds it: the next start applies it again
                 log.exception("node %s could not write others' knowledge to its store at shutdown", self.node)
+            with contextlib.suppress(LogUnavailable):  # while this node is down, the log keeps what it lacks
+                self._log.publish_cursor(self.node, self._journal.token, self._durable)
             self._log.close()
             self._journal.close()
             self.inner.close()
