@@ -11,6 +11,7 @@ from types import TracebackType
 import numpy as np
 
 from broker_server.records import DeviceRecord
+from broker_server.wal_checkpointer import WalCheckpointer
 from fedwire.constants import HashKind
 
 STORE_FILENAME = "fedcache.sqlite3"
@@ -305,6 +306,7 @@ class SqliteStore(StateStore):
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
         self._closed = False
+        self._checkpointer: WalCheckpointer | None = None
         if read_only:
             self._conn = _connect_read_only(self.path)
             return
@@ -321,6 +323,7 @@ class SqliteStore(StateStore):
             self._conn.execute(statement)
         self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._conn.execute("COMMIT")
+        self._checkpointer = WalCheckpointer(self._conn, self.path)
 
     def _begin(self) -> None:
         if not self._conn.in_transaction:
@@ -450,6 +453,8 @@ class SqliteStore(StateStore):
         self._closed = True
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self._conn.close()
 
 

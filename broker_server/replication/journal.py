@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from broker_server.store import SQLITE_BUSY_TIMEOUT_MS
+from broker_server.wal_checkpointer import WalCheckpointer
 
 JOURNAL_FILENAME = "replication.sqlite3"
 START_CURSOR = "0-0"
@@ -51,6 +52,7 @@ class Journal:
             raise NodeMismatch(f"{directory} holds the state of node '{row[0]}', not '{node}'")
         # Which data directory this is: the log remembers the token of each node id (RedisLog.claim).
         self.token = str(self._conn.execute("SELECT value FROM meta WHERE key = 'token'").fetchone()[0])
+        self._checkpointer: WalCheckpointer | None = WalCheckpointer(self._conn, self.path)  # commits per batch too
 
     @property
     def cursor(self) -> str:
@@ -96,4 +98,7 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
             self._conn.close()
