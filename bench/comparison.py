@@ -15,7 +15,15 @@ full device shards, but a few local epochs (`--epochs`) instead of hundreds of r
 `--reuse` keeps every method whose report in `--out` was made with the same settings, so a long run
 can be resumed or extended by one method.
 
-    python -m bench comparison [--quick] [--setting S] [--epochs N] [--methods M,..] [--reuse] [--out DIR]
+`--seeds 0,1,2` repeats the methods of `--seeded-methods` (default FedCache and local) on every partition
+seed (the split, the initial weights and the batch order all follow the seed) and the others on the first
+seed only; a second table then gives each method's MAUA over its seeds (mean, min, max) and, against local
+training on the same seeds, each device's accuracy gain averaged over the seeds: the worst device's, and how
+many devices lose more than a point. A seed's runs sit in `--out`/<method>-s<seed> (the first seed's in
+`--out`/<method>, as before, so earlier runs are reused).
+
+    python -m bench comparison [--quick] [--setting S] [--epochs N] [--methods M,..] [--seeds S,..] [--reuse]
+                               [--out DIR]
 """
 
 from __future__ import annotations
@@ -118,6 +126,87 @@ def maua_by_arch(devices: list[dict[str, Any]]) -> dict[str, float]:
     for device in devices:
         accuracies.setdefault(device["arch"], []).append(device["accuracy"])
     return {arch: sum(values) / len(values) for arch, values in sorted(accuracies.items())}
+
+
+@dataclass(frozen=True)
+class SeedSummary:
+    """One method over its seeds, and its devices against local training on the same seeds."""
+
+    method: str
+    seeds: tuple[int, ...]
+    maua_mean: float
+    maua_min: float
+    maua_max: float
+    gain_over_local: float | None  # mean over the common seeds of MAUA - local MAUA, points
+    worst_device_gain: float | None  # the lowest per-device gain over local, averaged over the common seeds, points
+    devices_below_local: int | None  # devices whose averaged gain is below -1 point
+
+
+def device_accuracies(report: dict[str, Any]) -> dict[str, float]:
+    """Final accuracy per device id."""
+    return {device["id"]: float(device["accuracy"]) for device in report["devices"]}
+
+
+def seed_summary(
+    method: str, reports: dict[int, dict[str, Any]], local: dict[int, dict[str, Any]] | None = None
+) -> SeedSummary:
+    """`method`'s reports by seed summarised; per-device gains use the seeds local training also ran."""
+    if not reports:
+        raise ValueError(f"{method}: no reports to summarise")
+    mauas = [float(report["maua"]) for report in reports.values()]
+    common = sorted(set(reports) & set(local or {})) if method != "local" else []
+    gain = worst = below = None
+    if common and local is not None:
+        gain = 100 * sum(float(reports[s]["maua"]) - float(local[s]["maua"]) for s in common) / len(common)
+        per_device: dict[str, list[float]] = {}
+        for seed in common:
+            mine, theirs = device_accuracies(reports[seed]), device_accuracies(local[seed])
+            for device in mine.keys() & theirs.keys():
+                per_device.setdefault(device, []).append(100 * (mine[device] - theirs[device]))
+        averaged = [sum(values) / len(values) for values in per_device.values()]
+        worst = min(averaged) if averaged else None
+        below = sum(1 for value in averaged if value < -1.0)
+    return SeedSummary(
+        method=method,
+        seeds=tuple(sorted(reports)),
+        maua_mean=sum(mauas) / len(mauas),
+        maua_min=min(mauas),
+        maua_max=max(mauas),
+        gain_over_local=gain,
+        worst_device_gain=worst,
+        devices_below_local=below,
+    )
+
+
+SEED_HEADERS = (
+    "method",
+    "seeds",
+    "MAUA mean",
+    "MAUA min - max",
+    "vs local, points (mean over seeds)",
+    "worst device vs local, points (averaged over seeds)",
+    "devices more than 1 point below local",
+)
+
+
+def seed_rows(summaries: list[SeedSummary]) -> list[list[object]]:
+    """The seed table's rows."""
+
+    def points(value: float | None) -> str:
+        return "-" if value is None else f"{value:+.2f}"
+
+    return [
+        [
+            s.method,
+            ",".join(str(seed) for seed in s.seeds),
+            f"{s.maua_mean:.4f}",
+            f"{s.maua_min:.4f} - {s.maua_max:.4f}",
+            points(s.gain_over_local),
+            points(s.worst_device_gain),
+            "-" if s.devices_below_local is None else str(s.devices_below_local),
+        ]
+        for s in summaries
+    ]
 
 
 def applicable(method: Method, archs: tuple[str, ...]) -> bool:
@@ -243,6 +332,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="keep methods whose report in --out has these settings")
     parser.add_argument("--out", type=Path, help="default runs/comparison[-SETTING] (quick: runs/comparison-quick)")
     parser.add_argument("--timeout", type=float, default=7200.0, help="per-trial limit in seconds")
+    parser.add_argument("--seeds", default="0", help="comma-separated partition seeds (default 0)")
+    parser.add_argument(
+        "--seeded-methods", default="fedcache,local",
+        help="methods run on every seed of --seeds; the others run on the first seed only",
+    )  # fmt: skip
+    parser.add_argument(
+        "--partition", default="dirichlet", help="edge.data's partition (dirichlet-per-class: published)"
+    )
+    parser.add_argument(
+        "--bn-recalibration", type=int, default=0,
+        help="every device recomputes batch-norm statistics over this many training samples before each evaluation",
+    )  # fmt: skip
+    parser.add_argument("--max-samples", type=int, default=0, help="training samples per device (0: whole shards)")
     args = parser.parse_args(argv)
 
     from android_harness.trial import TrialSettings, run_trial
@@ -253,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     archs = tuple(a.strip() for a in args.archs.split(",")) if args.archs else SETTINGS[args.setting]
     default_out = "runs/comparison" + ("" if args.setting == "cnn" else f"-{args.setting}")
     out = args.out or Path("runs/comparison-quick" if args.quick else default_out)
-    chosen = METHODS
+    chosen: tuple[Method, ...] = METHODS
     if args.methods:
         names = [n.strip() for n in args.methods.split(",")]
         unknown = set(names) - {m.name for m in METHODS}
@@ -266,28 +368,50 @@ def main(argv: list[str] | None = None) -> int:
         f"# comparison: {dataset}, {devices} devices, Dirichlet alpha {args.alpha}, {epochs} epochs, {','.join(archs)}"
     )
     print(f"machine: {machine_line()}", flush=True)
+    seeds = [int(value) for value in args.seeds.split(",")]
+    seeded = {name.strip() for name in args.seeded_methods.split(",")}
+    extra: dict[str, Any] = {}
+    if args.bn_recalibration:
+        extra["bn_recalibration"] = args.bn_recalibration
+    if args.max_samples:
+        extra["max_samples"] = args.max_samples
     outcomes = []
+    reports: dict[str, dict[int, dict[str, Any]]] = {}
     for method in chosen:
-        settings = TrialSettings(
-            out=out / method.name.replace(" ", "-"),
-            dataset=dataset,
-            devices=devices,
-            epochs=epochs,
-            algorithm=method.algorithm,
-            archs=archs,
-            alpha=args.alpha,
-            logit_encoding=method.logit_encoding,
-            hash_kind=method.hash_kind,
-            extra_train=dict(method.extra_train),
-            timeout_s=args.timeout,
-        )
-        report = reusable_report(settings.out / "report.json", asdict(settings)) if args.reuse else None
-        print(f"== {method.name}" + (" (reused)" if report is not None else ""), file=sys.stderr, flush=True)
-        outcomes.append(outcome_of(method.name, report if report is not None else run_trial(settings, progress=False)))
+        for seed in seeds if method.name in seeded else seeds[:1]:
+            folder = method.name.replace(" ", "-") + ("" if seed == seeds[0] and seed == 0 else f"-s{seed}")
+            settings = TrialSettings(
+                out=out / folder,
+                dataset=dataset,
+                devices=devices,
+                epochs=epochs,
+                algorithm=method.algorithm,
+                archs=archs,
+                alpha=args.alpha,
+                seed=seed,
+                partition=args.partition,
+                logit_encoding=method.logit_encoding,
+                hash_kind=method.hash_kind,
+                extra_train={**method.extra_train, **extra},
+                timeout_s=args.timeout,
+            )
+            report = reusable_report(settings.out / "report.json", asdict(settings)) if args.reuse else None
+            print(f"== {method.name}, seed {seed}" + (" (reused)" if report is not None else ""), file=sys.stderr,
+                  flush=True)  # fmt: skip
+            if report is None:
+                report = run_trial(settings, progress=False)
+            reports.setdefault(method.name, {})[seed] = report
+        outcomes.append(outcome_of(method.name, reports[method.name][min(reports[method.name])]))
     target = args.target if args.target is not None else default_target(outcomes)
     print(f"\ntarget MAUA {target:.4f}; bytes are MQTT PUBLISH packet bytes counted by each device's link\n")
     rows = comparison_rows(outcomes, target=target, devices=devices, epochs=epochs, archs=archs)
+    if len(seeds) > 1:
+        print(f"seed {min(seeds)} of each method (bytes and curves; MAUA over the seeds in the next table):\n")
     print(markdown_table(headers(archs), rows))
+    summaries = [seed_summary(name, by_seed, reports.get("local")) for name, by_seed in reports.items()]
+    if len(seeds) > 1 or "local" in reports:
+        print("\nover the seeds (per-device gains against local training on the same seed and split):\n")
+        print(markdown_table(SEED_HEADERS, seed_rows(summaries)))
     for name in skipped:
         print(f"\n{name}: not applicable, it averages one architecture's weights and the devices run {set(archs)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -298,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": epochs,
         "alpha": args.alpha,
         "archs": list(archs),
+        "seeds": seeds,
+        "partition": args.partition,
+        "extra_train": extra,
         "target": target,
         "not_applicable": skipped,
         "methods": {
@@ -312,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             for o in outcomes
         },
+        "over_seeds": {summary.method: asdict(summary) for summary in summaries},
     }
     (out / "comparison.json").write_text(json.dumps(summary, indent=2))
     print(f"\nplot: {out / 'comparison.png'}  figures: {out / 'comparison.json'}  trial reports: {out}/<method>/")

@@ -124,3 +124,35 @@ def test_a_report_is_reused_only_when_made_with_the_same_settings(tmp_path: Path
     assert reusable_report(path, asdict(moved)) is not None
     for changed in (replace(settings, epochs=4), replace(settings, archs=("cnn",)), replace(settings, extra_train={})):
         assert reusable_report(path, asdict(changed)) is None
+
+
+def _report(maua: float, accuracies: dict[str, float]) -> dict:
+    return {"maua": maua, "devices": [{"id": d, "accuracy": a} for d, a in accuracies.items()]}
+
+
+def test_seed_summary_averages_each_devices_gain_over_the_seeds_before_taking_the_worst() -> None:
+    from bench.comparison import seed_rows, seed_summary
+
+    local = {0: _report(0.70, {"d0": 0.70, "d1": 0.70}), 1: _report(0.60, {"d0": 0.60, "d1": 0.60})}
+    # d1 loses 3 points on seed 0 and gains 1 on seed 1: -1.0 on average, not below -1; d0 gains on both.
+    fedcache = {
+        0: _report(0.72, {"d0": 0.77, "d1": 0.67}),
+        1: _report(0.63, {"d0": 0.65, "d1": 0.61}),
+        2: _report(0.99, {"d0": 0.99, "d1": 0.99}),  # no local run on seed 2: in the MAUA only
+    }
+    summary = seed_summary("fedcache", fedcache, local)
+    assert summary.seeds == (0, 1, 2)
+    assert summary.maua_mean == pytest.approx((0.72 + 0.63 + 0.99) / 3)
+    assert (summary.maua_min, summary.maua_max) == (0.63, 0.99)
+    assert summary.gain_over_local == pytest.approx(((0.72 - 0.70) + (0.63 - 0.60)) / 2 * 100)
+    assert summary.worst_device_gain == pytest.approx(-1.0)
+    assert summary.devices_below_local == 0
+    worse = seed_summary("fedcache", {0: _report(0.70, {"d0": 0.75, "d1": 0.68})}, local)
+    assert worse.worst_device_gain == pytest.approx(-2.0) and worse.devices_below_local == 1
+    alone = seed_summary("local", local, local)
+    assert alone.gain_over_local is None and alone.devices_below_local is None
+    (row,) = seed_rows([summary])
+    assert row[:4] == ["fedcache", "0,1,2", f"{summary.maua_mean:.4f}", "0.6300 - 0.9900"]
+    assert row[4:] == ["+2.50", "-1.00", "0"]
+    with pytest.raises(ValueError):
+        seed_summary("fd", {}, local)
