@@ -4,8 +4,6 @@ gone for good is forgotten, and a node joining a trimmed log starts from a copy 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,45 +18,17 @@ from broker_server.replication.admin import main as replication_main
 from broker_server.replication.metrics import ReplicationCollector
 from broker_server.replication.redis_log import CursorTrimmed, id_key
 from broker_server.state_factory import STATE_DIRNAME
-from fedwire.constants import HashKind
 from fedwire.redis_server import RedisServer
+from tests.test_replication import CLASSES, SAMPLES, _join, _wait, redis_server
 
-CLASSES = 4
-SAMPLES = 24
+__all__ = ["redis_server"]  # the fixture, shared with the other replication tests
 TRIM_S = 0.05
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(data_dir=tmp_path / "redis") as server:
-        yield server
-
-
-def _wait(condition: Callable[[], bool], *, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not hold within {timeout} s")
-        time.sleep(0.02)
 
 
 def _open(tmp_path: Path, node: str, url: str) -> ReplicatedState:
     """Node `node` with its --data-dir at tmp_path/node (state in its STATE_DIRNAME), trimming every TRIM_S."""
     return open_replicated_state(tmp_path / node / STATE_DIRNAME, node=node, url=url, neighbours=4, flush_s=0.05,
                                  trim_s=TRIM_S)  # fmt: skip
-
-
-def _join(state: ReplicatedState, device: str, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    state.hello(device=device, model="m", classes=CLASSES, samples=SAMPLES, hash_kind=HashKind.BINARY, hash_dim=32)
-    state.register(
-        device=device,
-        ids=np.arange(SAMPLES, dtype=np.uint32),
-        labels=(np.arange(SAMPLES) % CLASSES).astype(np.uint16),
-        hashes=rng.integers(0, 256, (SAMPLES, 4), dtype=np.uint8),
-    )
-    state.commit()
-    return state.rows(device, np.arange(SAMPLES, dtype=np.uint32))
 
 
 def _update(state: ReplicatedState, rows: np.ndarray, version: int) -> None:
