@@ -20,6 +20,7 @@ store keeps plain relations only, see `KnowledgeCache.defend`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ _NO_EVIDENCE = np.float32(np.nan)
 # Hub detection repeats while it finds new hubs, at most this often (each round one pass over the class's lists).
 HUB_ROUNDS = 4
 _GOLDEN = (5**0.5 - 1) / 2
+_LAST = np.finfo(np.float32).max  # a missing contributor in robust_mean's sort: after every finite logit
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class DefenceConfig:
 def _distances(a: np.ndarray, b: np.ndarray, *, kind: HashKind) -> np.ndarray:
     """Row by row the distance of hashes `a` and `b`: Hamming bits (binary) or Euclidean (float16)."""
     if kind is HashKind.BINARY:
-        bits: np.ndarray = np.unpackbits(np.bitwise_xor(a, b), axis=1).sum(axis=1)
+        bits: np.ndarray = np.bitwise_count(np.bitwise_xor(a, b)).sum(axis=1, dtype=np.int64)
         return bits.astype(np.float64)
     x = np.ascontiguousarray(a).view(np.float16).astype(np.float64)
     y = np.ascontiguousarray(b).view(np.float16).astype(np.float64)
@@ -101,29 +103,65 @@ def _distances(a: np.ndarray, b: np.ndarray, *, kind: HashKind) -> np.ndarray:
     return euclidean
 
 
-def near_copies(hashes: np.ndarray, owners: np.ndarray, *, kind: HashKind, ratio: float) -> np.ndarray:
+def near_copies(
+    hashes: np.ndarray, owners: np.ndarray, *, kind: HashKind, ratio: float, candidates: np.ndarray | None = None
+) -> np.ndarray:
     """(n,) whether each of one class's samples is a near copy of another sample of its own device.
 
     Each sample's distance to its nearest other sample of the same device is compared with the class's median
     of that distance: real samples of a device seldom sit within a third of it (0.2-0.4 % on FashionMNIST's
     hashes), while copies of one hash with a few bits flipped always do. `ratio` 0 flags nothing.
+
+    `candidates` (binary hashes only): the class's exact nearest-first search, (n, k) positions without the
+    sample itself, -1 padded, as the relation build made it. An exact search returns every sample nearer than
+    its k-th, so a sample's first candidate of its own device is its nearest one, at the same Hamming distance
+    a search of the device's samples finds; only the samples with none among their k (typically a third on
+    FashionMNIST) are searched for within their device. Float distances are left to the per-device search,
+    whose float32 ranking of near ties the class's search need not share.
     """
     count = hashes.shape[0]
-    nearest = np.full(count, np.inf)
     if ratio <= 0 or count < 2:
         return np.zeros(count, bool)
-    for device in np.unique(owners):
-        positions = np.flatnonzero(owners == device)
-        if positions.size < 2:
+    nearest = np.full(count, np.inf)
+    pending = np.ones(count, bool)
+    if candidates is not None and kind is HashKind.BINARY:
+        own_device = (candidates >= 0) & (owners[np.maximum(candidates, 0)] == owners[:, None])
+        resolved = np.flatnonzero(own_device.any(axis=1))
+        first = candidates[resolved, own_device[resolved].argmax(axis=1)]
+        nearest[resolved] = _distances(hashes[resolved], hashes[first], kind=kind)
+        pending[resolved] = False
+    # The rest, device by device: the nearest other sample of each asked one (the first of two found that is
+    # not the sample itself, as drop_self keeps it), distances taken at once afterwards.
+    asked, found = [], []
+    by_device = np.argsort(owners, kind="stable")
+    for positions in np.split(by_device, np.flatnonzero(np.diff(owners[by_device])) + 1):
+        ask = np.flatnonzero(pending[positions])  # within the device
+        if positions.size < 2 or ask.size == 0:
             continue
-        own = np.ascontiguousarray(hashes[positions])
-        found = drop_self(ClassIndex(own, kind=kind, exact=True).search(2), np.arange(positions.size))[:, 0]
-        nearest[positions] = _distances(own, own[np.maximum(found, 0)], kind=kind)
+        pair = ClassIndex(hashes[positions], kind=kind, exact=True).search(
+            2, None if ask.size == positions.size else ask
+        )
+        near, second = pair[:, 0], pair[:, 1]
+        other = np.where((near == ask) | (near < 0), np.where(second == ask, -1, second), near)
+        asked.append(positions[ask])
+        found.append(positions[np.maximum(other, 0)])
+    if asked:
+        rows = np.concatenate(asked)
+        nearest[rows] = _distances(hashes[rows], hashes[np.concatenate(found)], kind=kind)
     finite = np.isfinite(nearest)
     if not finite.any():
         return np.zeros(count, bool)
     flagged: np.ndarray = nearest <= ratio * float(np.median(nearest[finite]))
     return flagged
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One selection from a search's candidates without the cap: which are valid (eligible) and the first k
+    of them per row; the hub rounds' last one is the final fill's, when no round changed eligibility after it."""
+
+    valid: np.ndarray
+    chosen: np.ndarray
 
 
 def _grown(array: np.ndarray, size: int, fill: Any) -> np.ndarray:
@@ -151,25 +189,91 @@ def _occurrence(keys: np.ndarray) -> np.ndarray:
     return occurrence
 
 
+def _first_valid(candidates: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
+    """(n, min(k, width)) each row's first k `valid` candidates in order, -1 padded.
+
+    Most rows keep their first k candidates as they are; only the others are compacted, each valid entry
+    written at its rank among the row's valid ones (what a stable argsort of ~valid would gather, at half
+    the cost).
+    """
+    width = min(k, candidates.shape[1])
+    whole = np.all(valid[:, :width], axis=1)
+    chosen = np.where(whole[:, None], candidates[:, :width], -1)
+    rest = np.flatnonzero(~whole)
+    if rest.size:
+        part = valid[rest]
+        rank = np.cumsum(part, axis=1) - 1
+        row, column = np.nonzero(part & (rank < width))
+        compact = np.full((rest.size, width), -1, np.int64)
+        compact[row, rank[row, column]] = candidates[rest[row], column]
+        chosen[rest] = compact
+    return chosen
+
+
+def _capped(
+    candidates: np.ndarray, valid: np.ndarray, *, rows_owners: np.ndarray, owners: np.ndarray, cap: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The per-device cap of the neighbour lists: the rows it changes and their `valid` after it.
+
+    An entry of another device than its row's loses its validity when `cap` or more valid entries of the same
+    device precede it in the row. Only rows where some other device holds more than `cap` valid entries lose
+    one (about a quarter of FashionMNIST's rows): in a row sorted by device such a device is a run longer than
+    `cap`, which one sort of all rows' few entries finds, and only those rows are ranked entry by entry, the
+    slow part (a stable argsort per row).
+    """
+    keys = np.where(valid, owners[np.maximum(candidates, 0)], -1)
+    foreign = np.where(keys != rows_owners[:, None], keys, -1)  # the sample's own device is not capped
+    if cap >= foreign.shape[1]:
+        return np.zeros(0, np.int64), np.zeros((0, foreign.shape[1]), bool)
+    ranked = np.sort(foreign, axis=1)
+    binding = np.flatnonzero(((ranked[:, cap:] == ranked[:, :-cap]) & (ranked[:, cap:] >= 0)).any(axis=1))
+    part = foreign[binding]
+    return binding, valid[binding] & ((part < 0) | (_occurrence(part) < cap))
+
+
 def robust_mean(values: np.ndarray, mask: np.ndarray, *, aggregation: str, trim: float) -> np.ndarray:
     """(t, C) per row the mean, trimmed mean or median over axis 1 of `values` (t, R, C) where `mask` (t, R).
 
     Coordinate-wise: each class's values are sorted over the row's contributors and the lowest and highest
     floor(trim * count) of them (median: all but the middle one or two) dropped. Every row needs a contributor.
+
+    On a fetch's few rows numpy's per-call and per-slice costs dominate, so the layout is chosen for them: the
+    sort runs along R made contiguous, (t, C, R), twice as fast as along the middle axis, with a missing
+    contributor as float32's maximum (it sorts after every finite logit; a logit equal to it ties at the same
+    value, so the values kept are those of a masked sort). The kept ranks are then summed over a (R, t, C) copy
+    along its first axis: rank by rank in order, as a sum over R in (t, R, C) adds, so the result is the same
+    to the bit (a sum along the contiguous axis adds pairwise and rounds differently).
     """
     counts = mask.sum(axis=1)
     if aggregation == "mean":
         sums: np.ndarray = np.einsum("nr,nrc->nc", mask.astype(np.float32), values)
         mean: np.ndarray = sums / counts[:, None]
         return mean
-    ranked = np.sort(np.where(mask[:, :, None], values, np.float32(np.inf)), axis=1)  # missing ones last
+    if mask.all():  # every neighbour contributes: nothing to mark missing
+        ranked = values.transpose(0, 2, 1).copy()  # a copy, sorted in place below, never the caller's array
+    else:
+        ranked = np.ascontiguousarray(np.where(mask[:, None, :], values.transpose(0, 2, 1), _LAST))
+    ranked.sort(axis=2)
+    keep, kept_count = _rank_band(values.shape[1], aggregation=aggregation, trim=trim)
+    by_rank = np.ascontiguousarray(ranked.transpose(2, 0, 1))
+    kept: np.ndarray = np.add.reduce(by_rank, axis=0, where=keep[:, counts, None])
+    trimmed: np.ndarray = (kept / kept_count[counts, None]).astype(np.float32)
+    return trimmed
+
+
+@functools.lru_cache(maxsize=16)
+def _rank_band(width: int, *, aggregation: str, trim: float) -> tuple[np.ndarray, np.ndarray]:
+    """For every contributor count 0..width: which sorted ranks robust_mean keeps ((width, width + 1), rank by
+    count) and how many (float64, the divisor the kept sum has always been divided by); looked up per row."""
+    counts = np.arange(width + 1)
     low = (counts - 1) // 2 if aggregation == "median" else np.floor(trim * counts).astype(np.int64)
     high = counts - low
-    positions = np.arange(values.shape[1])
-    keep = (positions >= low[:, None]) & (positions < high[:, None])
-    kept: np.ndarray = np.where(keep[:, :, None], ranked, np.float32(0)).sum(axis=1)
-    trimmed: np.ndarray = (kept / (high - low)[:, None]).astype(np.float32)
-    return trimmed
+    ranks = np.arange(width)[:, None]
+    keep = (ranks >= low) & (ranks < high)
+    keep.flags.writeable = False
+    kept = (high - low).astype(np.float64)
+    kept.flags.writeable = False
+    return keep, kept
 
 
 def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -219,6 +323,10 @@ class Defences:
         self._sums = np.zeros((0, 4), np.float64)  # per device: label sum, label rows, consensus sum, rows
         self._trust: np.ndarray | None = None  # per device, as of the last computation
         self._gate: np.ndarray | None = None  # per device: trust > 0, what teachers are gated by
+        self._gate_version = 0  # bumped whenever `_gate` changes
+        self._contributor = np.zeros(0, bool)  # per row: may contribute (`_contributors`), for the first ...
+        self._contributor_rows = 0  # ... this many rows, as of gate version ...
+        self._contributor_gate = -1  # ... this one
         self._changes = 0  # evidence updates since `_trust` was computed
         self.widened_rows = 0  # rows searched again, wider, because caps left them short
         self._observed = 0  # updates observed, to move the sample of large ones
@@ -252,15 +360,20 @@ class Defences:
         # Quotas: a device's samples of the class past max(quota_floor, class_share * count), in row order.
         quota = max(cfg.quota_floor, math.ceil(cfg.class_share * count))
         over_quota = _occurrence(owners[None, :])[0] >= quota
-        hubs = near_copies(hashes, owners, kind=kind, ratio=cfg.near_copy_ratio)
+        # The first search is exact below exact_limit: near copies then start from its candidates.
+        candidates = first if count <= exact_limit else None
+        hubs = near_copies(hashes, owners, kind=kind, ratio=cfg.near_copy_ratio, candidates=candidates)
         in_degree = np.zeros(count, np.int64)
         # Hubs: samples in more than hub_factor * R lists of other devices' samples, counted on uncapped lists.
         # Excluding the strongest hubs lets the next ones take their slots, so detection repeats (a few rounds,
         # each only while it finds new hubs: once without an attack).
         limit = cfg.hub_factor * neighbours
         devices = int(owners.max()) + 1
+        uncapped: _Pass | None = None  # the last round's selection, while it is the final eligibility's
         for _ in range(HUB_ROUNDS if cfg.hub_factor > 0 and count > limit else 0):
-            lists = self._fill(index, first, owners=owners, eligible=~(hubs | over_quota), k=neighbours, cap=0)
+            lists, uncapped = self._fill(
+                index, first, owners=owners, eligible=~(hubs | over_quota), k=neighbours, cap=0
+            )  # fmt: skip
             foreign = (lists >= 0) & (owners[np.maximum(lists, 0)] != owners[:, None])
             degree = np.bincount(lists[foreign], minlength=count)
             in_degree = np.maximum(in_degree, degree)
@@ -273,17 +386,33 @@ class Defences:
             if not found.any():
                 break
             hubs |= found
+            uncapped = None
         self._hub[rows], self._over_quota[rows], self._in_degree[rows] = hubs, over_quota, in_degree
         eligible = ~(hubs | over_quota)
-        table[:] = self._fill(index, first, owners=owners, eligible=eligible, k=neighbours, cap=cfg.device_cap)
+        table[:], _ = self._fill(
+            index, first, owners=owners, eligible=eligible, k=neighbours, cap=cfg.device_cap, uncapped=uncapped
+        )  # fmt: skip
         return table
 
     def _fill(
-        self, index: ClassIndex, first: np.ndarray, *, owners: np.ndarray, eligible: np.ndarray, k: int, cap: int
-    ) -> np.ndarray:
+        self,
+        index: ClassIndex,
+        first: np.ndarray,
+        *,
+        owners: np.ndarray,
+        eligible: np.ndarray,
+        k: int,
+        cap: int,
+        uncapped: _Pass | None = None,
+    ) -> tuple[np.ndarray, _Pass]:
         """(n, k) lists from the first search's candidates; rows left short are searched again, twice as
-        wide each time, only those rows, until filled or the whole class was searched."""
-        chosen, short = self._select(first, rows_owners=owners, owners=owners, eligible=eligible, k=k, cap=cap)
+        wide each time, only those rows, until filled or the whole class was searched.
+
+        Also returns the first search's uncapped selection, which a later fill of the same candidates and
+        eligibility passes back as `uncapped` instead of selecting again."""
+        chosen, short, uncapped = self._select(
+            first, rows_owners=owners, owners=owners, eligible=eligible, k=k, cap=cap, uncapped=uncapped
+        )
         table = np.full((first.shape[0], k), -1, np.int64)
         table[:, : chosen.shape[1]] = chosen
         width = first.shape[1] + 1
@@ -291,13 +420,13 @@ class Defences:
             width = min(2 * width, index.size)
             self.widened_rows += int(short.size)
             wider = drop_self(index.search(width, short), short)
-            chosen, still = self._select(
+            chosen, still, _ = self._select(
                 wider, rows_owners=owners[short], owners=owners, eligible=eligible, k=k, cap=cap
             )
             table[short] = -1
             table[short, : chosen.shape[1]] = chosen
             short = short[still]
-        return table
+        return table, uncapped
 
     def _select(
         self,
@@ -308,24 +437,28 @@ class Defences:
         eligible: np.ndarray,
         k: int,
         cap: int,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        uncapped: _Pass | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, _Pass]:
         """The first `k` eligible candidates of each row (positions in the class, nearest first) within the
-        cap (0: none), -1 padded, and the rows (indices into `candidates`) left more than refill_slack slots short.
+        cap (0: none), -1 padded, the rows (indices into `candidates`) left more than refill_slack slots short,
+        and the selection without the cap (`uncapped`, when given, is that of these candidates already).
 
-        `rows_owners` are the querying rows' devices, `owners` and `eligible` the whole class's.
+        `rows_owners` are the querying rows' devices, `owners` and `eligible` the whole class's. The cap only
+        changes the rows it binds (`_capped`): the others keep their uncapped selection.
         """
         cfg = self.config
-        safe = np.maximum(candidates, 0)
-        valid = (candidates >= 0) & eligible[safe]
+        if uncapped is None:
+            valid = (candidates >= 0) & eligible[np.maximum(candidates, 0)]
+            uncapped = _Pass(valid=valid, chosen=_first_valid(candidates, valid, k))
+        valid, chosen = uncapped.valid, uncapped.chosen
         if cap > 0:
-            candidate_owners = np.where(valid, owners[safe], -1)
-            other = candidate_owners != rows_owners[:, None]  # the sample's own device is not capped
-            valid &= ~other | (_occurrence(candidate_owners) < cap)
-        order = np.argsort(~valid, axis=1, kind="stable")
-        taken = np.take_along_axis(valid, order, axis=1)[:, :k]
-        chosen = np.where(taken, np.take_along_axis(candidates, order, axis=1)[:, :k], -1)
-        short = np.flatnonzero(taken.sum(axis=1) < k - cfg.refill_slack)
-        return chosen, short
+            binding, capped = _capped(candidates, valid, rows_owners=rows_owners, owners=owners, cap=cap)
+            if binding.size:
+                valid, chosen = valid.copy(), chosen.copy()
+                valid[binding] = capped
+                chosen[binding] = _first_valid(candidates[binding], capped, k)
+        short = np.flatnonzero(np.minimum(valid.sum(axis=1), chosen.shape[1]) < k - cfg.refill_slack)
+        return chosen, short, uncapped
 
     # ------------------------------------------------------------ fetch
 
@@ -346,35 +479,66 @@ class Defences:
         if raw:
             return Teachers(counts=counts.astype(np.uint16), logits=knowledge[neighbours[used]].copy())
         teach = np.flatnonzero(counts)
+        if teach.size < counts.size:  # the usual fetch has a teacher for every row: no copies then
+            neighbours, used = neighbours[teach], used[teach]
         return Teachers(
             counts=counts.astype(np.uint16),
-            logits=self.aggregate(knowledge, neighbours[teach], used[teach], gather_limit=gather_limit),
+            logits=self.aggregate(knowledge, neighbours, used, gather_limit=gather_limit),
         )
 
     def _usable(self, used: np.ndarray, *, neighbours: np.ndarray, owners: np.ndarray, devices: int) -> np.ndarray:
         """`used` (rows x R) less the contributors whose device is not trusted or whose knowledge contradicts
         their label (`label_filter`); `neighbours` are safe row indices."""
+        usable = self._contributors(owners, devices)
+        return used if usable is None else used & usable[neighbours]
+
+    def _contributors(self, owners: np.ndarray, devices: int) -> np.ndarray | None:
+        """Per row whether it may contribute, by its device's gate and its label agreement (None: no filter).
+
+        Kept between requests, as the gate and the rows' latest argmax change it: a fetch then gathers one
+        flag per neighbour instead of its device, its device's gate and its label agreement (three gathers).
+        The gate is recomputed where it was (`_gated`); a changed gate rebuilds the flags, `observe` keeps the
+        rows it updates in step, and rows registered since are added when first asked for.
+        """
+        cfg = self.config
+        if not (cfg.trust or cfg.label_filter):
+            return None
+        if cfg.trust:
+            self._gated(devices)
+        if self._contributor_gate != self._gate_version:
+            self._contributor_rows, self._contributor_gate = 0, self._gate_version
+        size = owners.shape[0]
+        if self._contributor_rows < size:
+            start = self._contributor_rows
+            self._ensure_rows(size)
+            self._contributor = _grown(self._contributor, size, True)
+            self._contributor[start:size] = self._may_contribute(np.arange(start, size), owners)
+            self._contributor_rows = size
+        return self._contributor
+
+    def _may_contribute(self, rows: np.ndarray, owners: np.ndarray) -> np.ndarray:
+        """`rows`' contributor flags from their label agreement and their devices' current gate."""
+        may = self._consistent[rows] if self.config.label_filter else np.ones(rows.size, bool)
         if self.config.trust:
-            used = used & self._gated(devices)[owners[neighbours]]
-        if self.config.label_filter:
-            self._ensure_rows(owners.shape[0])
-            used = used & self._consistent[neighbours]
-        return used
+            assert self._gate is not None
+            may = may & self._gate[owners[rows]]
+        return may
 
     def aggregate(
         self, knowledge: np.ndarray, neighbours: np.ndarray, mask: np.ndarray, *, gather_limit: int = 1 << 22
     ) -> np.ndarray:
         """The robust mean of each row's masked neighbours' knowledge, sliced only when the gather is huge."""
         classes = knowledge.shape[1]
-        out = np.empty((neighbours.shape[0], classes), np.float32)
         step = max(1, gather_limit // max(1, neighbours.shape[1] * classes))
+        config = self.config
+        if neighbours.shape[0] <= step:  # one slice (every fetch): no output buffer to copy into
+            whole = robust_mean(knowledge[neighbours], mask, aggregation=config.aggregation, trim=config.trim)
+            return np.asarray(whole, dtype=np.float32)
+        out = np.empty((neighbours.shape[0], classes), np.float32)
         for start in range(0, neighbours.shape[0], step):
             stop = start + step
             out[start:stop] = robust_mean(
-                knowledge[neighbours[start:stop]],
-                mask[start:stop],
-                aggregation=self.config.aggregation,
-                trim=self.config.trim,
+                knowledge[neighbours[start:stop]], mask[start:stop], aggregation=config.aggregation, trim=config.trim
             )
         return out
 
@@ -409,6 +573,9 @@ class Defences:
         logits = np.asarray(logits, dtype=np.float32)
         consistent = logits.argmax(axis=1) == labels[rows]
         self._consistent[rows] = consistent
+        if self._contributor_gate == self._gate_version:  # the contributor flags follow (others: rebuilt later)
+            held = rows[rows < self._contributor_rows]
+            self._contributor[held] = self._may_contribute(held, owners)
         label = consistent.astype(np.float32)
         self._replace(self._label_evidence, rows, label, owners=owners, column=0, memory=self.config.memory)
         if not self.config.consensus_rows or not table.shape[0]:
@@ -444,8 +611,11 @@ class Defences:
         """Per row 1 - total variation between its upload and its other-device neighbours' robust consensus
         (as softmax at `temperature`); NaN where no other device's neighbour holds knowledge."""
         covered = rows < table.shape[0]
-        neighbours = np.full((rows.size, table.shape[1]), -1, np.int64)
-        neighbours[covered] = table[rows[covered]]
+        if covered.all():  # rows registered since the last build have no neighbours yet
+            neighbours = table[rows]
+        else:
+            neighbours = np.full((rows.size, table.shape[1]), -1, np.int64)
+            neighbours[covered] = table[rows[covered]]
         present = neighbours >= 0
         safe = np.where(present, neighbours, 0)
         used = present & (versions[safe] >= 0) & (owners[safe] != owners[rows][:, None])
@@ -453,9 +623,11 @@ class Defences:
         agreement = np.full(rows.size, _NO_EVIDENCE, np.float32)
         some = np.flatnonzero(used.any(axis=1))
         if some.size:
-            consensus = self.aggregate(knowledge, safe[some], used[some])
+            if some.size < rows.size:
+                safe, used, logits = safe[some], used[some], logits[some]
+            consensus = self.aggregate(knowledge, safe, used)
             t = self.config.temperature
-            distance = 0.5 * np.abs(_softmax(logits[some], t) - _softmax(consensus, t)).sum(axis=1)
+            distance = 0.5 * np.abs(_softmax(logits, t) - _softmax(consensus, t)).sum(axis=1)
             agreement[some] = 1.0 - distance
         return agreement
 
@@ -542,7 +714,10 @@ class Defences:
         self._ensure_devices(devices)
         if self._trust is None or self._trust.size < devices or self._changes >= every:
             self._trust = _trust_of(_scores(self._sums, self.config)[1], self.config)
-            self._gate = self._trust > 0
+            gate = self._trust > 0
+            if self._gate is None or not np.array_equal(gate, self._gate):
+                self._gate_version += 1
+            self._gate = gate
             self._changes = 0
         return self._trust[:devices]
 
@@ -591,6 +766,8 @@ class Defences:
     # ------------------------------------------------------------ growth
 
     def _ensure_rows(self, size: int) -> None:
+        if self._hub.shape[0] >= size:  # the per-row arrays grow together: one holds as many rows as all
+            return
         self._hub = _grown(self._hub, size, False)
         self._in_degree = _grown(self._in_degree, size, 0)
         self._over_quota = _grown(self._over_quota, size, False)

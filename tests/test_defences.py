@@ -10,7 +10,8 @@ import pytest
 
 from broker_server.cache import CacheConfig, KnowledgeCache
 from broker_server.cached_state import CachedState
-from broker_server.defences import DefenceConfig, near_copies, robust_mean
+from broker_server.defences import DefenceConfig, _capped, near_copies, robust_mean
+from broker_server.relations import ClassIndex, drop_self
 from broker_server.state_factory import open_state
 from edge.attacks import adaptive, fdla, hub_samples, pcfdla
 from fedwire.constants import HashKind
@@ -91,6 +92,115 @@ def test_trimmed_mean_and_median_equal_a_per_row_reference() -> None:
         cut = int(np.floor(0.25 * kept.shape[0]))
         assert np.allclose(trimmed[row], kept[cut : kept.shape[0] - cut].mean(axis=0), atol=1e-5)
         assert np.allclose(median[row], np.median(kept, axis=0), atol=1e-5)
+
+
+def test_trimmed_mean_and_median_are_a_masked_sort_and_a_sum_in_rank_order_to_the_bit() -> None:
+    """robust_mean sorts in another layout than its reference and sums over another axis: the bytes must not move
+    (teachers and consensus evidence stay what they were)."""
+    rng = np.random.default_rng(2)
+    big = np.finfo(np.float32).max
+    for rows, classes in ((1, 1), (7, 3), (64, 10)):
+        values = (rng.normal(size=(rows, R, classes)) * 10.0 ** rng.uniform(-3, 4, size=(rows, R, 1))).astype(
+            np.float32
+        )
+        values[0, 0, 0] = big  # a logit equal to the missing contributors' marker ties with them, harmlessly
+        mask = rng.random((rows, R)) < 0.6
+        mask[:, 0] = True
+        mask[-1] = True  # a row where every neighbour contributes
+        before = values.copy()
+        for aggregation in ("trimmed", "median"):
+            got = robust_mean(values, mask, aggregation=aggregation, trim=0.25)
+            for row in range(rows):
+                kept = np.sort(values[row][mask[row]], axis=0)
+                count = kept.shape[0]
+                cut = (count - 1) // 2 if aggregation == "median" else int(np.floor(0.25 * count))
+                total = kept[cut]
+                for rank in range(cut + 1, count - cut):  # float32, one rank after the other
+                    total = total + kept[rank]
+                expected = (total / np.float64(count - 2 * cut)).astype(np.float32)
+                assert got[row].tobytes() == expected.tobytes(), (aggregation, rows, row)
+        assert values.tobytes() == before.tobytes()  # the input is sorted in a copy
+
+
+def test_near_copies_from_the_class_search_equal_a_search_within_each_device() -> None:
+    fleet = Fleet(seed=5)
+    hub = hub_samples(
+        fleet.hashes[0], fleet.labels[0], kind=HashKind.BINARY, classes=CLASSES, copies=24,
+        rng=np.random.default_rng(1),
+    )  # fmt: skip
+    hashes = np.concatenate([*fleet.hashes, hub.hashes])
+    labels = np.concatenate([*fleet.labels, hub.labels])
+    owners = np.concatenate([np.full(len(y), i) for i, y in enumerate(fleet.labels)] + [np.zeros(hub.count, int)])
+    resolved = 0
+    for label in range(CLASSES):
+        members = np.flatnonzero(labels == label)
+        own, devices = hashes[members], owners[members]
+        first = drop_self(ClassIndex(own, kind=HashKind.BINARY, exact=True).search(R + 1), np.arange(members.size))
+        found = (first >= 0) & (devices[np.maximum(first, 0)] == devices[:, None])
+        resolved += int(found.any(axis=1).sum())
+        assert not found.any(axis=1).all()  # some samples still need their device's own search
+        for ratio in (0.35, 0.7, 0.9, 1.0):  # the wider ratios flag real samples too: their distances must agree
+            plain = near_copies(own, devices, kind=HashKind.BINARY, ratio=ratio)
+            assert plain.any()
+            fast = near_copies(own, devices, kind=HashKind.BINARY, ratio=ratio, candidates=first)
+            assert np.array_equal(fast, plain), ratio
+    assert resolved > 0  # and some were answered by the class's search
+
+
+def test_the_cap_drops_exactly_the_entries_past_it_of_other_devices() -> None:
+    rng = np.random.default_rng(3)
+    rows, width, cap = 400, 17, 3
+    owners = rng.integers(0, 6, size=500)
+    candidates = rng.integers(-1, 500, size=(rows, width))
+    valid = (candidates >= 0) & (rng.random((rows, width)) < 0.9)
+    rows_owners = rng.integers(0, 6, size=rows)
+    binding, capped = _capped(candidates, valid, rows_owners=rows_owners, owners=owners, cap=cap)
+    after = valid.copy()
+    after[binding] = capped
+    for row in range(rows):
+        seen: dict[int, int] = {}
+        for column in range(width):
+            device = int(owners[candidates[row, column]])
+            keep = bool(valid[row, column])
+            if keep and device != rows_owners[row]:
+                keep = seen.get(device, 0) < cap
+                seen[device] = seen.get(device, 0) + 1
+            assert after[row, column] == keep, (row, column)
+    assert 0 < binding.size < rows  # the cap bound some rows, not all
+
+
+def test_fetch_counts_follow_trust_and_label_changes_as_computed_from_scratch() -> None:
+    """The defences keep per-row contributor flags between fetches: after every change of trust or of a row's
+    argmax, a fetch must count exactly the neighbours a from-scratch evaluation of both counts."""
+    fleet = Fleet(seed=11)
+    cache = fleet.cache(DefenceConfig(trust_every=1))
+    assert cache.defences is not None
+    liar = 4
+    rows = np.arange(cache.size)
+
+    def expected() -> np.ndarray:
+        trusted = cache.defences.trusted(fleet.devices)  # type: ignore[union-attr]
+        table = cache.relations.table  # type: ignore[union-attr]
+        safe = np.maximum(table, 0)
+        usable = (
+            (cache.versions >= 0)
+            & trusted[cache.sample_devices]
+            & (cache.knowledge.argmax(axis=1) == cache.labels)
+        )  # fmt: skip
+        return ((table >= 0) & usable[safe]).sum(axis=1)
+
+    trusted_seen = set()
+    for version, lying in enumerate((False, True, True, False, False, False), start=1):
+        for index in range(fleet.devices):
+            logits = fleet.honest[index]
+            if index == liar and lying:  # two thirds of its rows contradict their labels, a third pass the filter
+                logits = np.where((np.arange(logits.shape[0]) % 3 > 0)[:, None], fdla(logits), logits)
+            fleet.upload(cache, index, logits, version=version)
+            if index % 7 == 0:
+                assert np.array_equal(cache.fetch(rows).counts, expected())
+        trusted_seen.add(bool(cache.defences.trusted(fleet.devices)[liar]))
+        assert np.array_equal(cache.fetch(rows).counts, expected())
+    assert trusted_seen == {True, False}  # the liar's gate closed (and the test saw both states)
 
 
 def test_pcfdla_pulls_the_mean_away_from_the_honest_consensus_and_the_defended_teacher_stays() -> None:
