@@ -231,8 +231,11 @@ def _capped(
     return binding, valid[binding] & ((part < 0) | (_occurrence(part) < cap))
 
 
-def robust_mean(values: np.ndarray, mask: np.ndarray, *, aggregation: str, trim: float) -> np.ndarray:
-    """(t, C) per row the mean, trimmed mean or median over axis 1 of `values` (t, R, C) where `mask` (t, R).
+def robust_mean(
+    values: np.ndarray, mask: np.ndarray, *, aggregation: str, trim: float, counts: np.ndarray | None = None
+) -> np.ndarray:
+    """(t, C) per row the mean, trimmed mean or median over axis 1 of `values` (t, R, C) where `mask` (t, R);
+    `counts`: the mask's row sums, when the caller has them already.
 
     Coordinate-wise: each class's values are sorted over the row's contributors and the lowest and highest
     floor(trim * count) of them (median: all but the middle one or two) dropped. Every row needs a contributor.
@@ -244,7 +247,8 @@ def robust_mean(values: np.ndarray, mask: np.ndarray, *, aggregation: str, trim:
     along its first axis: rank by rank in order, as a sum over R in (t, R, C) adds, so the result is the same
     to the bit (a sum along the contiguous axis adds pairwise and rounds differently).
     """
-    counts = mask.sum(axis=1)
+    if counts is None:
+        counts = mask.sum(axis=1)
     if aggregation == "mean":
         sums: np.ndarray = np.einsum("nr,nrc->nc", mask.astype(np.float32), values)
         mean: np.ndarray = sums / counts[:, None]
@@ -254,7 +258,7 @@ def robust_mean(values: np.ndarray, mask: np.ndarray, *, aggregation: str, trim:
     else:
         ranked = np.ascontiguousarray(np.where(mask[:, None, :], values.transpose(0, 2, 1), _LAST))
     ranked.sort(axis=2)
-    keep, kept_count = _rank_band(values.shape[1], aggregation=aggregation, trim=trim)
+    keep, kept_count = _rank_band(values.shape[1], aggregation, trim)
     by_rank = np.ascontiguousarray(ranked.transpose(2, 0, 1))
     kept: np.ndarray = np.add.reduce(by_rank, axis=0, where=keep[:, counts, None])
     trimmed: np.ndarray = (kept / kept_count[counts, None]).astype(np.float32)
@@ -262,7 +266,7 @@ def robust_mean(values: np.ndarray, mask: np.ndarray, *, aggregation: str, trim:
 
 
 @functools.lru_cache(maxsize=16)
-def _rank_band(width: int, *, aggregation: str, trim: float) -> tuple[np.ndarray, np.ndarray]:
+def _rank_band(width: int, aggregation: str, trim: float) -> tuple[np.ndarray, np.ndarray]:
     """For every contributor count 0..width: which sorted ranks robust_mean keeps ((width, width + 1), rank by
     count) and how many (float64, the divisor the kept sum has always been divided by); looked up per row."""
     counts = np.arange(width + 1)
@@ -479,11 +483,12 @@ class Defences:
         if raw:
             return Teachers(counts=counts.astype(np.uint16), logits=knowledge[neighbours[used]].copy())
         teach = np.flatnonzero(counts)
+        taught = counts
         if teach.size < counts.size:  # the usual fetch has a teacher for every row: no copies then
-            neighbours, used = neighbours[teach], used[teach]
+            neighbours, used, taught = neighbours[teach], used[teach], counts[teach]
         return Teachers(
             counts=counts.astype(np.uint16),
-            logits=self.aggregate(knowledge, neighbours, used, gather_limit=gather_limit),
+            logits=self.aggregate(knowledge, neighbours, used, counts=taught, gather_limit=gather_limit),
         )
 
     def _usable(self, used: np.ndarray, *, neighbours: np.ndarray, owners: np.ndarray, devices: int) -> np.ndarray:
@@ -525,14 +530,23 @@ class Defences:
         return may
 
     def aggregate(
-        self, knowledge: np.ndarray, neighbours: np.ndarray, mask: np.ndarray, *, gather_limit: int = 1 << 22
+        self,
+        knowledge: np.ndarray,
+        neighbours: np.ndarray,
+        mask: np.ndarray,
+        *,
+        counts: np.ndarray | None = None,
+        gather_limit: int = 1 << 22,
     ) -> np.ndarray:
-        """The robust mean of each row's masked neighbours' knowledge, sliced only when the gather is huge."""
+        """The robust mean of each row's masked neighbours' knowledge (`counts`: the mask's row sums, if known),
+        sliced only when the gather is huge."""
         classes = knowledge.shape[1]
         step = max(1, gather_limit // max(1, neighbours.shape[1] * classes))
         config = self.config
         if neighbours.shape[0] <= step:  # one slice (every fetch): no output buffer to copy into
-            whole = robust_mean(knowledge[neighbours], mask, aggregation=config.aggregation, trim=config.trim)
+            whole = robust_mean(
+                knowledge[neighbours], mask, aggregation=config.aggregation, trim=config.trim, counts=counts
+            )
             return np.asarray(whole, dtype=np.float32)
         out = np.empty((neighbours.shape[0], classes), np.float32)
         for start in range(0, neighbours.shape[0], step):
