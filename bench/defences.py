@@ -8,13 +8,17 @@ hubs, how full the capped lists stay and how many of their entries a plain list 
 registering `--copies` near-copies of its class centres per class (edge/attacks.py `hub`): the slots it holds
 in honest samples' lists without and with defences, and how many of its crafted hashes are flagged.
 
-    python -m bench defences [--quick] [--devices 20] [--copies 64] [--fetches 3000]
+    python -m bench defences [--quick] [--devices 20] [--copies 64] [--fetches 3000] [--builds 2]
+
+The relation build ratio is of the fastest of `--builds` builds per mode (alternated): on a loaded host
+more builds give a steadier ratio. The load average at the end is printed too, as the start's is.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -82,17 +86,17 @@ def _slots(cache: KnowledgeCache, device: int) -> np.ndarray:
     return held
 
 
-def measure(*, devices: int, copies: int, fetches: int, quick: bool) -> dict[str, Any]:
+def measure(*, devices: int, copies: int, fetches: int, quick: bool, builds: int = 2) -> dict[str, Any]:
     hashes, labels = _hashes(devices, quick=quick)
     out: dict[str, Any] = {"devices": devices, "samples": int(sum(len(c) for c in labels)), "R": R}
-    builds: dict[str, list[float]] = {"off": [], "on": []}
+    built: dict[str, list[float]] = {"off": [], "on": []}
     caches: dict[str, KnowledgeCache] = {}
-    for _ in range(2):
+    for _ in range(builds):
         for mode in ("off", "on"):
             caches[mode], seconds = _fleet(hashes, labels, defences=DefenceConfig() if mode == "on" else None, hub=None)
-            builds[mode].append(seconds)
-    out["relation_build_s"] = {mode: [round(s, 3) for s in times] for mode, times in builds.items()}
-    out["relation_build_ratio"] = round(min(builds["on"]) / min(builds["off"]), 3)
+            built[mode].append(seconds)
+    out["relation_build_s"] = {mode: [round(s, 3) for s in times] for mode, times in built.items()}
+    out["relation_build_ratio"] = round(min(built["on"]) / min(built["off"]), 3)
     plain, defended = caches["off"], caches["on"]
     assert defended.defences is not None and plain.relations is not None and defended.relations is not None
     out["honest_flagged_as_hubs"] = round(float(defended.defences.hub_flags(defended.size).mean()), 5)
@@ -159,11 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--copies", type=int, default=64, help="hub device's crafted hashes per class")
     parser.add_argument("--fetches", type=int, default=3000, help="fetches timed per mode")
+    parser.add_argument("--builds", type=int, default=2, help="relation builds timed per mode")
     args = parser.parse_args(argv)
+    if args.builds < 1:
+        parser.error("--builds must be at least 1")
     devices = QUICK_DEVICES if args.quick else args.devices
     fetches = QUICK_FETCHES if args.quick else args.fetches
     print(machine_line())
-    print(json.dumps(measure(devices=devices, copies=args.copies, fetches=fetches, quick=args.quick), indent=1))
+    result = measure(devices=devices, copies=args.copies, fetches=fetches, quick=args.quick, builds=args.builds)
+    print(json.dumps(result, indent=1))
+    print("load average at the end: " + ", ".join(f"{value:.1f}" for value in os.getloadavg()))
     return 0
 
 
