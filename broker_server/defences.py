@@ -10,8 +10,10 @@ owns each neighbour. `Defences` uses both, in three places of `KnowledgeCache` (
 * fetch (`teachers`): the same one gather over the N x R table, then a coordinate-wise trimmed mean (or
   median) over the contributors whose devices the server trusts, instead of the plain mean.
 * update (`observe`): evidence per uploaded row, kept as the row's latest: does the upload's argmax equal the
-  row's registered label, and how close is its distribution to the robust consensus of the row's neighbours on
-  other devices. A device's trust is its evidence relative to the fleet's median.
+  row's registered label, how close is its distribution to the robust consensus of the row's neighbours on
+  other devices, and how much more mass than that consensus it puts on its own runner-up class (an adaptive
+  attacker keeps the label on top and raises a wrong class to just below it). A device's trust is its evidence
+  relative to the fleet's median.
 
 Evidence is derived from the rows' latest knowledge, which the store keeps: after a restart `settle` rebuilds
 it from the state, so trust needs no table of its own. Relations built under the policy are not saved (the
@@ -71,6 +73,15 @@ class DefenceConfig:
     trust_z_low: float = 2.0
     trust_z_high: float = 3.5
     trust_spread: float = 0.05
+    # Runner-up excess: per row softmax(upload) - softmax(consensus) at the upload's second-ranked class, at
+    # excess_temperature; a device whose mean lies above the fleet's median by trust_z_low robust deviations (at
+    # least excess_spread) starts losing trust (one-sided: a runner-up below the consensus is not suspicious).
+    # Measured on stored FashionMNIST states (docs/robustness.md): honest devices' means span 0.003-0.03 (1.4826
+    # MAD 0.002-0.02), adaptive attackers' 0.04-0.09 from epoch 2. The floor 0.01 keeps a fleet whose honest
+    # spread happens to be tiny from flagging the tail of its noise: an honest device must lie 0.02 above the
+    # median before trust falls, and every honest device measured without attack lay within 0.01 of it.
+    excess_temperature: float = 3.0
+    excess_spread: float = 0.01
     min_evidence: int = 16  # rows of evidence a device needs before its trust can fall
     consensus_rows: int = 16  # rows of each update compared with their neighbours' consensus
     memory: float = 0.5  # a row's evidence: this much of what it was, the rest from the new upload
@@ -88,8 +99,8 @@ class DefenceConfig:
             raise ValueError("defences: near_copy_ratio must be >= 0")
         if min(self.hub_factor, self.hub_device_factor) < 0 or not 0 <= self.trust_z_low < self.trust_z_high:
             raise ValueError("defences: hub factors >= 0 and 0 <= trust_z_low < trust_z_high are required")
-        if self.trust_spread <= 0:
-            raise ValueError("defences: trust_spread must be > 0")
+        if self.trust_spread <= 0 or self.excess_spread <= 0 or self.excess_temperature <= 0:
+            raise ValueError("defences: trust_spread, excess_spread and excess_temperature must be > 0")
 
 
 def _distances(a: np.ndarray, b: np.ndarray, *, kind: HashKind) -> np.ndarray:
@@ -288,16 +299,22 @@ def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def _scores(sums: np.ndarray, config: DefenceConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per device (rows of `sums`: label sum, rows, consensus sum, rows) its relative score and deviation."""
+    """Per device (rows of `sums`: label sum, rows, consensus sum, rows, excess sum, rows) its relative score
+    (from the two agreements) and deviation (the largest of the three: agreements below the median, the
+    runner-up excess above it)."""
     relative = np.ones(sums.shape[0])
     deviation = np.zeros(sums.shape[0])
-    for column in (0, 2):
+    for column in (0, 2, 4):
         enough = sums[:, column + 1] >= max(1, config.min_evidence)
         if not enough.any():
             continue
         share = sums[enough, column] / sums[enough, column + 1]
         median = float(np.median(share))
-        spread = max(1.4826 * float(np.median(np.abs(share - median))), config.trust_spread)
+        floor = config.excess_spread if column == 4 else config.trust_spread
+        spread = max(1.4826 * float(np.median(np.abs(share - median))), floor)
+        if column == 4:  # one-sided high: mass raised on a wrong class; not a score of agreement
+            deviation[enough] = np.fmax(deviation[enough], (share - median) / spread)
+            continue
         relative[enough] = np.fmin(relative[enough], share / median if median > 0 else 1.0)
         deviation[enough] = np.fmax(deviation[enough], (median - share) / spread)
     return relative, deviation
@@ -324,7 +341,9 @@ class Defences:
         self._label_evidence = np.zeros(0, np.float32)  # per row: argmax == label (1/0), NaN: none
         self._consistent = np.zeros(0, bool)  # per row: its latest knowledge's argmax is its label
         self._consensus_evidence = np.zeros(0, np.float32)  # per row: 1 - TV to the consensus, NaN: none
-        self._sums = np.zeros((0, 4), np.float64)  # per device: label sum, label rows, consensus sum, rows
+        self._excess_evidence = np.zeros(0, np.float32)  # per row: runner-up excess over the consensus, NaN: none
+        # per device: label sum, label rows, consensus sum, rows, excess sum, rows
+        self._sums = np.zeros((0, 6), np.float64)
         self._trust: np.ndarray | None = None  # per device, as of the last computation
         self._gate: np.ndarray | None = None  # per device: trust > 0, what teachers are gated by
         self._gate_version = 0  # bumped whenever `_gate` changes
@@ -600,7 +619,7 @@ class Defences:
         offset = int((self._observed * _GOLDEN) % 1.0 * stride)  # a Weyl sequence: no period to fall in step with
         picked = np.arange(offset, rows.size, stride)
         sample = rows[picked]
-        agreement = self._consensus_agreement(
+        agreement, excess = self._consensus_agreement(
             rows=sample,
             logits=logits[picked],
             owners=owners,
@@ -610,6 +629,7 @@ class Defences:
             devices=devices,
         )
         self._replace(self._consensus_evidence, sample, agreement, owners=owners, column=2, memory=self.config.memory)
+        self._replace(self._excess_evidence, sample, excess, owners=owners, column=4, memory=self.config.memory)
 
     def _consensus_agreement(
         self,
@@ -621,9 +641,11 @@ class Defences:
         table: np.ndarray,
         versions: np.ndarray,
         devices: int,
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per row 1 - total variation between its upload and its other-device neighbours' robust consensus
-        (as softmax at `temperature`); NaN where no other device's neighbour holds knowledge."""
+        (as softmax at `temperature`), and the runner-up excess: softmax(upload) - softmax(consensus) at
+        `excess_temperature`, taken at the upload's second-ranked class; both NaN where no other device's
+        neighbour holds knowledge."""
         covered = rows < table.shape[0]
         if covered.all():  # rows registered since the last build have no neighbours yet
             neighbours = table[rows]
@@ -635,15 +657,20 @@ class Defences:
         used = present & (versions[safe] >= 0) & (owners[safe] != owners[rows][:, None])
         used = self._usable(used, neighbours=safe, owners=owners, devices=devices)
         agreement = np.full(rows.size, _NO_EVIDENCE, np.float32)
+        excess = np.full(rows.size, _NO_EVIDENCE, np.float32)
         some = np.flatnonzero(used.any(axis=1))
         if some.size:
             if some.size < rows.size:
                 safe, used, logits = safe[some], used[some], logits[some]
             consensus = self.aggregate(knowledge, safe, used)
-            t = self.config.temperature
+            t, hot = self.config.temperature, self.config.excess_temperature
             distance = 0.5 * np.abs(_softmax(logits, t) - _softmax(consensus, t)).sum(axis=1)
             agreement[some] = 1.0 - distance
-        return agreement
+            if logits.shape[1] > 1:
+                second = np.argpartition(logits, -2, axis=1)[:, -2:-1]  # the upload's second-ranked class
+                raised = _softmax(logits, hot) - _softmax(consensus, hot)
+                excess[some] = np.take_along_axis(raised, second, axis=1)[:, 0]
+        return agreement, excess
 
     def _replace(
         self,
@@ -700,7 +727,8 @@ class Defences:
 
     def scores(self, devices: int) -> tuple[np.ndarray, np.ndarray]:
         """(devices,) each: the lower of a device's label and consensus agreement relative to the fleet's median
-        (1: typical, 0: never agrees), and the larger of their robust deviations below the median (0: typical).
+        (1: typical, 0: never agrees), and the largest robust deviation of its evidence from the median, below it
+        for the agreements, above it for the runner-up excess (0: typical).
 
         A kind of evidence counts once at least one device has min_evidence rows of it; devices with fewer
         rows (just joined) score 1 and deviate 0 on it.
@@ -757,6 +785,7 @@ class Defences:
                 "deviation": round(float(deviation[i]), 2),
                 "label_agreement": round(float(sums[i, 0] / sums[i, 1]), 4) if sums[i, 1] else None,
                 "consensus_agreement": round(float(sums[i, 2] / sums[i, 3]), 4) if sums[i, 3] else None,
+                "runner_up_excess": round(float(sums[i, 4] / sums[i, 5]), 4) if sums[i, 5] else None,
                 "evidence_rows": int(sums[i, 1]),
                 "consensus_rows": int(sums[i, 3]),
                 "hub_samples": int(hubs[i]),
@@ -788,6 +817,7 @@ class Defences:
         self._label_evidence = _grown(self._label_evidence, size, _NO_EVIDENCE)
         self._consistent = _grown(self._consistent, size, True)
         self._consensus_evidence = _grown(self._consensus_evidence, size, _NO_EVIDENCE)
+        self._excess_evidence = _grown(self._excess_evidence, size, _NO_EVIDENCE)
 
     def _ensure_devices(self, devices: int) -> None:
         if self._sums.shape[0] < devices:
@@ -821,8 +851,16 @@ class DefenceCollector(Collector):
                 "fedcache_device_over_quota_samples", "A device's samples beyond its class quota", labels=["device"]
             ),
         }
+        excess = GaugeMetricFamily(
+            "fedcache_device_runner_up_excess",
+            "A device's mean mass above its neighbours' consensus on its uploads' runner-up class",
+            labels=["device"],
+        )
         for name, entry in report["devices"].items():
             for key, family in series.items():
                 family.add_metric([name], float(entry[key]))
+            if entry["runner_up_excess"] is not None:  # no consensus compared yet: no series
+                excess.add_metric([name], float(entry["runner_up_excess"]))
         yield from series.values()
+        yield excess
         yield GaugeMetricFamily("fedcache_hub_samples", "Samples flagged as hubs", value=report["hub_samples"])

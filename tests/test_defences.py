@@ -417,6 +417,49 @@ def test_trust_ranks_adaptive_and_pcfdla_attackers_below_every_honest_device() -
     assert np.all(trust[honest] == 1.0) and np.all(trust[sorted(sneaky | loud)] == 0.0)
 
 
+@pytest.mark.parametrize("target", [-1, 3])  # label + 1, or one fixed wrong class for every label
+def test_runner_up_excess_ranks_adaptive_attackers_below_every_honest_device_by_their_second_upload(
+    target: int,
+) -> None:
+    """Adaptive rows keep the label on top and agree with the consensus about as well as honest ones; what
+    gives them away is the mass their runner-up carries above the consensus's, whichever wrong class it is."""
+    fleet = Fleet(seed=21)
+    cache = fleet.cache(DefenceConfig())
+    sneaky = [1, 7, 12, 18]
+    honest = [i for i in range(fleet.devices) if i not in sneaky]
+    for round_ in (1, 2):
+        for index in range(fleet.devices):
+            logits = fleet.honest[index]
+            if index in sneaky:
+                logits = adaptive(logits, fleet.labels[index], target=target, margin=0.1)
+            fleet.upload(cache, index, logits, version=round_)
+    assert cache.defences is not None
+    report = cache.defences.describe([f"dev{i:02d}" for i in range(fleet.devices)], owners=cache.sample_devices)
+    entries = list(report["devices"].values())
+    assert all(entries[i]["label_agreement"] == 1.0 for i in sneaky)  # the label filter lets them through
+    excess = [entries[i]["runner_up_excess"] for i in range(fleet.devices)]
+    assert min(excess[i] for i in sneaky) > 2 * max(excess[i] for i in honest)
+    _, deviation = cache.defences.scores(fleet.devices)
+    assert deviation[sneaky].min() > deviation[honest].max()
+    trust = cache.defences.trust(fleet.devices)
+    assert np.all(trust[sneaky] == 0.0) and np.all(trust[honest] == 1.0)
+
+
+def test_without_attack_the_runner_up_excess_flags_no_one_over_epochs() -> None:
+    """Fresh noise every epoch, no attacker: every device's excess deviation stays below trust_z_low."""
+    fleet = Fleet(seed=5)
+    cache = fleet.cache(DefenceConfig())
+    rng = np.random.default_rng(6)
+    for round_ in range(1, 5):
+        for index in range(fleet.devices):
+            noisy = fleet.honest[index] + rng.normal(scale=0.3, size=fleet.honest[index].shape)
+            fleet.upload(cache, index, noisy.astype(np.float32), version=round_)
+    assert cache.defences is not None
+    _, deviation = cache.defences.scores(fleet.devices)
+    assert deviation.max() < DefenceConfig().trust_z_low
+    assert np.all(cache.defences.trust(fleet.devices) == 1.0)
+
+
 def _stored_fleet(directory: Path, fleet: Fleet, *, liar: int) -> CachedState:
     """A durable state in `directory` where every device registered and uploaded once (`liar` with FDLA)."""
     state = open_state(directory, config=CONFIG, neighbours=R)
@@ -507,6 +550,7 @@ def test_trust_is_exported_to_prometheus_per_device() -> None:
     text = generate_latest(registry).decode()
     assert 'fedcache_device_trust{device="dev07"} 0.0' in text
     assert 'fedcache_device_trust{device="dev00"} 1.0' in text
+    assert 'fedcache_device_runner_up_excess{device="dev19"}' in text  # the last to upload: a consensus
     assert "fedcache_hub_samples 0.0" in text
 
 
