@@ -76,10 +76,11 @@ class DefenceConfig:
     # Runner-up excess: per row softmax(upload) - softmax(consensus) at the upload's second-ranked class, at
     # excess_temperature; a device whose mean lies above the fleet's median by trust_z_low robust deviations (at
     # least excess_spread) starts losing trust (one-sided: a runner-up below the consensus is not suspicious).
-    # Measured on stored FashionMNIST states (docs/robustness.md): honest devices' means span 0.003-0.03 (1.4826
-    # MAD 0.002-0.02), adaptive attackers' 0.04-0.09 from epoch 2. The floor 0.01 keeps a fleet whose honest
-    # spread happens to be tiny from flagging the tail of its noise: an honest device must lie 0.02 above the
-    # median before trust falls, and every honest device measured without attack lay within 0.01 of it.
+    # Measured on stored FashionMNIST states (docs/robustness.md): honest devices' means -0.02-0.04, the fleet's
+    # 1.4826 MAD 0.005-0.02; adaptive attackers' 0.030-0.036 at epoch 2, 0.059-0.090 at epoch 10. The floor,
+    # twice the smallest MAD measured, keeps a fleet whose honest spread happens to be tiny from flagging the
+    # tail of its noise: an honest device must lie 0.02 above the median before its trust falls; without attack
+    # every device lay within 0.009 of it (0.005 would have put one at 1.7 deviations, near trust_z_low).
     excess_temperature: float = 3.0
     excess_spread: float = 0.01
     min_evidence: int = 16  # rows of evidence a device needs before its trust can fall
