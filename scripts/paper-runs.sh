@@ -7,6 +7,8 @@ set -u
 cd "$(dirname "$0")/.." && . .venv/bin/activate
 export OMP_NUM_THREADS=1
 H=(--setting heterogeneous --epochs 10 --reuse --out runs/comparison-heterogeneous-e10)
+# The bench runs methods in its own order (fd before local), so local gets a step of its own first.
+python -m bench comparison "${H[@]}" --methods fedcache,local --seeds 0 > runs/comparison-heterogeneous-e10.step0.log 2>&1
 python -m bench comparison "${H[@]}" --methods fedcache,local,fd --seeds 0 > runs/comparison-heterogeneous-e10.step1.log 2>&1
 python -m bench comparison "${H[@]}" --methods fedcache,local,fd --seeds 0,1 > runs/comparison-heterogeneous-e10.step2.log 2>&1
 python -m bench comparison "${H[@]}" --methods fedcache,local,fd --seeds 0,1,2 > runs/comparison-heterogeneous-e10.step3.log 2>&1
