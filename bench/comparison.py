@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -225,6 +226,17 @@ def reusable_report(path: Path, settings: dict[str, Any]) -> dict[str, Any] | No
     return report if recorded == wanted else None
 
 
+def clear_stale_run(path: Path) -> None:
+    """Remove what an interrupted or differently configured run left in `path` before it is run again.
+
+    A trial resumes whatever device checkpoints, outboxes and server state it finds in its directory (that is
+    how a device survives a restart); a benchmark run must start from nothing, or its bytes and wall time would
+    be of two runs.
+    """
+    if path.exists():
+        shutil.rmtree(path)
+
+
 def default_target(outcomes: list[Outcome]) -> float:
     """The lowest final MAUA among the methods that communicate: every one of them reaches it."""
     communicating = [o.maua for o in outcomes if o.training_bytes > 0]
@@ -399,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {method.name}, seed {seed}" + (" (reused)" if report is not None else ""), file=sys.stderr,
                   flush=True)  # fmt: skip
             if report is None:
+                clear_stale_run(settings.out)
                 report = run_trial(settings, progress=False)
             reports.setdefault(method.name, {})[seed] = report
         outcomes.append(outcome_of(method.name, reports[method.name][min(reports[method.name])]))

@@ -156,3 +156,14 @@ def test_seed_summary_averages_each_devices_gain_over_the_seeds_before_taking_th
     assert row[4:] == ["+2.50", "-1.00", "0"]
     with pytest.raises(ValueError):
         seed_summary("fd", {}, local)
+
+
+def test_a_run_that_is_not_reused_starts_from_an_empty_directory(tmp_path: Path) -> None:
+    from bench.comparison import clear_stale_run
+
+    stale = tmp_path / "fd"
+    (stale / "devices" / "dev000").mkdir(parents=True)
+    (stale / "devices" / "dev000" / "checkpoint.pt").write_bytes(b"half a run")
+    clear_stale_run(stale)
+    assert not stale.exists()
+    clear_stale_run(stale)  # nothing there: nothing to do
