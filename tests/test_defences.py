@@ -13,7 +13,7 @@ from broker_server.cached_state import CachedState
 from broker_server.defences import DefenceConfig, _capped, near_copies, robust_mean
 from broker_server.relations import ClassIndex, drop_self
 from broker_server.state_factory import open_state
-from edge.attacks import adaptive, fdla, hub_samples, pcfdla
+from edge.attacks import HubSamples, adaptive, fdla, hub_samples, pcfdla
 from fedwire.constants import HashKind
 
 CLASSES = 5
@@ -122,7 +122,9 @@ def test_trimmed_mean_and_median_are_a_masked_sort_and_a_sum_in_rank_order_to_th
         assert values.tobytes() == before.tobytes()  # the input is sorted in a copy
 
 
-def test_near_copies_from_the_class_search_equal_a_search_within_each_device() -> None:
+def _fleet_with_near_copies() -> tuple[HubSamples, np.ndarray, np.ndarray, np.ndarray]:
+    """Fleet(seed=5) with device 0 also registering 24 near copies per class of its own hashes: (hub, hashes,
+    labels, owners) of every sample, the crafted ones last."""
     fleet = Fleet(seed=5)
     hub = hub_samples(
         fleet.hashes[0], fleet.labels[0], kind=HashKind.BINARY, classes=CLASSES, copies=24,
@@ -131,6 +133,11 @@ def test_near_copies_from_the_class_search_equal_a_search_within_each_device() -
     hashes = np.concatenate([*fleet.hashes, hub.hashes])
     labels = np.concatenate([*fleet.labels, hub.labels])
     owners = np.concatenate([np.full(len(y), i) for i, y in enumerate(fleet.labels)] + [np.zeros(hub.count, int)])
+    return hub, hashes, labels, owners
+
+
+def test_near_copies_from_the_class_search_equal_a_search_within_each_device() -> None:
+    _hub, hashes, labels, owners = _fleet_with_near_copies()
     resolved = 0
     for label in range(CLASSES):
         members = np.flatnonzero(labels == label)
@@ -305,14 +312,7 @@ def test_hub_hashes_take_honest_slots_without_defences_and_are_flagged_and_cappe
 
 
 def test_near_copies_of_one_devices_hashes_are_flagged_and_real_samples_are_not() -> None:
-    fleet = Fleet(seed=5)
-    hub = hub_samples(
-        fleet.hashes[0], fleet.labels[0], kind=HashKind.BINARY, classes=CLASSES, copies=24,
-        rng=np.random.default_rng(1),
-    )  # fmt: skip
-    hashes = np.concatenate([*fleet.hashes, hub.hashes])
-    labels = np.concatenate([*fleet.labels, hub.labels])
-    owners = np.concatenate([np.full(len(y), i) for i, y in enumerate(fleet.labels)] + [np.zeros(hub.count, int)])
+    hub, hashes, labels, owners = _fleet_with_near_copies()
     crafted = np.zeros(labels.size, bool)
     crafted[-hub.count :] = True
     flagged = np.zeros(labels.size, bool)
