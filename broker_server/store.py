@@ -300,10 +300,11 @@ class SqliteStore(StateStore):
     Writes are batched in one open transaction until commit(), which keeps per-message cost low.
     Not thread-safe: the caller serialises access (the connection may be used from any one thread).
     `read_only` opens an existing store without creating or changing anything in the database (for inspection);
-    a write then fails.
+    a write then fails. WAL checkpoints run on a thread of their own (broker_server/wal_checkpointer.py), off the
+    commits; `checkpoint_thread=False` leaves them to SQLite, inside the commit that fills the WAL.
     """
 
-    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False, checkpoint_thread: bool = True) -> None:
         self.path = Path(path)
         self._closed = False
         self._checkpointer: WalCheckpointer | None = None
@@ -323,7 +324,8 @@ class SqliteStore(StateStore):
             self._conn.execute(statement)
         self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._conn.execute("COMMIT")
-        self._checkpointer = WalCheckpointer(self._conn, self.path)
+        if checkpoint_thread:  # off: SQLite's own auto-checkpoint inside commits (bench/wal_checkpoints.py)
+            self._checkpointer = WalCheckpointer(self._conn, self.path)
 
     def _begin(self) -> None:
         if not self._conn.in_transaction:
