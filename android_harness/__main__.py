@@ -16,6 +16,7 @@ from android_harness.trial import AUTH_MODES, DEFENCE_MODES, SECURITY_MODES, Tri
 from edge.config import ATTACKS
 from edge.data import PARTITIONS
 from fedwire import HashKind, LogitEncoding, TeacherForm
+from models.loss import TeacherGate
 
 ARCH_CHOICES = ("resnet8", "resnet16", "resnet20", "cnn", "mobilenet")
 
@@ -63,6 +64,13 @@ def _add_trial_options(parser: argparse.ArgumentParser, *, epochs: int, devices:
         metavar="N",
         help="before each evaluation, recompute batch-norm statistics over N of each device's training samples "
         "(0 = off, default; torch backend only; docs/benchmarks.md §6)",
+    )
+    parser.add_argument(
+        "--teacher-gate",
+        default="none",
+        choices=[g.value for g in TeacherGate],
+        help="fedcache: distil from every teacher (none, the paper's; default) or only from those whose top class "
+        "is the sample's label (label; torch backend only; docs/benchmarks.md §4)",
     )
     parser.add_argument(
         "--security",
@@ -121,6 +129,8 @@ def _extra_train(args: argparse.Namespace) -> dict[str, object]:
         raise SystemExit(f"--bn-recalibration {args.bn_recalibration}: 0 (off) or a number of samples")
     if args.bn_recalibration:
         extra["bn_recalibration"] = args.bn_recalibration
+    if args.teacher_gate != "none":
+        extra["teacher_gate"] = TeacherGate(args.teacher_gate)
     return extra
 
 

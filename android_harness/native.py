@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.config import DeviceConfig, config_to_toml
+from edge.config import DeviceConfig, config_to_toml, torch_only_settings_on
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE_DIR = ROOT / "edge_native"
@@ -204,12 +204,13 @@ def prepare_native_device(config: DeviceConfig, *, artifacts: Path, encoder_kind
     from edge.runtime import _device_shard
     from models.zoo import build_model
 
-    if config.train.bn_recalibration:
-        # The C++ trainer keeps the program's running statistics and has no recalibration; its config reader
-        # rejects the key, so refuse here with the reason rather than let a trial fail in every device.
+    torch_only = torch_only_settings_on(vars(config.train))
+    if torch_only:
+        # The C++ trainer runs the program's baked loss and keeps its running statistics; its config reader
+        # rejects these keys, so refuse here with the reason rather than let a trial fail in every device.
         raise ValueError(
-            f"{config.id}: train.bn_recalibration ({config.train.bn_recalibration}) is implemented for the torch "
-            "backend only, not for the native device (edge_native); set it to 0"
+            f"{config.id}: train.{', train.'.join(torch_only)} is implemented for the torch backend only, not for "
+            "the native device (edge_native); turn it off"
         )
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True)

@@ -15,10 +15,11 @@ from typing import Any
 
 from android_harness.faults import FaultPlan
 from android_harness.trial import AUTH_MODES, DEFENCE_MODES, SECURITY_MODES, TrialSettings
-from edge.config import ALGORITHMS, ATTACKS
+from edge.config import ALGORITHMS, ATTACKS, torch_only_settings_on
 from edge.data import PARTITIONS
 from fedwire import HashKind, LogitEncoding
 from fedwire.mqtt import BrokerAddress
+from models.loss import TeacherGate
 
 ARCHS = ("resnet8", "resnet16", "resnet20", "cnn", "mobilenet")
 BACKENDS = ("torch", "executorch", "native")  # native: the C++ device of edge_native/
@@ -30,6 +31,7 @@ _SECTIONS = ("trial", "broker", "server", "devices", "faults")
 _TRIAL_KEYS = (
     "description", "dataset", "epochs", "alpha", "partition", "seed", "algorithm", "timeout",
     "hash_kind", "hash_dim", "encoder_kind", "logit_encoding", "bn_recalibration",
+    "teacher_gate",
 )  # fmt: skip
 _BROKER_KEYS = ("url", "security", "auth")
 _SERVER_KEYS = ("neighbours", "defences")
@@ -110,11 +112,19 @@ def parse_spec(data: dict[str, Any], *, out: Path) -> TrialSpec:
         )
 
     neighbours = _opt_int(server, "neighbours", where="[server]", minimum=1)
-    recalibration = _opt_int(trial, "bn_recalibration", where="[trial]", minimum=0) or 0
+    extra_train: dict[str, object] = {}
+    if recalibration := _opt_int(trial, "bn_recalibration", where="[trial]", minimum=0):
+        extra_train["bn_recalibration"] = recalibration
+    gate = TeacherGate(
+        _choice(trial, "teacher_gate", tuple(g.value for g in TeacherGate), where="[trial]", default="none")
+    )
+    if gate is not TeacherGate.NONE:
+        extra_train["teacher_gate"] = gate
     other_backends = sorted({g.backend for g in devices} - {"torch"})
-    if recalibration and other_backends:
+    if (torch_only := torch_only_settings_on(extra_train)) and other_backends:
         raise SpecError(
-            f"[trial].bn_recalibration: implemented for the torch backend only; [[devices]] use {other_backends}"
+            f"[trial].{', [trial].'.join(torch_only)}: implemented for the torch backend only; [[devices]] use "
+            f"{other_backends}"
         )
     dataset = _choice(trial, "dataset", DATASETS, where="[trial]", default="fashion-mnist")
     algorithm = _choice(trial, "algorithm", ALGORITHMS, where="[trial]", default="fedcache")
@@ -143,7 +153,7 @@ def parse_spec(data: dict[str, Any], *, out: Path) -> TrialSpec:
             _choice(trial, "logit_encoding", tuple(e.value for e in LogitEncoding), where="[trial]", default="f16")
         ),
         timeout_s=_number(trial, "timeout", where="[trial]", default=3600.0, positive=True),
-        extra_train={"bn_recalibration": recalibration} if recalibration else {},
+        extra_train=extra_train,
         broker_url=url,
         neighbours=neighbours,
         start_after_s=tuple(g.start_after_s for g in per_device) if any(g.start_after_s for g in per_device) else (),

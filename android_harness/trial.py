@@ -38,6 +38,7 @@ from edge.config import (
     SecurityConfig,
     TrainConfig,
     config_to_toml,
+    torch_only_settings_on,
 )
 from edge.state import EXIT_UNDELIVERED, read_last_report, read_progress
 from fedwire import HashKind, LogitEncoding
@@ -160,10 +161,11 @@ class TrialSettings:
                 f"{self.backends}; use a single --archs and --backends torch (FedCache and FD allow heterogeneity)"
             )
         other = sorted(set(self.backends) - {"torch"})
-        if self.extra_train.get("bn_recalibration") and other:
+        torch_only = torch_only_settings_on(self.extra_train)
+        if torch_only and other:
             raise ValueError(
-                f"bn_recalibration (batch-norm statistics recomputed before each evaluation) is implemented for the "
-                f"torch backend only, not for {other}: run those devices with --backends torch or set it to 0"
+                f"{', '.join(torch_only)}: implemented for the torch backend only, not for {other}: run those "
+                "devices with --backends torch or turn them off"
             )
 
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from bench._report import machine_line, markdown_table
 from fedwire import HashKind, LogitEncoding, TeacherForm
+from models.loss import TeacherGate
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ METHODS = (
     Method("fedcache hash f16", "fedcache", hash_kind=HashKind.FLOAT16),
     # Every neighbour's logits down, averaged on the device: what the server-side mean saves.
     Method("fedcache raw R", "fedcache", extra_train={"teacher_form": TeacherForm.RAW}),
+    # Distil only from teachers whose top class is the sample's label (models.loss.TeacherGate): issue 17's idea.
+    Method("fedcache label gate", "fedcache", extra_train={"teacher_gate": TeacherGate.LABEL}),
     Method("fd", "fd"),
     Method("fedavg", "fedavg"),
     Method("local", "local"),

@@ -11,6 +11,7 @@ from edge.backends import BACKENDS
 from edge.data import PARTITIONS
 from fedwire import DEVICE_ID_PATTERN, HashKind, LogitEncoding, TeacherForm
 from fedwire.mqtt import BrokerAddress, Credentials
+from models.loss import TeacherGate
 
 # fd and fedavg are the comparison's baselines (edge/fd_client.py, edge/fedavg_client.py).
 ALGORITHMS = ("fedcache", "local", "fd", "fedavg")
@@ -36,6 +37,19 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.partition not in PARTITIONS:
             raise ValueError(f"data.partition must be one of {PARTITIONS}, got {self.partition!r}")
+
+
+# [train] settings only the torch backend implements, with their off values. Why one table: a device file
+# holds them only when on (so files of other devices stay as they were, and the native device, whose config
+# reader rejects keys it does not know, reads them as before), and every layer that starts other backends
+# (the device config, the trial, the native device's set-up) refuses them with the same list.
+TORCH_ONLY_TRAIN: dict[str, object] = {"bn_recalibration": 0, "teacher_gate": TeacherGate.NONE}
+_ALWAYS = object()
+
+
+def torch_only_settings_on(train: dict[str, Any]) -> list[str]:
+    """The names of the torch-only [train] settings `train` (a TrainConfig's fields or a trial's extras) turns on."""
+    return [name for name, off in TORCH_ONLY_TRAIN.items() if name in train and train[name] != off]
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,9 @@ class TrainConfig:
     # device's own training samples (0 = off, the running averages training left; at least the shard's count =
     # all of them; TorchTrainer.recalibrate_batchnorm). Torch backend only: an exported program cannot do it.
     bn_recalibration: int = 0
+    # FedCache: distil only from teachers whose top class is the sample's label (models.loss.TeacherGate; "none" =
+    # the paper's, every teacher). Torch backend only: an exported training program bakes its loss in.
+    teacher_gate: TeacherGate = TeacherGate.NONE
     fd_every_batches: int = 0  # FD: upload per-class logits every this many batches; 0 = once per epoch
 
 
@@ -150,10 +167,12 @@ class DeviceConfig:
                 f"train.bn_recalibration must be >= 0 (0 = off, N = recompute over N training samples), got "
                 f"{recalibration!r}"
             )
-        if recalibration and self.train.backend != "torch":
+        on = torch_only_settings_on(vars(self.train))
+        if on and self.train.backend != "torch":
             raise ValueError(
-                f"train.bn_recalibration is implemented for the torch backend only, not for backend "
-                f"{self.train.backend!r} (its training program keeps the running statistics inside); set it to 0"
+                f"train.{', train.'.join(on)}: implemented for the torch backend only, not for backend "
+                f"{self.train.backend!r} (its training program bakes the loss in and keeps the running statistics "
+                "inside); turn them off"
             )
         if not 0 <= self.data.index < self.data.num_devices:
             raise ValueError(f"data.index {self.data.index} outside [0, {self.data.num_devices})")
@@ -172,10 +191,12 @@ _SECTIONS: dict[str, type] = {
     "security": SecurityConfig,
     "attack": AttackConfig,
 }
-# [train] keys written only when set, so files of devices without them stay as they were (and the native device,
-# which rejects keys it does not know, reads them as before: android_harness.native refuses the setting itself).
-_OMITTED_WHEN_OFF = ("bn_recalibration",)
-_ENUM_FIELDS: dict[str, type] = {"logit_encoding": LogitEncoding, "teacher_form": TeacherForm, "kind": HashKind}
+_ENUM_FIELDS: dict[str, type] = {
+    "logit_encoding": LogitEncoding,
+    "teacher_form": TeacherForm,
+    "teacher_gate": TeacherGate,
+    "kind": HashKind,
+}
 
 
 def _section(cls: type, raw: dict[str, Any], name: str) -> Any:
@@ -223,7 +244,7 @@ def config_to_toml(config: DeviceConfig) -> str:
         lines += [
             f"{f.name} = {_toml_value(getattr(section, f.name))}"
             for f in fields(section)
-            if not (name == "train" and f.name in _OMITTED_WHEN_OFF and not getattr(section, f.name))
+            if not (name == "train" and TORCH_ONLY_TRAIN.get(f.name, _ALWAYS) == getattr(section, f.name))
         ]
     return "\n".join(lines) + "\n"
 

@@ -120,7 +120,7 @@ class DeviceRuntime:
             lr=train.lr,
             momentum=train.momentum,
             weight_decay=train.weight_decay,
-            loss=LossSettings(kd_alpha=train.kd_alpha, temperature=train.temperature),
+            loss=LossSettings(kd_alpha=train.kd_alpha, temperature=train.temperature, teacher_gate=train.teacher_gate),
             artifacts_dir=Path(train.artifacts_dir) if train.artifacts_dir else config.state_path / "artifacts",
             input_shape=self.input_shape,
             batch_size=train.batch_size,

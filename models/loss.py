@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 from torch.nn import functional as F
+
+
+class TeacherGate(StrEnum):
+    """Which samples with a teacher distil from it.
+
+    NONE is the paper's: every one. LABEL keeps the KL term only where the teacher's top class is the sample's own
+    label. Why: the device knows its labels, and a teacher that ranks a wrong class first on one of them can only pull
+    the student away from what its cross-entropy teaches; at full length FedCache's teachers stop being better than
+    a device's own model on its labels (issue 17: some devices end below local training). Softer wrong-class mass of
+    a teacher that is right on top, the "dark knowledge", is kept.
+    """
+
+    NONE = "none"
+    LABEL = "label"
 
 
 @dataclass(frozen=True)
@@ -14,6 +29,7 @@ class LossSettings:
 
     kd_alpha: float = 1.5
     temperature: float = 3.0
+    teacher_gate: TeacherGate = TeacherGate.NONE
 
 
 def fedcache_loss(
@@ -27,8 +43,11 @@ def fedcache_loss(
 
     Samples without a teacher (mask 0: none of their neighbours has knowledge yet) contribute
     cross-entropy only; the KL term is summed over samples with a teacher and divided by the
-    batch size, so a batch where every sample has a teacher matches `batchmean` KL.
+    batch size, so a batch where every sample has a teacher matches `batchmean` KL. With
+    `TeacherGate.LABEL`, samples whose teacher's top class is not their label count as without a teacher.
     """
+    if settings.teacher_gate is TeacherGate.LABEL:
+        teacher_mask = teacher_mask * (teacher.argmax(dim=1) == labels).to(teacher_mask.dtype)
     ce = F.cross_entropy(student, labels)
     t = settings.temperature
     log_student = F.log_softmax(student / t, dim=1)
@@ -38,4 +57,4 @@ def fedcache_loss(
     return ce + settings.kd_alpha * t * t * kl
 
 
-__all__ = ["LossSettings", "fedcache_loss"]
+__all__ = ["LossSettings", "TeacherGate", "fedcache_loss"]
