@@ -16,6 +16,7 @@ from android_harness.trial import AUTH_MODES, DEFENCE_MODES, SECURITY_MODES, Tri
 from edge.config import ATTACKS
 from edge.data import PARTITIONS
 from fedwire import HashKind, LogitEncoding, TeacherForm
+from fedwire.child_process import exit_on_sigterm
 from models.loss import TeacherGate
 
 ARCH_CHOICES = ("resnet8", "resnet16", "resnet20", "cnn", "mobilenet")
@@ -205,6 +206,7 @@ def _load(path: Path, *, out: Path) -> TrialSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(prog="python -m android_harness", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     trial = commands.add_parser("trial", help="run one local trial (broker, server, N device processes)")

@@ -7,6 +7,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from fedwire.child_process import exit_on_sigterm
+
 _HERE = Path(__file__).resolve().parent
 
 
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if not name.isidentifier() or name not in available():
         print(f"unknown benchmark {name!r}\n\n{_listing()}", file=sys.stderr)
         return 2
+    exit_on_sigterm()  # a killed benchmark stops the trials, servers and brokers it started
     module = importlib.import_module(f"bench.{name}")
     result = module.main(rest)
     return result if isinstance(result, int) else 0
