@@ -14,7 +14,8 @@ from android_harness import __main__ as cli
 from android_harness.native import prepare_native_device
 from android_harness.spec import SpecError, parse_spec
 from android_harness.trial import TrialSettings, _device_configs
-from edge.config import DeviceConfig, TrainConfig, config_from_dict, config_to_toml
+from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_from_dict, config_to_toml
+from edge.runtime import DeviceRuntime
 from fedwire.mqtt import BrokerAddress
 from models.loss import LossSettings, TeacherGate, fedcache_loss
 
@@ -89,3 +90,20 @@ def test_the_cli_and_trial_files_hand_the_gate_to_every_device(tmp_path: Path) -
     assert [c.train.teacher_gate for c in from_file] == [TeacherGate.LABEL] * 2
     with pytest.raises(SpecError, match="teacher_gate"):
         parse_spec({"trial": {"teacher_gate": "maybe"}, "devices": [{"count": 2}]}, out=tmp_path)
+
+
+def test_a_device_trains_with_the_gate_its_file_names(tmp_path: Path) -> None:
+    for gate in TeacherGate:
+        config = DeviceConfig(
+            id="gated",
+            broker="mqtt://127.0.0.1:1",  # never connected: building the runtime needs no broker
+            state_dir=str(tmp_path / gate.value),
+            data=DataConfig(dataset="digits", num_devices=4, index=1),
+            train=TrainConfig(algorithm="fedcache", arch="cnn", epochs=1, max_samples=40, teacher_gate=gate),
+            hash=HashConfig(dim=64),
+        )
+        runtime = DeviceRuntime(config)
+        try:
+            assert runtime.trainer.loss_settings.teacher_gate is gate  # type: ignore[attr-defined]
+        finally:
+            runtime.state.close()
