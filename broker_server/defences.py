@@ -62,6 +62,17 @@ class DefenceConfig:
     # class's median such distance is crafted (a cluster of copies registered to fill lists): no one's
     # neighbour, reported as a hub. Real FashionMNIST hashes measured 0.2-0.4 % of samples flagged; 0: off.
     near_copy_ratio: float = 0.35
+    # Foreign copies (`foreign_copies`): a device sharing near duplicates (a foreign candidate within copy_ratio
+    # of the larger of the two devices' median own-device nearest distance) with more than copy_partners of the
+    # class's other devices copies them: those samples are no one's neighbour, reported as hubs. Two devices
+    # share "many" from max(copy_floor, copy_share x the smaller one's samples of the class) on, counted from
+    # both sides. FashionMNIST's real hashes, 20 devices: no device shares many with any other at 0.35 (0.5:
+    # a few pairs, 0.7: 9-15 % of honest samples flagged); copies of the public training set 4-10 bits away
+    # from the originals: every copy flagged (docs/robustness.md). 0: off.
+    copy_ratio: float = 0.35
+    copy_partners: float = 0.5
+    copy_floor: int = 4
+    copy_share: float = 0.25
     refill_slack: int = 4  # rows the caps leave more than this many slots short are searched again, wider
     trust: bool = True  # gate contributors by their device's trust
     # Use only contributors whose latest knowledge puts its maximum on their own registered label. A sample's
@@ -96,8 +107,10 @@ class DefenceConfig:
             raise ValueError("defences: 0 <= trim < 0.5, 0 < class_share <= 1 and temperature > 0 are required")
         if min(self.device_cap, self.quota_floor, self.refill_slack, self.min_evidence, self.consensus_rows) < 0:
             raise ValueError("defences: caps, quotas, slack and evidence counts must be >= 0")
-        if self.near_copy_ratio < 0:
-            raise ValueError("defences: near_copy_ratio must be >= 0")
+        if self.near_copy_ratio < 0 or self.copy_ratio < 0 or self.copy_floor < 0:
+            raise ValueError("defences: near_copy_ratio, copy_ratio and copy_floor must be >= 0")
+        if not 0 <= self.copy_partners < 1 or not 0 <= self.copy_share <= 1:
+            raise ValueError("defences: 0 <= copy_partners < 1 and 0 <= copy_share <= 1 are required")
         if min(self.hub_factor, self.hub_device_factor) < 0 or not 0 <= self.trust_z_low < self.trust_z_high:
             raise ValueError("defences: hub factors >= 0 and 0 <= trust_z_low < trust_z_high are required")
         if self.trust_spread <= 0 or self.excess_spread <= 0 or self.excess_temperature <= 0:
@@ -120,9 +133,29 @@ def near_copies(
 ) -> np.ndarray:
     """(n,) whether each of one class's samples is a near copy of another sample of its own device.
 
-    Each sample's distance to its nearest other sample of the same device is compared with the class's median
-    of that distance: real samples of a device seldom sit within a third of it (0.2-0.4 % on FashionMNIST's
-    hashes), while copies of one hash with a few bits flipped always do. `ratio` 0 flags nothing.
+    Each sample's distance to its nearest other sample of the same device (`own_nearest`) is compared with the
+    class's median of that distance: real samples of a device seldom sit within a third of it (0.2-0.4 % on
+    FashionMNIST's hashes), while copies of one hash with a few bits flipped always do. `ratio` 0 flags nothing.
+    `candidates`: as for `own_nearest`.
+    """
+    if ratio <= 0 or hashes.shape[0] < 2:
+        return np.zeros(hashes.shape[0], bool)
+    return _near_copy_flags(own_nearest(hashes, owners, kind=kind, candidates=candidates), ratio)
+
+
+def _near_copy_flags(nearest: np.ndarray, ratio: float) -> np.ndarray:
+    """`near_copies` from each sample's distance to its nearest sample of its own device."""
+    finite = np.isfinite(nearest)
+    if ratio <= 0 or not finite.any():
+        return np.zeros(nearest.shape[0], bool)
+    flagged: np.ndarray = nearest <= ratio * float(np.median(nearest[finite]))
+    return flagged
+
+
+def own_nearest(
+    hashes: np.ndarray, owners: np.ndarray, *, kind: HashKind, candidates: np.ndarray | None = None
+) -> np.ndarray:
+    """(n,) each of one class's samples' distance to its nearest other sample of its own device (inf: none).
 
     `candidates` (binary hashes only): the class's exact nearest-first search, (n, k) positions without the
     sample itself, -1 padded, as the relation build made it. An exact search returns every sample nearer than
@@ -132,9 +165,9 @@ def near_copies(
     whose float32 ranking of near ties the class's search need not share.
     """
     count = hashes.shape[0]
-    if ratio <= 0 or count < 2:
-        return np.zeros(count, bool)
     nearest = np.full(count, np.inf)
+    if count < 2:
+        return nearest
     pending = np.ones(count, bool)
     if candidates is not None and kind is HashKind.BINARY:
         own_device = (candidates >= 0) & (owners[np.maximum(candidates, 0)] == owners[:, None])
@@ -160,11 +193,101 @@ def near_copies(
     if asked:
         rows = np.concatenate(asked)
         nearest[rows] = _distances(hashes[rows], hashes[np.concatenate(found)], kind=kind)
+    return nearest
+
+
+def _device_medians(values: np.ndarray, owners: np.ndarray, devices: int) -> np.ndarray:
+    """(devices,) the median of each device's finite `values` (NaN for a device without one)."""
+    finite = np.isfinite(values)
+    kept, by = values[finite], owners[finite]
+    order = np.lexsort((kept, by))
+    kept = kept[order]
+    counts = np.bincount(by, minlength=devices)
+    starts = np.cumsum(counts) - counts
+    out = np.full(devices, np.nan)
+    some = counts > 0
+    low, high = starts[some] + (counts[some] - 1) // 2, starts[some] + counts[some] // 2
+    out[some] = (kept[low] + kept[high]) / 2
+    return out
+
+
+def foreign_copies(
+    hashes: np.ndarray,
+    owners: np.ndarray,
+    candidates: np.ndarray,
+    *,
+    nearest: np.ndarray,
+    kind: HashKind,
+    ratio: float,
+    partners: float,
+    floor: int,
+    share: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n,) whether each of one class's samples is a copier device's near duplicate of another device's sample,
+    and (devices,) which devices copy (device indices as in `owners`).
+
+    A device that registers copies of public images (FashionMNIST is public, and honest devices' samples are
+    drawn from it) holds a near duplicate of samples of nearly *every* other device, while an honest device's
+    near duplicates lie on few: the copiers, and now and then a natural twin. So, within the class:
+
+    * a near duplicate is a candidate of another device within `ratio` of the larger of the two devices'
+      median distance from a sample to its nearest own-device sample (`nearest`); the larger, because a copier
+      can shrink its own median (copies close to each other) but not an honest device's;
+    * two devices share many near duplicates when each holds at least max(`floor`, `share` x the smaller
+      device's count in the class) samples with a near duplicate on the other;
+    * a device that shares many with more than `partners` of the class's other devices holding at least
+      `floor` samples (and with two at least) copies: its samples with a near duplicate on such a partner are
+      flagged. An honest device shares many only with copiers, a minority under the honest-majority assumption.
+
+    `candidates`: the class's nearest-first search, (n, k) positions without the sample itself, -1 padded. A
+    copy's original and an original's copies lie among the first few of them, so no further search is made.
+    """
+    count = hashes.shape[0]
+    flagged = np.zeros(count, bool)
+    devices = int(owners.max()) + 1 if count else 0
+    none = np.zeros(devices, bool)
     finite = np.isfinite(nearest)
-    if not finite.any():
-        return np.zeros(count, bool)
-    flagged: np.ndarray = nearest <= ratio * float(np.median(nearest[finite]))
-    return flagged
+    if ratio <= 0 or count < 2 or candidates.shape[1] == 0 or not finite.any():
+        return flagged, none
+    scale = _device_medians(nearest, owners, devices)
+    scale = np.where(np.isnan(scale), float(np.median(nearest[finite])), scale)  # single samples: the class's
+    # The nearest candidate lies no farther than any: a row whose first lies past the widest threshold has none.
+    first = candidates[:, 0]
+    near = np.full(count, np.inf)
+    some = np.flatnonzero(first >= 0)
+    near[some] = _distances(hashes[some], hashes[first[some]], kind=kind)
+    rows = np.flatnonzero(near <= ratio * float(scale.max()))
+    if rows.size == 0:
+        return flagged, none
+    found = candidates[rows]
+    safe = np.maximum(found, 0)
+    partner = owners[safe]
+    width = found.shape[1]
+    distance = _distances(np.repeat(hashes[rows], width, axis=0), hashes[safe.ravel()], kind=kind)
+    duplicate = (
+        (found >= 0)
+        & (partner != owners[rows][:, None])
+        & (distance.reshape(rows.size, width) <= ratio * np.maximum(scale[owners[rows]][:, None], scale[partner]))
+    )
+    row, column = np.nonzero(duplicate)
+    # (sample, partner device) once each, then per (device, partner device) how many samples have one there.
+    sample_partner = np.unique(rows[row] * devices + partner[row, column])
+    samples, partner_of = sample_partner // devices, sample_partner % devices
+    pairs, held = np.unique(owners[samples] * devices + partner_of, return_counts=True)
+    mirror = (pairs % devices) * devices + pairs // devices
+    at = np.minimum(np.searchsorted(pairs, mirror), pairs.size - 1)
+    both = np.minimum(held, np.where(pairs[at] == mirror, held[at], 0))  # counted from either side
+    sizes = np.bincount(owners, minlength=devices)
+    smaller = np.minimum(sizes[pairs // devices], sizes[pairs % devices])
+    heavy = pairs[both >= np.maximum(floor, share * smaller)]
+    many = np.bincount(heavy // devices, minlength=devices)
+    eligible = sizes >= max(floor, 1)
+    others = int(eligible.sum()) - eligible.astype(np.int64)
+    copier = (many >= 2) & (many > partners * others)
+    if copier.any():
+        counted = copier[owners[samples]] & np.isin(owners[samples] * devices + partner_of, heavy)
+        flagged[samples[counted]] = True
+    return flagged, copier
 
 
 @dataclass(frozen=True)
@@ -386,7 +509,19 @@ class Defences:
         over_quota = _occurrence(owners[None, :])[0] >= quota
         # The first search is exact below exact_limit: near copies then start from its candidates.
         candidates = first if count <= exact_limit else None
-        hubs = near_copies(hashes, owners, kind=kind, ratio=cfg.near_copy_ratio, candidates=candidates)
+        nearest = (
+            own_nearest(hashes, owners, kind=kind, candidates=candidates)
+            if cfg.near_copy_ratio > 0 or cfg.copy_ratio > 0
+            else np.full(count, np.inf)
+        )
+        copied, copiers = np.zeros(count, bool), np.zeros(int(owners.max()) + 1, bool)
+        if cfg.copy_ratio > 0:
+            copied, copiers = foreign_copies(
+                hashes, owners, first, nearest=nearest, kind=kind, ratio=cfg.copy_ratio,
+                partners=cfg.copy_partners, floor=cfg.copy_floor, share=cfg.copy_share,
+            )  # fmt: skip
+        hubs = _near_copy_flags(nearest, cfg.near_copy_ratio) | copied
+        counted = ~copiers[owners]  # rows whose lists count towards in-degrees
         in_degree = np.zeros(count, np.int64)
         # Hubs: samples in more than hub_factor * R lists of other devices' samples, counted on uncapped lists.
         # Excluding the strongest hubs lets the next ones take their slots, so detection repeats (a few rounds,
@@ -394,17 +529,23 @@ class Defences:
         limit = cfg.hub_factor * neighbours
         devices = int(owners.max()) + 1
         uncapped: _Pass | None = None  # the last round's selection, while it is the final eligibility's
+        # A copier's rows are not searched again when short: its copies crowd each other's candidates, and
+        # widening ~all of its rows would cost the server more than the rest of the class (its lists count
+        # for nothing in the hub rounds, and only its own samples are taught from them).
+        widen = counted if copiers.any() else None
         for _ in range(HUB_ROUNDS if cfg.hub_factor > 0 and count > limit else 0):
             lists, uncapped = self._fill(
-                index, first, owners=owners, eligible=~(hubs | over_quota), k=neighbours, cap=0
+                index, first, owners=owners, eligible=~(hubs | over_quota), k=neighbours, cap=0, widen=widen
             )  # fmt: skip
-            foreign = (lists >= 0) & (owners[np.maximum(lists, 0)] != owners[:, None])
+            # A copier's lists are not counted: its copies point at the originals they copy, which would make
+            # every copied honest sample look like a hub of its device (3/4 of honest samples flagged on digits).
+            foreign = (lists >= 0) & (owners[np.maximum(lists, 0)] != owners[:, None]) & counted[:, None]
             degree = np.bincount(lists[foreign], minlength=count)
             in_degree = np.maximum(in_degree, degree)
             # Natural hubs (samples central to their class) are spread over honest devices; crafted ones make
             # their device draw far more of the class's foreign edges than its share of the class's samples.
             edges = np.bincount(owners, weights=degree, minlength=devices) / max(1, int(degree.sum()))
-            samples = np.bincount(owners, minlength=devices) / count
+            samples = np.bincount(owners[counted], minlength=devices) / max(1, int(counted.sum()))
             excess = np.divide(edges, samples, out=np.zeros(devices), where=samples > 0)
             found = (degree > limit) & (excess[owners] > cfg.hub_device_factor) & ~hubs
             if not found.any():
@@ -414,7 +555,8 @@ class Defences:
         self._hub[rows], self._over_quota[rows], self._in_degree[rows] = hubs, over_quota, in_degree
         eligible = ~(hubs | over_quota)
         table[:], _ = self._fill(
-            index, first, owners=owners, eligible=eligible, k=neighbours, cap=cfg.device_cap, uncapped=uncapped
+            index, first, owners=owners, eligible=eligible, k=neighbours, cap=cfg.device_cap, uncapped=uncapped,
+            widen=widen,
         )  # fmt: skip
         return table
 
@@ -428,9 +570,10 @@ class Defences:
         k: int,
         cap: int,
         uncapped: _Pass | None = None,
+        widen: np.ndarray | None = None,
     ) -> tuple[np.ndarray, _Pass]:
         """(n, k) lists from the first search's candidates; rows left short are searched again, twice as
-        wide each time, only those rows, until filled or the whole class was searched.
+        wide each time, only those rows (of `widen`'s, when given), until filled or the whole class was searched.
 
         Also returns the first search's uncapped selection, which a later fill of the same candidates and
         eligibility passes back as `uncapped` instead of selecting again."""
@@ -439,6 +582,8 @@ class Defences:
         )
         table = np.full((first.shape[0], k), -1, np.int64)
         table[:, : chosen.shape[1]] = chosen
+        if widen is not None:
+            short = short[widen[short]]
         width = first.shape[1] + 1
         while short.size and width < index.size:
             width = min(2 * width, index.size)

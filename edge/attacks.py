@@ -20,7 +20,13 @@ from fedwire import HashKind
 HUB_LOGIT = 10.0
 # Share of a crafted binary hash's bits flipped away from the class centre (near-copies, not one hash).
 HUB_FLIP_SHARE = 0.02
+# Copies of public samples (`public_copies`): how many per public sample, and the share of a binary hash's bits
+# flipped in each (8 of 256: nearer to the original than its nearest natural neighbour, median 25 bits on
+# FashionMNIST's hashes, and ~16 bits from each other, so not near copies of one another).
+COPY_COPIES = 8
+COPY_FLIP_SHARE = 8 / 256
 _FLOAT16 = np.dtype("<f2")
+_COPY_CHUNK = 1 << 15
 
 LogitAttack = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -191,6 +197,100 @@ def hub_samples(
     )
 
 
+def public_copies(
+    public_hashes: np.ndarray,
+    public_labels: np.ndarray,
+    *,
+    kind: HashKind,
+    classes: int,
+    copies: int,
+    first_id: int,
+    rng: np.random.Generator,
+    flip_share: float = COPY_FLIP_SHARE,
+) -> HubSamples:
+    """`copies` perturbed copies of each public sample's hash, labelled with its public label, ids from `first_id`.
+
+    FashionMNIST is public and honest devices' samples are drawn from it, so an attacker that encodes the
+    public images with the fleet's encoder holds the very hashes honest devices register. Copies a few bits
+    away from each lie nearer to the original than any natural neighbour does: they fill the first `copies`
+    of its R slots, whichever mode of its class it lies in. Binary hashes: exactly round(flip_share x bits)
+    distinct bits flipped per copy (so copies of one hash lie ~2x that apart, no near copies of each other);
+    float16 hashes: Gaussian noise of flip_share x the features' standard deviation. Their logits put a
+    confident maximum on the class after the label, as the hub's crafted samples do.
+    """
+    public_hashes = np.asarray(public_hashes, dtype=np.uint8)
+    labels = np.repeat(np.asarray(public_labels, dtype=np.int64), copies)
+    count = labels.size
+    source = np.repeat(np.arange(public_hashes.shape[0]), copies)
+    crafted = np.empty((count, public_hashes.shape[1]), np.uint8)
+    if kind is HashKind.BINARY:
+        bits = public_hashes.shape[1] * 8
+        flips = min(bits, max(0, round(flip_share * bits)))
+        for start in range(0, count, _COPY_CHUNK):  # bounded memory: one (chunk, bits) draw at a time
+            part = source[start : start + _COPY_CHUNK]
+            chosen = rng.random((part.size, bits)).argpartition(flips, axis=1)[:, :flips] if flips else None
+            mask = np.zeros((part.size, bits), bool)
+            if chosen is not None:
+                np.put_along_axis(mask, chosen, True, axis=1)
+            crafted[start : start + part.size] = public_hashes[part] ^ np.packbits(mask, axis=1, bitorder="little")
+    else:
+        features = np.ascontiguousarray(public_hashes).view(_FLOAT16).astype(np.float32)
+        sigma = flip_share * float(features.std() or 1.0)
+        noisy = features[source] + rng.normal(0.0, sigma, size=(count, features.shape[1])).astype(np.float32)
+        crafted = np.ascontiguousarray(noisy.astype(_FLOAT16)).view(np.uint8)
+    logits = np.zeros((count, classes), np.float32)
+    logits[np.arange(count), (labels + 1) % classes] = HUB_LOGIT
+    return HubSamples(
+        ids=np.arange(first_id, first_id + count, dtype=np.uint32),
+        labels=labels.astype(np.uint16),
+        hashes=np.ascontiguousarray(crafted),
+        logits=logits,
+    )
+
+
+class CopyAttack:
+    """A copying hub device: after its own samples it registers `copies` perturbed copies of the hash of every
+    public sample (`public_copies`), through its real Registration (`extend`, as `HubAttack`), and uploads
+    their poisoned logits once registered; its own samples it trains and uploads honestly.
+
+    `public_hashes` / `public_labels`: the public images (FashionMNIST's training set) encoded with the
+    fleet's encoder, as the attacker encodes them on its device (`HashEncoder.encode`).
+    """
+
+    def __init__(
+        self,
+        *,
+        public_hashes: np.ndarray,
+        public_labels: np.ndarray,
+        classes: int,
+        kind: HashKind,
+        copies: int = COPY_COPIES,
+        flip_share: float = COPY_FLIP_SHARE,
+        seed: int = 0,
+        device_index: int = 0,
+    ) -> None:
+        if copies < 0 or not 0 <= flip_share <= 1:
+            raise ValueError("copy attack: copies >= 0 and 0 <= flip_share <= 1 are required")
+        self.public_hashes = public_hashes
+        self.public_labels = public_labels
+        self.classes = classes
+        self.kind = kind
+        self.copies = copies
+        self.flip_share = flip_share
+        self.rng = np.random.default_rng([seed, device_index, 2])
+        self.samples: HubSamples | None = None
+
+    def extend(self, hashes: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The device's (hashes, labels) with the copies appended (drawn once, the same on a re-register)."""
+        if self.samples is None:
+            self.samples = public_copies(
+                self.public_hashes, self.public_labels, kind=self.kind, classes=self.classes, copies=self.copies,
+                first_id=len(labels), rng=self.rng, flip_share=self.flip_share,
+            )  # fmt: skip
+        crafted = self.samples
+        return np.concatenate([hashes, crafted.hashes]), np.concatenate([labels, crafted.labels]).astype(np.uint16)
+
+
 class HubAttack:
     """A hub device: registers `hub_copies` crafted samples per class after its own (Registration.extend) and
     uploads their poisoned logits once it is registered; its own samples it trains and uploads honestly."""
@@ -213,6 +313,9 @@ class HubAttack:
 
 
 __all__ = [
+    "COPY_COPIES",
+    "COPY_FLIP_SHARE",
+    "CopyAttack",
     "HubAttack",
     "HubSamples",
     "LogitAttack",
@@ -222,4 +325,5 @@ __all__ = [
     "hub_samples",
     "label_flip",
     "logit_attack",
+    "public_copies",
 ]
