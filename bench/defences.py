@@ -6,9 +6,14 @@ relation build with and without defences, in-process fetch latency of 32 ids (an
 and update latency of 8 rows (one batch), modes alternated call by call; honest samples wrongly flagged as
 hubs, how full the capped lists stay and how many of their entries a plain list also has; then one device
 registering `--copies` near-copies of its class centres per class (edge/attacks.py `hub`): the slots it holds
-in honest samples' lists without and with defences, and how many of its crafted hashes are flagged.
+in honest samples' lists without and with defences, and how many of its crafted hashes are flagged; then one
+device registering `--public-copies` copies of every public training image's hash, `--copy-bits` bits flipped
+in each (edge/attacks.py `CopyAttack`: the public set encoded by the same encoder): the same figures, with the
+defences' relation build on and off; `--older-rules` also with defences on but the foreign-copy rule off (what
+the older rules catch; slow: the hub rounds then re-search most rows, over 400 s per FashionMNIST class).
 
-    python -m bench defences [--quick] [--devices 20] [--copies 64] [--fetches 3000] [--builds 2]
+    python -m bench defences [--quick] [--devices 20] [--copies 64] [--public-copies 8] [--copy-bits 8]
+        [--older-rules] [--fetches 3000] [--builds 2]
 
 The relation build ratio is of the fastest of `--builds` builds per mode (alternated): on a loaded host
 more builds give a steadier ratio. The build runs on one thread, so its CPU time (process_time) is reported
@@ -19,6 +24,7 @@ barely this process's own CPU time). The load average at the end is printed too,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -31,7 +37,7 @@ import numpy as np
 from bench._report import machine_line
 from broker_server.cache import CacheConfig, KnowledgeCache
 from broker_server.defences import DefenceConfig
-from edge.attacks import HubSamples, hub_samples
+from edge.attacks import COPY_COPIES, HubSamples, hub_samples, public_copies
 from fedwire.constants import HashKind
 
 R = 16
@@ -39,8 +45,19 @@ QUICK_DEVICES = 6
 QUICK_FETCHES = 300
 
 
-def _hashes(devices: int, *, quick: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per device its train hashes and labels, through the exported encoder and HashEncoder as a device does."""
+@dataclasses.dataclass(frozen=True)
+class _Hashes:
+    """Per device its train hashes and labels, and the public training set's (what a copying attacker encodes)."""
+
+    hashes: list[np.ndarray]
+    labels: list[np.ndarray]
+    public: np.ndarray
+    public_labels: np.ndarray
+
+
+def _hashes(devices: int, *, quick: bool) -> _Hashes:
+    """Every device's train hashes and the public set's, through the exported encoder and HashEncoder as a
+    device does (the attacker encodes the public images with the same encoder)."""
     from edge.data import device_shard, load_dataset
     from edge.hashing import HashEncoder
     from models.encoder import export_encoder_onnx
@@ -51,7 +68,9 @@ def _hashes(devices: int, *, quick: bool) -> tuple[list[np.ndarray], list[np.nda
         path = export_encoder_onnx(Path(tmp) / "encoder.onnx", input_shape=data.input_shape)
         encoder = HashEncoder(path, hash_kind=HashKind.BINARY)
         hashes = [encoder.encode(shard.x_train) for shard in shards]
-    return hashes, [shard.y_train.astype(np.uint16) for shard in shards]
+        public = encoder.encode(data.x_train)
+    labels = [shard.y_train.astype(np.uint16) for shard in shards]
+    return _Hashes(hashes, labels, public, np.asarray(data.y_train, dtype=np.uint16))
 
 
 def _fleet(
@@ -89,8 +108,47 @@ def _slots(cache: KnowledgeCache, device: int) -> np.ndarray:
     return held
 
 
-def measure(*, devices: int, copies: int, fetches: int, quick: bool, builds: int = 2) -> dict[str, Any]:
-    hashes, labels = _hashes(devices, quick=quick)
+def _attacked(
+    hashes: list[np.ndarray], labels: list[np.ndarray], crafted: HubSamples, *, defences: DefenceConfig | None
+) -> dict[str, Any]:
+    """The last device registering `crafted` after its own samples: its slots in the other devices' lists,
+    the build's wall and CPU seconds, and (defended) how many crafted and real hashes are flagged."""
+    attacker = len(hashes) - 1
+    cache, seconds, cpu = _fleet(hashes, labels, defences=defences, hub=crafted)
+    held = _slots(cache, attacker)
+    entry: dict[str, Any] = {
+        "attacker_slots_median": float(np.median(held)),
+        "attacker_slots_max": int(held.max()),
+        "honest_rows_with_half_or_more": round(float((held >= R // 2).mean()), 4),
+        "relation_build_s": round(seconds, 3),
+        "relation_build_cpu_s": round(cpu, 3),
+    }
+    if cache.defences is not None:
+        flags = cache.defences.hub_flags(cache.size)
+        over = cache.defences.describe([f"dev{i:03d}" for i in range(len(hashes))], owners=cache.sample_devices)
+        rows = cache.rows_of(f"dev{attacker:03d}", crafted.ids)
+        real = np.setdiff1d(np.arange(cache.size), rows)
+        entry |= {
+            "crafted_flagged": round(float(flags[rows].mean()), 4),
+            "real_flagged": round(float(flags[real].mean()), 5),
+            "attacker_over_quota_samples": over["devices"][f"dev{attacker:03d}"]["over_quota_samples"],
+        }
+    return entry
+
+
+def measure(
+    *,
+    devices: int,
+    copies: int,
+    fetches: int,
+    quick: bool,
+    builds: int = 2,
+    public_copies_per_sample: int = COPY_COPIES,
+    copy_bits: int = 8,
+    older_rules: bool = False,
+) -> dict[str, Any]:
+    fleet = _hashes(devices, quick=quick)
+    hashes, labels = fleet.hashes, fleet.labels
     out: dict[str, Any] = {"devices": devices, "samples": int(sum(len(c) for c in labels)), "R": R}
     built: dict[str, list[float]] = {"off": [], "on": []}
     cpu: dict[str, list[float]] = {"off": [], "on": []}
@@ -146,22 +204,22 @@ def measure(*, devices: int, copies: int, fetches: int, quick: bool, builds: int
     )  # fmt: skip
     out["hub_copies_per_class"] = copies
     for mode in ("off", "on"):
-        cache, _, _ = _fleet(hashes, labels, defences=DefenceConfig() if mode == "on" else None, hub=hub)
-        held = _slots(cache, attacker)
-        entry: dict[str, Any] = {
-            "attacker_slots_median": float(np.median(held)),
-            "attacker_slots_max": int(held.max()),
-            "honest_rows_with_half_or_more": round(float((held >= R // 2).mean()), 4),
-        }
-        if cache.defences is not None:
-            flags = cache.defences.hub_flags(cache.size)
-            crafted = cache.rows_of(f"dev{attacker:03d}", hub.ids)
-            real = np.setdiff1d(np.arange(cache.size), crafted)
-            entry |= {
-                "crafted_flagged": round(float(flags[crafted].mean()), 4),
-                "real_flagged": round(float(flags[real].mean()), 5),
-            }
-        out[f"hub_defences_{mode}"] = entry
+        out[f"hub_defences_{mode}"] = _attacked(
+            hashes, labels, hub, defences=DefenceConfig() if mode == "on" else None
+        )  # fmt: skip
+    if public_copies_per_sample:
+        bits = fleet.public.shape[1] * 8
+        crafted = public_copies(
+            fleet.public, fleet.public_labels, kind=HashKind.BINARY, classes=10, copies=public_copies_per_sample,
+            first_id=len(labels[attacker]), rng=np.random.default_rng(0), flip_share=copy_bits / bits,
+        )  # fmt: skip
+        out["public_copies"] = {"per_sample": public_copies_per_sample, "bits_flipped": copy_bits, "of": bits}
+        out["public_copies"]["crafted"] = crafted.count
+        variants: list[tuple[str, DefenceConfig | None]] = [("off", None), ("on", DefenceConfig())]
+        if older_rules:
+            variants.append(("on_without_copy_rule", DefenceConfig(copy_ratio=0.0)))
+        for name, defences in variants:
+            out[f"copies_defences_{name}"] = _attacked(hashes, labels, crafted, defences=defences)
     return out
 
 
@@ -170,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"digits, {QUICK_DEVICES} devices, fewer calls")
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--copies", type=int, default=64, help="hub device's crafted hashes per class")
+    parser.add_argument(
+        "--public-copies", type=int, default=COPY_COPIES, help="copying device's copies per public sample (0: skip)"
+    )
+    parser.add_argument("--copy-bits", type=int, default=8, help="bits flipped in each copy of a public hash")
+    parser.add_argument(
+        "--older-rules", action="store_true", help="also the copying device against defences without the copy rule"
+    )
     parser.add_argument("--fetches", type=int, default=3000, help="fetches timed per mode")
     parser.add_argument("--builds", type=int, default=2, help="relation builds timed per mode")
     args = parser.parse_args(argv)
@@ -178,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     devices = QUICK_DEVICES if args.quick else args.devices
     fetches = QUICK_FETCHES if args.quick else args.fetches
     print(machine_line())
-    result = measure(devices=devices, copies=args.copies, fetches=fetches, quick=args.quick, builds=args.builds)
+    result = measure(
+        devices=devices, copies=args.copies, fetches=fetches, quick=args.quick, builds=args.builds,
+        public_copies_per_sample=args.public_copies, copy_bits=args.copy_bits, older_rules=args.older_rules,
+    )  # fmt: skip
     print(json.dumps(result, indent=1))
     print("load average at the end: " + ", ".join(f"{value:.1f}" for value in os.getloadavg()))
     return 0

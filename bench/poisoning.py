@@ -234,18 +234,24 @@ def checks(rows: dict[str, Row], hub: dict[str, Any] | None) -> list[Check]:
     compare(5, "defences on, adaptive 20 %: honest MAUA drop at most 2 points",
             "adaptive-20-on", reference, lambda d: d >= -2.0)  # fmt: skip
     if hub is not None:
-        off, on = hub["hub_defences_off"], hub["hub_defences_on"]
-        out.append(
-            Check(6, "hub, no cap: the attacker holds half or more of the slots of at least half the honest samples",
-                  off["honest_rows_with_half_or_more"] >= 0.5,
-                  f"{off['honest_rows_with_half_or_more']:.1%} of honest rows; median {off['attacker_slots_median']}")
-        )  # fmt: skip
-        out.append(
-            Check(6, "hub, defences: at most 4 of 16 slots; >= 90 % crafted flagged, <= 1 % real flagged",
-                  on["attacker_slots_max"] <= 4 and on["crafted_flagged"] >= 0.9 and on["real_flagged"] <= 0.01,
-                  f"max {on['attacker_slots_max']}, crafted {on['crafted_flagged']:.1%}, "
-                  f"real {on['real_flagged']:.2%}")
-        )  # fmt: skip
+        # The copying device (copies of the public training set) is the hub attack acceptance 6 is judged on;
+        # the centre-copy hub's rows stay beside it (its premise was never met on real hashes).
+        for name, label in (("copies", "copies of public samples"), ("hub", "hub, centre copies")):
+            off, on = hub.get(f"{name}_defences_off"), hub.get(f"{name}_defences_on")
+            if off is None or on is None:
+                continue
+            out.append(
+                Check(6, f"{label}, no cap: the attacker holds half or more of the slots of at least half the "
+                      "honest samples", off["honest_rows_with_half_or_more"] >= 0.5,
+                      f"{off['honest_rows_with_half_or_more']:.1%} of honest rows; "
+                      f"median {off['attacker_slots_median']}")
+            )  # fmt: skip
+            out.append(
+                Check(6, f"{label}, defences: at most 4 of 16 slots; >= 90 % crafted flagged, <= 1 % real flagged",
+                      on["attacker_slots_max"] <= 4 and on["crafted_flagged"] >= 0.9 and on["real_flagged"] <= 0.01,
+                      f"max {on['attacker_slots_max']}, crafted {on['crafted_flagged']:.1%}, "
+                      f"real {on['real_flagged']:.2%}")
+            )  # fmt: skip
     for name in ("pcfdla-20-on-e2", "adaptive-20-on-e2"):
         row = rows.get(name)
         orders = [o for o in (trust_order(r) for r in row.reports.values()) if o] if row is not None else []

@@ -94,6 +94,28 @@ def test_checks_pass_and_fail_on_their_thresholds() -> None:
     assert order == {"attacker_min_deviation": 4.0, "honest_max_deviation": 1.0, "attackers_untrusted": 1}
 
 
+def test_acceptance_6_is_judged_on_the_copying_attacker_beside_the_centre_copy_hub() -> None:
+    def attacked(share: float, *, slots: int, crafted: float, real: float) -> dict[str, Any]:
+        return {"honest_rows_with_half_or_more": share, "attacker_slots_median": 8.0, "attacker_slots_max": slots,
+                "crafted_flagged": crafted, "real_flagged": real}  # fmt: skip
+
+    hub = {
+        "fetch_32_ids_us": {"off": {"p95": 100}, "on": {"p95": 140}},
+        "relation_build_ratio": 1.05,
+        "hub_defences_off": attacked(0.2, slots=16, crafted=0.0, real=0.0),
+        "hub_defences_on": attacked(0.0, slots=4, crafted=0.95, real=0.003),
+        "copies_defences_off": attacked(0.99, slots=16, crafted=0.0, real=0.0),
+        "copies_defences_on": attacked(0.0, slots=4, crafted=0.94, real=0.02),  # too many real samples flagged
+    }
+    verdicts = [(c.text.split(",")[0], c.passed) for c in checks({}, hub) if c.number == 6]
+    assert verdicts == [
+        ("copies of public samples", True),
+        ("copies of public samples", False),
+        ("hub", False),  # the centre-copy hub's premise: 20 % of honest rows only
+        ("hub", True),
+    ]
+
+
 def test_table_and_plot_cover_every_run(tmp_path: Path) -> None:
     rows = {
         REFERENCE: Row(Run(REFERENCE), {0: _report([0.8] * 5), 1: _report([0.7] * 5)}),
