@@ -128,9 +128,12 @@ def _attacked(
         over = cache.defences.describe([f"dev{i:03d}" for i in range(len(hashes))], owners=cache.sample_devices)
         rows = cache.rows_of(f"dev{attacker:03d}", crafted.ids)
         real = np.setdiff1d(np.arange(cache.size), rows)
+        own = np.setdiff1d(np.flatnonzero(cache.sample_devices == attacker), rows)
         entry |= {
             "crafted_flagged": round(float(flags[rows].mean()), 4),
-            "real_flagged": round(float(flags[real].mean()), 5),
+            "real_flagged": round(float(flags[real].mean()), 5),  # the attacker's own samples included
+            "honest_flagged": round(float(flags[cache.sample_devices != attacker].mean()), 5),
+            "attacker_own_flagged": round(float(flags[own].mean()), 4) if own.size else 0.0,
             "attacker_over_quota_samples": over["devices"][f"dev{attacker:03d}"]["over_quota_samples"],
         }
     return entry

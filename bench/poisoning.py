@@ -240,6 +240,7 @@ def checks(rows: dict[str, Row], hub: dict[str, Any] | None) -> list[Check]:
             off, on = hub.get(f"{name}_defences_off"), hub.get(f"{name}_defences_on")
             if off is None or on is None:
                 continue
+            honest = on.get("honest_flagged", on["real_flagged"])  # honest devices' samples (older figures: all real)
             out.append(
                 Check(6, f"{label}, no cap: the attacker holds half or more of the slots of at least half the "
                       "honest samples", off["honest_rows_with_half_or_more"] >= 0.5,
@@ -247,10 +248,10 @@ def checks(rows: dict[str, Row], hub: dict[str, Any] | None) -> list[Check]:
                       f"median {off['attacker_slots_median']}")
             )  # fmt: skip
             out.append(
-                Check(6, f"{label}, defences: at most 4 of 16 slots; >= 90 % crafted flagged, <= 1 % real flagged",
-                      on["attacker_slots_max"] <= 4 and on["crafted_flagged"] >= 0.9 and on["real_flagged"] <= 0.01,
-                      f"max {on['attacker_slots_max']}, crafted {on['crafted_flagged']:.1%}, "
-                      f"real {on['real_flagged']:.2%}")
+                Check(6, f"{label}, defences: at most 4 of 16 slots; >= 90 % crafted flagged, <= 1 % honest flagged",
+                      on["attacker_slots_max"] <= 4 and on["crafted_flagged"] >= 0.9 and honest <= 0.01,
+                      f"max {on['attacker_slots_max']}, crafted {on['crafted_flagged']:.1%}, honest {honest:.2%}, "
+                      f"all real {on['real_flagged']:.2%}")
             )  # fmt: skip
     for name in ("pcfdla-20-on-e2", "adaptive-20-on-e2"):
         row = rows.get(name)

@@ -66,13 +66,14 @@ class DefenceConfig:
     # of the larger of the two devices' median own-device nearest distance) with more than copy_partners of the
     # class's other devices copies them: those samples are no one's neighbour, reported as hubs. Two devices
     # share "many" from max(copy_floor, copy_share x the smaller one's samples of the class) on, counted from
-    # both sides. FashionMNIST's real hashes, 20 devices: no device shares many with any other at 0.35 (0.5:
-    # a few pairs, 0.7: 9-15 % of honest samples flagged); copies of the public training set 4-10 bits away
-    # from the originals: every copy flagged (docs/robustness.md). 0: off.
-    copy_ratio: float = 0.35
+    # both sides. FashionMNIST's real hashes, 20 devices, every class: no device shares many with any other at
+    # 0.5 / 0.5 (0.7 / 0.25: 9-15 % of some classes' honest samples flagged; digits: 0.7 / 0.75 flags a few
+    # honest devices, 0.5 / 0.5 none). A copier's own median is its copies' distance to their siblings, at most
+    # twice their distance to the original, which keeps its copies within reach (docs/robustness.md). 0: off.
+    copy_ratio: float = 0.5
     copy_partners: float = 0.5
     copy_floor: int = 4
-    copy_share: float = 0.25
+    copy_share: float = 0.5
     refill_slack: int = 4  # rows the caps leave more than this many slots short are searched again, wider
     trust: bool = True  # gate contributors by their device's trust
     # Use only contributors whose latest knowledge puts its maximum on their own registered label. A sample's

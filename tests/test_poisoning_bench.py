@@ -107,6 +107,8 @@ def test_acceptance_6_is_judged_on_the_copying_attacker_beside_the_centre_copy_h
         "copies_defences_off": attacked(0.99, slots=16, crafted=0.0, real=0.0),
         "copies_defences_on": attacked(0.0, slots=4, crafted=0.94, real=0.02),  # too many real samples flagged
     }
+    passing = dict(hub, copies_defences_on=attacked(0.0, slots=4, crafted=0.94, real=0.05) | {"honest_flagged": 0.0})
+    assert [c.passed for c in checks({}, passing) if c.number == 6][:2] == [True, True]  # the attacker's own: no FP
     verdicts = [(c.text.split(",")[0], c.passed) for c in checks({}, hub) if c.number == 6]
     assert verdicts == [
         ("copies of public samples", True),
