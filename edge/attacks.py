@@ -248,7 +248,26 @@ def public_copies(
     )
 
 
-class CopyAttack:
+class _CraftedRegistration:
+    """A device that registers crafted samples after its own (Registration.extend) and uploads their poisoned
+    logits once registered; its own samples it trains and uploads honestly. Subclasses say what to craft."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.samples: HubSamples | None = None
+
+    def _craft(self, hashes: np.ndarray, labels: np.ndarray) -> HubSamples:
+        raise NotImplementedError
+
+    def extend(self, hashes: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The device's (hashes, labels) with the crafted ones appended (drawn once, the same on a re-register)."""
+        if self.samples is None:
+            self.samples = self._craft(hashes, labels)
+        crafted = self.samples
+        return np.concatenate([hashes, crafted.hashes]), np.concatenate([labels, crafted.labels]).astype(np.uint16)
+
+
+class CopyAttack(_CraftedRegistration):
     """A copying hub device: after its own samples it registers `copies` perturbed copies of the hash of every
     public sample (`public_copies`), through its real Registration (`extend`, as `HubAttack`), and uploads
     their poisoned logits once registered; its own samples it trains and uploads honestly.
@@ -277,21 +296,16 @@ class CopyAttack:
         self.kind = kind
         self.copies = copies
         self.flip_share = flip_share
-        self.rng = np.random.default_rng([seed, device_index, 2])
-        self.samples: HubSamples | None = None
+        super().__init__(np.random.default_rng([seed, device_index, 2]))
 
-    def extend(self, hashes: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The device's (hashes, labels) with the copies appended (drawn once, the same on a re-register)."""
-        if self.samples is None:
-            self.samples = public_copies(
-                self.public_hashes, self.public_labels, kind=self.kind, classes=self.classes, copies=self.copies,
-                first_id=len(labels), rng=self.rng, flip_share=self.flip_share,
-            )  # fmt: skip
-        crafted = self.samples
-        return np.concatenate([hashes, crafted.hashes]), np.concatenate([labels, crafted.labels]).astype(np.uint16)
+    def _craft(self, hashes: np.ndarray, labels: np.ndarray) -> HubSamples:
+        return public_copies(
+            self.public_hashes, self.public_labels, kind=self.kind, classes=self.classes, copies=self.copies,
+            first_id=len(labels), rng=self.rng, flip_share=self.flip_share,
+        )  # fmt: skip
 
 
-class HubAttack:
+class HubAttack(_CraftedRegistration):
     """A hub device: registers `hub_copies` crafted samples per class after its own (Registration.extend) and
     uploads their poisoned logits once it is registered; its own samples it trains and uploads honestly."""
 
@@ -299,17 +313,12 @@ class HubAttack:
         self.config = config
         self.classes = classes
         self.kind = kind
-        self.rng = np.random.default_rng([config.seed, device_index, 1])
-        self.samples: HubSamples | None = None
+        super().__init__(np.random.default_rng([config.seed, device_index, 1]))
 
-    def extend(self, hashes: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The device's (hashes, labels) with the crafted ones appended (drawn once, the same on a re-register)."""
-        if self.samples is None:
-            self.samples = hub_samples(
-                hashes, labels, kind=self.kind, classes=self.classes, copies=self.config.hub_copies, rng=self.rng
-            )
-        crafted = self.samples
-        return np.concatenate([hashes, crafted.hashes]), np.concatenate([labels, crafted.labels]).astype(np.uint16)
+    def _craft(self, hashes: np.ndarray, labels: np.ndarray) -> HubSamples:
+        return hub_samples(
+            hashes, labels, kind=self.kind, classes=self.classes, copies=self.config.hub_copies, rng=self.rng
+        )
 
 
 __all__ = [
