@@ -33,7 +33,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from broker_server.records import Teachers
-from broker_server.relations import ClassIndex, drop_self
+from broker_server.relations import Candidates, ClassIndex, nearest_other_distances
 from fedwire.constants import HashKind
 
 if TYPE_CHECKING:
@@ -118,19 +118,8 @@ class DefenceConfig:
             raise ValueError("defences: trust_spread, excess_spread and excess_temperature must be > 0")
 
 
-def _distances(a: np.ndarray, b: np.ndarray, *, kind: HashKind) -> np.ndarray:
-    """Row by row the distance of hashes `a` and `b`: Hamming bits (binary) or Euclidean (float16)."""
-    if kind is HashKind.BINARY:
-        bits: np.ndarray = np.bitwise_count(np.bitwise_xor(a, b)).sum(axis=1, dtype=np.int64)
-        return bits.astype(np.float64)
-    x = np.ascontiguousarray(a).view(np.float16).astype(np.float64)
-    y = np.ascontiguousarray(b).view(np.float16).astype(np.float64)
-    euclidean: np.ndarray = np.sqrt(((x - y) ** 2).sum(axis=1))
-    return euclidean
-
-
 def near_copies(
-    hashes: np.ndarray, owners: np.ndarray, *, kind: HashKind, ratio: float, candidates: np.ndarray | None = None
+    hashes: np.ndarray, owners: np.ndarray, *, kind: HashKind, ratio: float, candidates: Candidates | None = None
 ) -> np.ndarray:
     """(n,) whether each of one class's samples is a near copy of another sample of its own device.
 
@@ -154,16 +143,15 @@ def _near_copy_flags(nearest: np.ndarray, ratio: float) -> np.ndarray:
 
 
 def own_nearest(
-    hashes: np.ndarray, owners: np.ndarray, *, kind: HashKind, candidates: np.ndarray | None = None
+    hashes: np.ndarray, owners: np.ndarray, *, kind: HashKind, candidates: Candidates | None = None
 ) -> np.ndarray:
     """(n,) each of one class's samples' distance to its nearest other sample of its own device (inf: none).
 
-    `candidates` (binary hashes only): the class's exact nearest-first search, (n, k) positions without the
-    sample itself, -1 padded, as the relation build made it. An exact search returns every sample nearer than
-    its k-th, so a sample's first candidate of its own device is its nearest one, at the same Hamming distance
-    a search of the device's samples finds; only the samples with none among their k (typically a third on
-    FashionMNIST) are searched for within their device. Float distances are left to the per-device search,
-    whose float32 ranking of near ties the class's search need not share.
+    `candidates` (binary hashes only): the class's exact nearest-first search, as the relation build made it.
+    An exact search returns every sample nearer than its k-th, so a sample's first candidate of its own device
+    is its nearest one, at the Hamming distance the search measured; only the samples with none among their k
+    (typically a third on FashionMNIST) are searched for within their device. Float distances are left to the
+    per-device search, whose float32 ranking of near ties the class's search need not share.
     """
     count = hashes.shape[0]
     nearest = np.full(count, np.inf)
@@ -171,29 +159,20 @@ def own_nearest(
         return nearest
     pending = np.ones(count, bool)
     if candidates is not None and kind is HashKind.BINARY:
-        own_device = (candidates >= 0) & (owners[np.maximum(candidates, 0)] == owners[:, None])
+        found = candidates.positions
+        own_device = (found >= 0) & (owners[np.maximum(found, 0)] == owners[:, None])
         resolved = np.flatnonzero(own_device.any(axis=1))
-        first = candidates[resolved, own_device[resolved].argmax(axis=1)]
-        nearest[resolved] = _distances(hashes[resolved], hashes[first], kind=kind)
+        nearest[resolved] = candidates.distances[resolved, own_device[resolved].argmax(axis=1)]
         pending[resolved] = False
-    # The rest, device by device: the nearest other sample of each asked one (the first of two found that is
-    # not the sample itself, as drop_self keeps it), distances taken at once afterwards.
-    asked, found = [], []
+    # The rest, device by device: the nearest other sample of each asked one.
     by_device = np.argsort(owners, kind="stable")
     for positions in np.split(by_device, np.flatnonzero(np.diff(owners[by_device])) + 1):
         ask = np.flatnonzero(pending[positions])  # within the device
         if positions.size < 2 or ask.size == 0:
             continue
-        pair = ClassIndex(hashes[positions], kind=kind, exact=True).search(
-            2, None if ask.size == positions.size else ask
+        nearest[positions[ask]] = nearest_other_distances(
+            hashes[positions], kind=kind, asked=None if ask.size == positions.size else ask
         )
-        near, second = pair[:, 0], pair[:, 1]
-        other = np.where((near == ask) | (near < 0), np.where(second == ask, -1, second), near)
-        asked.append(positions[ask])
-        found.append(positions[np.maximum(other, 0)])
-    if asked:
-        rows = np.concatenate(asked)
-        nearest[rows] = _distances(hashes[rows], hashes[np.concatenate(found)], kind=kind)
     return nearest
 
 
@@ -213,12 +192,10 @@ def _device_medians(values: np.ndarray, owners: np.ndarray, devices: int) -> np.
 
 
 def foreign_copies(
-    hashes: np.ndarray,
     owners: np.ndarray,
-    candidates: np.ndarray,
+    candidates: Candidates,
     *,
     nearest: np.ndarray,
-    kind: HashKind,
     ratio: float,
     partners: float,
     floor: int,
@@ -240,35 +217,29 @@ def foreign_copies(
       `floor` samples (and with two at least) copies: its samples with a near duplicate on such a partner are
       flagged. An honest device shares many only with copiers, a minority under the honest-majority assumption.
 
-    `candidates`: the class's nearest-first search, (n, k) positions without the sample itself, -1 padded. A
-    copy's original and an original's copies lie among the first few of them, so no further search is made.
+    `candidates`: the class's nearest-first search without the samples themselves, with the distances it
+    measured. A copy's original and an original's copies lie among the first few of them, so no further search
+    is made, and no distance is computed again.
     """
-    count = hashes.shape[0]
+    count = owners.shape[0]
     flagged = np.zeros(count, bool)
     devices = int(owners.max()) + 1 if count else 0
     none = np.zeros(devices, bool)
     finite = np.isfinite(nearest)
-    if ratio <= 0 or count < 2 or candidates.shape[1] == 0 or not finite.any():
+    if ratio <= 0 or count < 2 or candidates.positions.shape[1] == 0 or not finite.any():
         return flagged, none
     scale = _device_medians(nearest, owners, devices)
     scale = np.where(np.isnan(scale), float(np.median(nearest[finite])), scale)  # single samples: the class's
     # The nearest candidate lies no farther than any: a row whose first lies past the widest threshold has none.
-    first = candidates[:, 0]
-    near = np.full(count, np.inf)
-    some = np.flatnonzero(first >= 0)
-    near[some] = _distances(hashes[some], hashes[first[some]], kind=kind)
-    rows = np.flatnonzero(near <= ratio * float(scale.max()))
+    rows = np.flatnonzero(candidates.distances[:, 0] <= ratio * float(scale.max()))
     if rows.size == 0:
         return flagged, none
-    found = candidates[rows]
-    safe = np.maximum(found, 0)
-    partner = owners[safe]
-    width = found.shape[1]
-    distance = _distances(np.repeat(hashes[rows], width, axis=0), hashes[safe.ravel()], kind=kind)
+    found, distance = candidates.positions[rows], candidates.distances[rows]
+    partner = owners[np.maximum(found, 0)]
     duplicate = (
         (found >= 0)
         & (partner != owners[rows][:, None])
-        & (distance.reshape(rows.size, width) <= ratio * np.maximum(scale[owners[rows]][:, None], scale[partner]))
+        & (distance <= ratio * np.maximum(scale[owners[rows]][:, None], scale[partner]))
     )
     row, column = np.nonzero(duplicate)
     # (sample, partner device) once each, then per (device, partner device) how many samples have one there.
@@ -504,12 +475,13 @@ class Defences:
             return table
         owners = np.asarray(owners, dtype=np.int64)
         index = ClassIndex(hashes, kind=kind, exact=count <= exact_limit)
-        first = drop_self(index.search(min(neighbours + 1, count)), np.arange(count))
+        searched = index.candidates(min(neighbours + 1, count))
+        first = searched.positions
         # Quotas: a device's samples of the class past max(quota_floor, class_share * count), in row order.
         quota = max(cfg.quota_floor, math.ceil(cfg.class_share * count))
         over_quota = _occurrence(owners[None, :])[0] >= quota
         # The first search is exact below exact_limit: near copies then start from its candidates.
-        candidates = first if count <= exact_limit else None
+        candidates = searched if count <= exact_limit else None
         nearest = (
             own_nearest(hashes, owners, kind=kind, candidates=candidates)
             if cfg.near_copy_ratio > 0 or cfg.copy_ratio > 0
@@ -518,7 +490,7 @@ class Defences:
         copied, copiers = np.zeros(count, bool), np.zeros(int(owners.max()) + 1, bool)
         if cfg.copy_ratio > 0:
             copied, copiers = foreign_copies(
-                hashes, owners, first, nearest=nearest, kind=kind, ratio=cfg.copy_ratio,
+                owners, searched, nearest=nearest, ratio=cfg.copy_ratio,
                 partners=cfg.copy_partners, floor=cfg.copy_floor, share=cfg.copy_share,
             )  # fmt: skip
         hubs = _near_copy_flags(nearest, cfg.near_copy_ratio) | copied
@@ -589,7 +561,7 @@ class Defences:
         while short.size and width < index.size:
             width = min(2 * width, index.size)
             self.widened_rows += int(short.size)
-            wider = drop_self(index.search(width, short), short)
+            wider = index.candidates(width, short).positions
             chosen, still, _ = self._select(
                 wider, rows_owners=owners[short], owners=owners, eligible=eligible, k=k, cap=cap
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 import faiss
@@ -80,17 +81,66 @@ class ClassIndex:
 
     def search(self, k: int, positions: np.ndarray | None = None) -> np.ndarray:
         """Positions of the k nearest hashes of every hash (or of those at `positions`), as faiss returns them."""
+        return self._faiss_search(k, positions)[1]
+
+    def candidates(self, k: int, positions: np.ndarray | None = None) -> Candidates:
+        """The k nearest hashes of every hash (or of those at `positions`) without itself, with their distances."""
+        distances, found = self._faiss_search(k, positions)
+        asked = np.arange(self.size) if positions is None else np.asarray(positions, dtype=np.int64)
+        order, dropped = _self_last(found, asked)
+        kept = np.take_along_axis(found, order, axis=1)
+        apart = np.take_along_axis(distances, order, axis=1)
+        moved = np.take_along_axis(dropped, order, axis=1)
+        kept[moved] = -1
+        apart[moved] = np.inf
+        return Candidates(kept, apart)
+
+    def _faiss_search(self, k: int, positions: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's (distances, positions) of the k nearest, distances as float64 Hamming bits or Euclidean."""
         with _faiss_threads(FAISS_THREADS):
             if self._hnsw is not None:
                 _tune(self._hnsw, k=k)
             if self._binary is not None:
                 bits = self._bits if positions is None else np.ascontiguousarray(self._bits[positions])
-                _, found = self._binary.search(bits, k)
+                bits_apart, found = self._binary.search(bits, k)
+                distances = np.asarray(bits_apart, dtype=np.float64)
             else:
                 assert self._flat is not None
                 vectors = self._vectors if positions is None else np.ascontiguousarray(self._vectors[positions])
-                _, found = self._flat.search(vectors, k)
-        return np.asarray(found, dtype=np.int64)
+                squared, found = self._flat.search(vectors, k)
+                distances = np.sqrt(np.maximum(np.asarray(squared, dtype=np.float64), 0.0))
+        return distances, np.asarray(found, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """A search's candidates without the asking samples themselves, nearest first: `positions` (n, k) in the
+    class, -1 padded, and `distances` (n, k) to them as faiss measured them (Hamming bits for binary hashes,
+    Euclidean for float16 ones; inf where -1). The defences read the distances the search already paid for."""
+
+    positions: np.ndarray
+    distances: np.ndarray
+
+
+def nearest_other_distances(hashes: np.ndarray, *, kind: HashKind, asked: np.ndarray | None = None) -> np.ndarray:
+    """(n,) each hash's (or each at `asked`'s) distance to its nearest *other* hash of `hashes`, inf when alone.
+
+    For binary hashes a brute-force Hamming search without an index (faiss.knn_hamming): the defences ask this
+    of every device's few samples of a class, where building a faiss index per device cost as much as its
+    search. Float hashes go through an exact ClassIndex.
+    """
+    positions = np.arange(hashes.shape[0]) if asked is None else np.asarray(asked, dtype=np.int64)
+    if hashes.shape[0] < 2:
+        return np.full(positions.size, np.inf)
+    if kind is not HashKind.BINARY:
+        return ClassIndex(hashes, kind=kind, exact=True).candidates(2, asked).distances[:, 0]
+    bits = np.ascontiguousarray(hashes, dtype=np.uint8)
+    with _faiss_threads(FAISS_THREADS):
+        bits_apart, found = faiss.knn_hamming(np.ascontiguousarray(bits[positions]), bits, 2)
+    # Of the two nearest, the first that is not the hash itself (by position: duplicates are other hashes).
+    first_is_self = np.asarray(found[:, 0]) == positions
+    nearest = np.where(first_is_self, bits_apart[:, 1], bits_apart[:, 0]).astype(np.float64)
+    return nearest
 
 
 def _search(hashes: np.ndarray, *, kind: HashKind, k: int, exact: bool) -> np.ndarray:
@@ -103,12 +153,17 @@ def drop_self(found: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
     The sample is excluded by position, never by distance (see build_class_neighbours).
     """
-    dropped = (found == positions[:, None]) | (found < 0)
-    # Stable sort moves dropped entries to the back while keeping the nearest-first order of the rest.
-    order = np.argsort(dropped, axis=1, kind="stable")
+    order, dropped = _self_last(found, positions)
     kept = np.take_along_axis(found, order, axis=1)
     kept[np.take_along_axis(dropped, order, axis=1)] = -1
     return kept
+
+
+def _self_last(found: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The order that moves each row's own position and faiss's -1 to the back, and which entries those are."""
+    dropped = (found == positions[:, None]) | (found < 0)
+    # Stable sort moves dropped entries to the back while keeping the nearest-first order of the rest.
+    return np.argsort(dropped, axis=1, kind="stable"), dropped
 
 
 def _tune(hnsw: faiss.HNSW, *, k: int) -> None:

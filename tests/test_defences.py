@@ -10,8 +10,8 @@ import pytest
 
 from broker_server.cache import CacheConfig, KnowledgeCache
 from broker_server.cached_state import CachedState
-from broker_server.defences import DefenceConfig, _capped, near_copies, robust_mean
-from broker_server.relations import ClassIndex, drop_self
+from broker_server.defences import DefenceConfig, _capped, near_copies, own_nearest, robust_mean
+from broker_server.relations import ClassIndex
 from broker_server.state_factory import open_state
 from edge.attacks import HubSamples, adaptive, fdla, hub_samples, pcfdla
 from fedwire.constants import HashKind
@@ -142,8 +142,8 @@ def test_near_copies_from_the_class_search_equal_a_search_within_each_device() -
     for label in range(CLASSES):
         members = np.flatnonzero(labels == label)
         own, devices = hashes[members], owners[members]
-        first = drop_self(ClassIndex(own, kind=HashKind.BINARY, exact=True).search(R + 1), np.arange(members.size))
-        found = (first >= 0) & (devices[np.maximum(first, 0)] == devices[:, None])
+        first = ClassIndex(own, kind=HashKind.BINARY, exact=True).candidates(R + 1)
+        found = (first.positions >= 0) & (devices[np.maximum(first.positions, 0)] == devices[:, None])
         resolved += int(found.any(axis=1).sum())
         assert not found.any(axis=1).all()  # some samples still need their device's own search
         for ratio in (0.35, 0.7, 0.9, 1.0):  # the wider ratios flag real samples too: their distances must agree
@@ -152,6 +152,37 @@ def test_near_copies_from_the_class_search_equal_a_search_within_each_device() -
             fast = near_copies(own, devices, kind=HashKind.BINARY, ratio=ratio, candidates=first)
             assert np.array_equal(fast, plain), ratio
     assert resolved > 0  # and some were answered by the class's search
+
+
+@pytest.mark.parametrize("kind", [HashKind.BINARY, HashKind.FLOAT16])
+def test_own_nearest_and_the_searchs_distances_equal_distances_computed_pair_by_pair(kind: HashKind) -> None:
+    rng = np.random.default_rng(5)
+    owners = rng.integers(0, 7, size=300)
+    owners[-1] = 7  # a device with one sample has no nearest other: inf
+    if kind is HashKind.BINARY:
+        hashes = rng.integers(0, 256, size=(300, 32), dtype=np.uint8)
+        hashes[10], owners[11] = hashes[11], owners[10]  # duplicates are other samples, at distance 0
+        bits = np.unpackbits(hashes, axis=1).astype(np.int64)
+        pairwise = np.abs(bits[:, None, :] - bits[None, :, :]).sum(axis=2).astype(np.float64)
+    else:
+        values = rng.normal(size=(300, 16)).astype(np.float16)
+        hashes = values.view(np.uint8)
+        x = values.astype(np.float64)
+        pairwise = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(axis=2))
+    same = owners[:, None] == owners[None, :]
+    np.fill_diagonal(same, False)
+    expected = np.where(same, pairwise, np.inf).min(axis=1)
+    candidates = ClassIndex(hashes, kind=kind, exact=True).candidates(R + 1)
+    kept = candidates.positions >= 0
+    measured = pairwise[np.arange(300)[:, None], np.maximum(candidates.positions, 0)]
+    assert not (candidates.positions == np.arange(300)[:, None]).any()  # itself dropped
+    assert np.allclose(candidates.distances[kept], measured[kept], atol=1e-3)
+    assert np.isinf(candidates.distances[~kept]).all()
+    for given in (None, candidates):
+        nearest = own_nearest(hashes, owners, kind=kind, candidates=given)
+        assert np.isinf(nearest[-1]) and np.allclose(nearest[:-1], expected[:-1], atol=1e-3)
+    if kind is HashKind.BINARY:
+        assert nearest[10] == nearest[11] == 0.0
 
 
 def test_the_cap_drops_exactly_the_entries_past_it_of_other_devices() -> None:

@@ -146,13 +146,13 @@ def test_a_device_sharing_near_duplicates_with_one_other_is_not_a_copier_but_one
                           flip_share=2 / 256)  # fmt: skip
     hashes = np.concatenate([honest, copies.hashes, twins.hashes])
     owners = np.concatenate([owners, np.full(320, 8), np.zeros(40, np.int64)])
-    from broker_server.relations import ClassIndex, drop_self
+    from broker_server.relations import ClassIndex
 
-    first = drop_self(ClassIndex(hashes, kind=HashKind.BINARY, exact=True).search(R + 1), np.arange(owners.size))
+    first = ClassIndex(hashes, kind=HashKind.BINARY, exact=True).candidates(R + 1)
     nearest = own_nearest(hashes, owners, kind=HashKind.BINARY, candidates=first)
     cfg = DefenceConfig()
     flagged, copiers = foreign_copies(
-        hashes, owners, first, nearest=nearest, kind=HashKind.BINARY, ratio=cfg.copy_ratio,
+        owners, first, nearest=nearest, ratio=cfg.copy_ratio,
         partners=cfg.copy_partners, floor=cfg.copy_floor, share=cfg.copy_share,
     )  # fmt: skip
     assert copiers.tolist() == [False] * 8 + [True]  # device 0 shares many with device 1 and 8 only
