@@ -28,6 +28,7 @@ from typing import Any
 
 from bench._report import machine_line, markdown_table
 from bench.comparison import reusable_report
+from edge.attacks import REGISTRATION_ATTACKS
 
 ATTACKS = ("fdla", "pcfdla", "fdsa", "label_flip", "adaptive")
 # PCFDLA as the issue defines it (s ~ U(-20, 20) per batch) moved honest MAUA by 1 point only in the demo
@@ -42,7 +43,7 @@ class Run:
 
     name: str
     attack: str = ""
-    share: float = 0.0  # of the devices attacking, rounded, at least 1 when attacking (hub: always 1)
+    share: float = 0.0  # of the devices attacking, rounded, at least 1 when attacking (hub, copy: always 1)
     defences: str = "off"
     algorithm: str = "fedcache"
     epochs: int | None = None  # None: the bench's --epochs
@@ -55,7 +56,7 @@ class Run:
     def attackers(self, devices: int) -> int:
         if not self.attack:
             return 0
-        if self.attack == "hub":
+        if self.attack in REGISTRATION_ATTACKS:
             return 1
         return max(1, round(self.share * devices))
 
@@ -75,6 +76,11 @@ ACCEPTANCE_RUNS = (
     Run("adaptive-20-on-e2", "adaptive", 0.2, "on", epochs=2),
     Run("hub-off", "hub"),
     Run("hub-on", "hub", defences="on"),
+    # One copy of every public training image (60,000 crafted samples beside the fleet's 5,000): in the demo's
+    # setting that already outnumbers the honest samples of every class 12 to 1; 8 copies (the in-process
+    # bench's) would make each relation build a ~half-million-sample one.
+    Run("copy-off", "copy", options={"public_copies": 1}),
+    Run("copy-on", "copy", defences="on", options={"public_copies": 1}),
 )
 # The rest of the attack x share x defence table: what each attack does with no defence.
 EXTRA_RUNS = (

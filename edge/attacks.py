@@ -21,10 +21,11 @@ HUB_LOGIT = 10.0
 # Share of a crafted binary hash's bits flipped away from the class centre (near-copies, not one hash).
 HUB_FLIP_SHARE = 0.02
 # Copies of public samples (`public_copies`): how many per public sample, and the share of a binary hash's bits
-# flipped in each (8 of 256: nearer to the original than its nearest natural neighbour, median 25 bits on
-# FashionMNIST's hashes, and ~16 bits from each other, so not near copies of one another).
-COPY_COPIES = 8
-COPY_FLIP_SHARE = 8 / 256
+# flipped in each (edge.config.AttackConfig says why these).
+COPY_COPIES = AttackConfig.public_copies
+COPY_FLIP_SHARE = AttackConfig.copy_flip_share
+# Attacks that craft registrations (`crafted_registration`) rather than uploads.
+REGISTRATION_ATTACKS = ("hub", "copy")
 _FLOAT16 = np.dtype("<f2")
 _COPY_CHUNK = 1 << 15
 
@@ -114,9 +115,9 @@ def logit_attack(config: AttackConfig, *, device_index: int = 0) -> LogitAttack 
     """The upload transform `(logits, labels) -> logits` a device with this attack applies; None when honest.
 
     The generator is seeded from (attack seed, device index), so two attackers of one trial differ and a
-    rerun repeats. A hub device uploads its own samples honestly (its crafted samples carry the poison).
+    rerun repeats. A hub or copy device uploads its own samples honestly (its crafted samples carry the poison).
     """
-    if config.mode not in ATTACKS or config.mode == "hub":
+    if config.mode not in ATTACKS or config.mode in REGISTRATION_ATTACKS:
         return None
     rng = np.random.default_rng([config.seed, device_index])
     mode = config.mode
@@ -248,7 +249,7 @@ def public_copies(
     )
 
 
-class _CraftedRegistration:
+class CraftedRegistration:
     """A device that registers crafted samples after its own (Registration.extend) and uploads their poisoned
     logits once registered; its own samples it trains and uploads honestly. Subclasses say what to craft."""
 
@@ -267,20 +268,20 @@ class _CraftedRegistration:
         return np.concatenate([hashes, crafted.hashes]), np.concatenate([labels, crafted.labels]).astype(np.uint16)
 
 
-class CopyAttack(_CraftedRegistration):
+class CopyAttack(CraftedRegistration):
     """A copying hub device: after its own samples it registers `copies` perturbed copies of the hash of every
     public sample (`public_copies`), through its real Registration (`extend`, as `HubAttack`), and uploads
     their poisoned logits once registered; its own samples it trains and uploads honestly.
 
-    `public_hashes` / `public_labels`: the public images (FashionMNIST's training set) encoded with the
-    fleet's encoder, as the attacker encodes them on its device (`HashEncoder.encode`).
+    `public`: what the attacker holds of the public images (FashionMNIST's training set), their hashes under
+    the fleet's encoder and their labels, as it encodes them on its device (`HashEncoder.encode`); asked for
+    once, when the device first registers (a device process encodes 60,000 images then, not at start).
     """
 
     def __init__(
         self,
         *,
-        public_hashes: np.ndarray,
-        public_labels: np.ndarray,
+        public: Callable[[], tuple[np.ndarray, np.ndarray]],
         classes: int,
         kind: HashKind,
         copies: int = COPY_COPIES,
@@ -290,8 +291,7 @@ class CopyAttack(_CraftedRegistration):
     ) -> None:
         if copies < 0 or not 0 <= flip_share <= 1:
             raise ValueError("copy attack: copies >= 0 and 0 <= flip_share <= 1 are required")
-        self.public_hashes = public_hashes
-        self.public_labels = public_labels
+        self.public = public
         self.classes = classes
         self.kind = kind
         self.copies = copies
@@ -299,13 +299,14 @@ class CopyAttack(_CraftedRegistration):
         super().__init__(np.random.default_rng([seed, device_index, 2]))
 
     def _craft(self, hashes: np.ndarray, labels: np.ndarray) -> HubSamples:
+        public_hashes, public_labels = self.public()
         return public_copies(
-            self.public_hashes, self.public_labels, kind=self.kind, classes=self.classes, copies=self.copies,
+            public_hashes, public_labels, kind=self.kind, classes=self.classes, copies=self.copies,
             first_id=len(labels), rng=self.rng, flip_share=self.flip_share,
         )  # fmt: skip
 
 
-class HubAttack(_CraftedRegistration):
+class HubAttack(CraftedRegistration):
     """A hub device: registers `hub_copies` crafted samples per class after its own (Registration.extend) and
     uploads their poisoned logits once it is registered; its own samples it trains and uploads honestly."""
 
@@ -321,14 +322,38 @@ class HubAttack(_CraftedRegistration):
         )
 
 
+def crafted_registration(
+    config: AttackConfig,
+    *,
+    classes: int,
+    kind: HashKind,
+    device_index: int,
+    public: Callable[[], tuple[np.ndarray, np.ndarray]],
+) -> CraftedRegistration | None:
+    """What a hub or copy device registers besides its own samples; None for every other device.
+
+    `public`: the public images' hashes and labels, asked for only by a copy device (`CopyAttack`)."""
+    if config.mode == "hub":
+        return HubAttack(config, classes=classes, kind=kind, device_index=device_index)
+    if config.mode == "copy":
+        return CopyAttack(
+            public=public, classes=classes, kind=kind, copies=config.public_copies, flip_share=config.copy_flip_share,
+            seed=config.seed, device_index=device_index,
+        )  # fmt: skip
+    return None
+
+
 __all__ = [
     "COPY_COPIES",
     "COPY_FLIP_SHARE",
+    "REGISTRATION_ATTACKS",
     "CopyAttack",
+    "CraftedRegistration",
     "HubAttack",
     "HubSamples",
     "LogitAttack",
     "adaptive",
+    "crafted_registration",
     "fdla",
     "fdsa",
     "hub_samples",

@@ -17,7 +17,7 @@ from models.loss import TeacherGate
 ALGORITHMS = ("fedcache", "local", "fd", "fedavg")
 EVAL_BACKENDS = ("executorch", "onnxruntime")
 # Malicious behaviours a device can be given for robustness trials (edge/attacks.py, docs/robustness.md).
-ATTACKS = ("fdla", "pcfdla", "fdsa", "label_flip", "adaptive", "hub")
+ATTACKS = ("fdla", "pcfdla", "fdsa", "label_flip", "adaptive", "hub", "copy")
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,11 @@ class AttackConfig:
     target: int = -1  # adaptive: the wrong class mass is pushed onto (-1: label + 1)
     margin: float = 0.1  # adaptive: the label this share of the top-to-mean gap above the old top, the target half
     hub_copies: int = 64  # hub: crafted hashes registered per class besides the device's own samples
+    # copy: perturbed copies registered of every public training sample's hash, and the share of a binary
+    # hash's bits flipped in each (8 of 256: nearer to the original than its nearest natural neighbour, median
+    # 25 bits on FashionMNIST's hashes, and ~16 bits from each other, so not near copies of one another).
+    public_copies: int = 8
+    copy_flip_share: float = 8 / 256
 
     def __post_init__(self) -> None:
         if self.mode and self.mode not in ATTACKS:
@@ -125,6 +130,8 @@ class AttackConfig:
             raise ValueError("attack: shift > 0, scale >= 2, 0 <= pull < 1 and 0 < fraction <= 1 are required")
         if self.target < -1 or not 0 < self.margin < 1 or self.hub_copies < 0:
             raise ValueError("attack: target >= -1, 0 < margin < 1 and hub_copies >= 0 are required")
+        if self.public_copies < 0 or not 0 <= self.copy_flip_share <= 1:
+            raise ValueError("attack: public_copies >= 0 and 0 <= copy_flip_share <= 1 are required")
 
 
 @dataclass(frozen=True)

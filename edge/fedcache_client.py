@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge.attacks import HubAttack, logit_attack
+from edge.attacks import CraftedRegistration, crafted_registration, logit_attack
 from edge.baseline import exchange_metrics, next_version
 from edge.config import DeviceConfig
+from edge.data import load_dataset
 from edge.knowledge import BatchSchedule, TeacherCache
 from edge.link import KnowledgeLink
 from edge.registration import Registration
@@ -61,11 +62,12 @@ class FedCacheClient:
         self.teachers.store_all(*state.load_teachers())
         # A malicious device (config [attack]) uploads crafted logits; it trains on its own, like anyone.
         self.attack = logit_attack(config.attack, device_index=config.data.index)
-        self.hub: HubAttack | None = None
-        if config.attack.mode == "hub":
-            self.hub = HubAttack(
-                config.attack, classes=shard.classes, kind=config.hash.kind, device_index=config.data.index
-            )
+        # A hub or copy device also registers crafted samples, and uploads their poison once registered.
+        self.hub: CraftedRegistration | None = crafted_registration(
+            config.attack, classes=shard.classes, kind=config.hash.kind, device_index=config.data.index,
+            public=self._public_hashes,
+        )  # fmt: skip
+        if self.hub is not None:
             self.registration.extend = self.hub.extend
         self._replies: queue.SimpleQueue[tuple[Reply, int]] = queue.SimpleQueue()
         self._in_flight: dict[int, _InFlight] = {}
@@ -101,6 +103,11 @@ class FedCacheClient:
             self.state.outbox_put(self.hub.samples.ids, self.hub.samples.logits)  # the crafted samples' poison
         if last:  # what the device trained on reaches the server before its final report
             self._flush()
+
+    def _public_hashes(self) -> tuple[np.ndarray, np.ndarray]:
+        """A copy device's view of the public set: its dataset's training images under the fleet's encoder."""
+        public = load_dataset(self.config.data.dataset)
+        return self.registration.encoder.encode(public.x_train), public.y_train
 
     def checkpoint(self) -> None:
         self.state.save_teachers(*self.teachers.snapshot())

@@ -38,7 +38,7 @@ class Registration:
         self._hash_cache: tuple[np.ndarray, HashEncoder] | None = None
         # Wall seconds of the last registration's parts (hashing, hello, chunks) and chunks sent again.
         self.timings: dict[str, float] = {}
-        # A hub device (edge/attacks.py) appends crafted (hashes, labels) to its own: (hashes, labels) -> both.
+        # A hub or copy device (edge/attacks.py) appends crafted (hashes, labels) to its own: (hashes, labels) -> both.
         self.extend: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
@@ -68,6 +68,11 @@ class Registration:
             self.register()
         except Exception as exc:  # surfaced on the training thread, which stops the device
             self._error = exc
+
+    @property
+    def encoder(self) -> HashEncoder:
+        """The encoder this device's hashes come from (the fleet's: every device builds or ships the same)."""
+        return self._hashes()[1]
 
     def _hashes(self) -> tuple[np.ndarray, HashEncoder]:
         if self._hash_cache is None:

@@ -57,8 +57,8 @@ def _fleet(public: _Public, tmp_path: Path, *, defences: DefenceConfig | None, a
         registration = Registration(config=config, link=_ServiceLink(service), shard=shard)  # type: ignore[arg-type]
         if attack and index == ATTACKER:
             copier = CopyAttack(
-                public_hashes=public.hashes, public_labels=public.dataset.y_train, classes=shard.classes,
-                kind=config.hash.kind, device_index=index,
+                public=lambda: (public.hashes, public.dataset.y_train), classes=shard.classes, kind=config.hash.kind,
+                device_index=index,
             )  # fmt: skip
             registration.extend = copier.extend
         registration.register()
@@ -157,3 +157,29 @@ def test_a_device_sharing_near_duplicates_with_one_other_is_not_a_copier_but_one
     )  # fmt: skip
     assert copiers.tolist() == [False] * 8 + [True]  # device 0 shares many with device 1 and 8 only
     assert flagged[320:640].all() and not flagged[:320].any() and not flagged[640:].any()
+
+
+def test_a_copy_device_in_a_trial_registers_its_copies_over_the_wire_and_the_defences_flag_them(
+    tmp_path: Path,
+) -> None:
+    """Four digits device processes over a real Mosquitto, the last one `attack = "copy"` (one copy of every
+    public training image), the server defended: the copier's crafted samples are flagged, honest ones not."""
+    from android_harness.trial import TrialSettings, run_trial
+
+    settings = TrialSettings(
+        out=tmp_path, dataset="digits", devices=4, epochs=2, attacks=("", "", "", "copy"), defences="on",
+        attack_options={"public_copies": 1}, timeout_s=300,
+    )  # fmt: skip
+    report = run_trial(settings, progress=False)
+    public = load_dataset("digits").y_train.size
+    assert report["attackers"] == ["dev003"]
+    assert all(ok["ok"] for ok in report["invariants"].values()), report["invariants"]
+    devices = report["defences"]["devices"]
+    own = {d["id"]: d["train_samples"] for d in report["devices"]}
+    # Its copies of other devices' images are hubs; copies of its own images are its near copies, or beyond
+    # its quota of the class: either way no one's neighbour.
+    assert devices["dev003"]["hub_samples"] >= 0.5 * public
+    assert devices["dev003"]["hub_samples"] + devices["dev003"]["over_quota_samples"] >= 0.9 * public
+    for name in ("dev000", "dev001", "dev002"):
+        assert devices[name]["hub_samples"] <= 0.01 * own[name], name
+    assert report["maua_honest"] > 0.3
