@@ -53,6 +53,13 @@ class DefenceConfig:
 
     aggregation: str = "trimmed"  # "mean" | "trimmed" | "median": over a sample's trusted contributors
     trim: float = 0.25  # trimmed: share of contributors cut from each end, per class coordinate
+    # Trimmed mean / median over each contributor's logits less its own maximum. Softmax ignores a constant
+    # added to a vector, a coordinate-wise trim does not: PCFDLA adds +-s (|s| up to 100) to every class but
+    # one, and with 8 of 20 devices attacking more shifted contributors reach a row than the trim cuts, so the
+    # served classes other than the label rose towards it (honest MAUA 6.5 points below local training, seed
+    # 2, docs/robustness.md). Less their maximum, an honest vector is unchanged in softmax and a shifted one is
+    # its own shape again. The plain mean is shift-free already, so "mean" aggregates as it was.
+    shift_free: bool = True
     device_cap: int = 4  # R slots at most one device (other than the sample's owner) holds; 0: no cap
     class_share: float = 0.5  # quota: a device's samples of a class beyond this share of it are no neighbours
     quota_floor: int = 64  # ... and beyond this many (small classes are not quota'd)
@@ -683,16 +690,26 @@ class Defences:
         config = self.config
         if neighbours.shape[0] <= step:  # one slice (every fetch): no output buffer to copy into
             whole = robust_mean(
-                knowledge[neighbours], mask, aggregation=config.aggregation, trim=config.trim, counts=counts
-            )
+                self._gathered(knowledge, neighbours), mask, aggregation=config.aggregation, trim=config.trim,
+                counts=counts,
+            )  # fmt: skip
             return np.asarray(whole, dtype=np.float32)
         out = np.empty((neighbours.shape[0], classes), np.float32)
         for start in range(0, neighbours.shape[0], step):
             stop = start + step
             out[start:stop] = robust_mean(
-                knowledge[neighbours[start:stop]], mask[start:stop], aggregation=config.aggregation, trim=config.trim
-            )
+                self._gathered(knowledge, neighbours[start:stop]), mask[start:stop],
+                aggregation=config.aggregation, trim=config.trim,
+            )  # fmt: skip
         return out
+
+    def _gathered(self, knowledge: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+        """(t, R, C) the neighbours' knowledge as the aggregation compares it (`shift_free`: less each vector's
+        maximum; the gather is a copy, so it is shifted in place)."""
+        values: np.ndarray = knowledge[neighbours]
+        if self.config.shift_free and self.config.aggregation != "mean":
+            values -= values.max(axis=2, keepdims=True)
+        return values
 
     # ------------------------------------------------------------ trust
 
