@@ -53,12 +53,14 @@ class DefenceConfig:
 
     aggregation: str = "trimmed"  # "mean" | "trimmed" | "median": over a sample's trusted contributors
     trim: float = 0.25  # trimmed: share of contributors cut from each end, per class coordinate
-    # Trimmed mean / median over each contributor's logits less its own maximum. Softmax ignores a constant
-    # added to a vector, a coordinate-wise trim does not: PCFDLA adds +-s (|s| up to 100) to every class but
-    # one, and with 8 of 20 devices attacking more shifted contributors reach a row than the trim cuts, so the
-    # served classes other than the label rose towards it (honest MAUA 6.5 points below local training, seed
-    # 2, docs/robustness.md). Less their maximum, an honest vector is unchanged in softmax and a shifted one is
-    # its own shape again. The plain mean is shift-free already, so "mean" aggregates as it was.
+    # Trimmed mean / median over each contributor's logits less its value at its own label (for every
+    # contributor the label filter keeps, its maximum). Softmax ignores a constant added to a vector, a
+    # coordinate-wise trim does not: PCFDLA adds +-s (|s| up to 100) to every class but one, and with 8 of 20
+    # devices attacking more shifted contributors reach a row than the trim cuts, so the served classes other
+    # than the label rose towards it (honest MAUA 6.5 points below local training, seed 2, docs/robustness.md).
+    # Anchored, an honest vector is unchanged in softmax and a shifted one is its own shape again. The anchor
+    # is kept per row as knowledge arrives (`observe`): a max over 10 classes at fetch time cost a fetch of 32
+    # ids ~26 us, a fifth of it. The plain mean is shift-free already, so "mean" aggregates as it was.
     shift_free: bool = True
     device_cap: int = 4  # R slots at most one device (other than the sample's owner) holds; 0: no cap
     class_share: float = 0.5  # quota: a device's samples of a class beyond this share of it are no neighbours
@@ -443,6 +445,7 @@ class Defences:
         self._over_quota = np.zeros(0, bool)
         self._label_evidence = np.zeros(0, np.float32)  # per row: argmax == label (1/0), NaN: none
         self._consistent = np.zeros(0, bool)  # per row: its latest knowledge's argmax is its label
+        self._anchor = np.zeros(0, np.float32)  # per row: its latest knowledge's value at its label (shift_free)
         self._consensus_evidence = np.zeros(0, np.float32)  # per row: 1 - TV to the consensus, NaN: none
         self._excess_evidence = np.zeros(0, np.float32)  # per row: runner-up excess over the consensus, NaN: none
         # per device: label sum, label rows, consensus sum, rows, excess sum, rows
@@ -704,11 +707,12 @@ class Defences:
         return out
 
     def _gathered(self, knowledge: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
-        """(t, R, C) the neighbours' knowledge as the aggregation compares it (`shift_free`: less each vector's
-        maximum; the gather is a copy, so it is shifted in place)."""
+        """(t, R, C) the neighbours' knowledge as the aggregation compares it (`shift_free`: less each row's
+        anchor, its value at its label; the gather is a copy, so it is shifted in place)."""
         values: np.ndarray = knowledge[neighbours]
         if self.config.shift_free and self.config.aggregation != "mean":
-            values -= values.max(axis=2, keepdims=True)
+            self._ensure_rows(knowledge.shape[0])
+            values -= self._anchor[neighbours][:, :, None]
         return values
 
     # ------------------------------------------------------------ trust
@@ -742,6 +746,7 @@ class Defences:
         logits = np.asarray(logits, dtype=np.float32)
         consistent = logits.argmax(axis=1) == labels[rows]
         self._consistent[rows] = consistent
+        self._anchor[rows] = logits[np.arange(rows.size), labels[rows]]
         if self._contributor_gate == self._gate_version:  # the contributor flags follow (others: rebuilt later)
             held = rows[rows < self._contributor_rows]
             self._contributor[held] = self._may_contribute(held, owners)
@@ -952,6 +957,7 @@ class Defences:
         self._over_quota = _grown(self._over_quota, size, False)
         self._label_evidence = _grown(self._label_evidence, size, _NO_EVIDENCE)
         self._consistent = _grown(self._consistent, size, True)
+        self._anchor = _grown(self._anchor, size, 0.0)
         self._consensus_evidence = _grown(self._consensus_evidence, size, _NO_EVIDENCE)
         self._excess_evidence = _grown(self._excess_evidence, size, _NO_EVIDENCE)
 

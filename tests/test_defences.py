@@ -548,12 +548,15 @@ def test_evidence_and_trust_come_back_after_a_restart(tmp_path: Path) -> None:
     liar = 4
     state = _stored_fleet(tmp_path / "state", fleet, liar=liar)
     before = state.cache.defend(DefenceConfig()).trust(fleet.devices).copy()
+    rows = np.arange(state.cache.size)
+    served = state.cache.fetch(rows).logits
     state.close()
     assert before[liar] == 0.0 and np.all(np.delete(before, liar) == 1.0)
     again = open_state(tmp_path / "state", config=CONFIG, neighbours=R)
     assert isinstance(again, CachedState)
     after = again.cache.defend(DefenceConfig()).trust(fleet.devices)  # evidence rebuilt from stored knowledge
     assert np.array_equal(after, before)
+    assert np.array_equal(again.cache.fetch(rows).logits, served)  # each row's shift-free anchor with it
     again.close()
 
 
