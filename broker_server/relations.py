@@ -79,15 +79,17 @@ class ClassIndex:
                     self._hnsw.efConstruction = HNSW_EF_CONSTRUCTION
                 self._flat.add(self._vectors)
 
-    def search(self, k: int, positions: np.ndarray | None = None) -> np.ndarray:
-        """Positions of the k nearest hashes of every hash (or of those at `positions`), as faiss returns them."""
-        return self._faiss_search(k, positions)[1]
-
     def candidates(self, k: int, positions: np.ndarray | None = None) -> Candidates:
-        """The k nearest hashes of every hash (or of those at `positions`) without itself, with their distances."""
+        """The k nearest hashes of every hash (or of those at `positions`) with each row's own position and
+        faiss's -1 moved to the back as -1 (distance inf), nearest-first kept, with their distances.
+
+        The sample is excluded by position, never by distance (see build_class_neighbours).
+        """
         distances, found = self._faiss_search(k, positions)
         asked = np.arange(self.size) if positions is None else np.asarray(positions, dtype=np.int64)
-        order, dropped = _self_last(found, asked)
+        dropped = (found == asked[:, None]) | (found < 0)
+        # Stable sort moves dropped entries to the back while keeping the nearest-first order of the rest.
+        order = np.argsort(dropped, axis=1, kind="stable")
         kept = np.take_along_axis(found, order, axis=1)
         apart = np.take_along_axis(distances, order, axis=1)
         moved = np.take_along_axis(dropped, order, axis=1)
@@ -143,29 +145,6 @@ def nearest_other_distances(hashes: np.ndarray, *, kind: HashKind, asked: np.nda
     return nearest
 
 
-def _search(hashes: np.ndarray, *, kind: HashKind, k: int, exact: bool) -> np.ndarray:
-    """Positions of the k nearest hashes of every hash (itself usually among them), as faiss returns them."""
-    return ClassIndex(hashes, kind=kind, exact=exact).search(k)
-
-
-def drop_self(found: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """`found` (n, k) with each row's own position and faiss's -1 moved to the back as -1, nearest-first kept.
-
-    The sample is excluded by position, never by distance (see build_class_neighbours).
-    """
-    order, dropped = _self_last(found, positions)
-    kept = np.take_along_axis(found, order, axis=1)
-    kept[np.take_along_axis(dropped, order, axis=1)] = -1
-    return kept
-
-
-def _self_last(found: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The order that moves each row's own position and faiss's -1 to the back, and which entries those are."""
-    dropped = (found == positions[:, None]) | (found < 0)
-    # Stable sort moves dropped entries to the back while keeping the nearest-first order of the rest.
-    return np.argsort(dropped, axis=1, kind="stable"), dropped
-
-
 def _tune(hnsw: faiss.HNSW, *, k: int) -> None:
     """HNSW search effort: at least 2k candidates so k neighbours come back (the build is set in ClassIndex)."""
     hnsw.efSearch = max(HNSW_EF_SEARCH_MIN, 2 * k)
@@ -191,8 +170,7 @@ def build_class_neighbours(
     if count <= 1 or neighbours == 0:
         return table
     k = min(neighbours + 1, count)
-    found = _search(hashes, kind=kind, k=k, exact=count <= exact_limit)
-    kept = drop_self(found, np.arange(count))
+    kept = ClassIndex(hashes, kind=kind, exact=count <= exact_limit).candidates(k).positions
     width = min(neighbours, k)
     table[:, :width] = kept[:, :width]
     return table
