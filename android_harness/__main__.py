@@ -13,7 +13,7 @@ from android_harness.faults import FaultPlan
 from android_harness.flash import add_flash_parser, run_flash, run_provision, run_revoke
 from android_harness.spec import SpecError, TrialSpec, load_spec
 from android_harness.trial import AUTH_MODES, DEFENCE_MODES, SECURITY_MODES, TrialSettings, run_trial
-from edge.config import ATTACKS
+from edge.config import ATTACK_KNOBS, ATTACKS, attack_knobs
 from edge.data import PARTITIONS
 from fedwire import HashKind, LogitEncoding, TeacherForm
 from fedwire.child_process import exit_on_sigterm
@@ -141,9 +141,27 @@ def _attacked(settings: TrialSettings, args: argparse.Namespace) -> TrialSetting
         raise SystemExit("--attack and --attackers go together (--attackers N >= 1 of the devices)")
     if not 0 <= args.attackers <= settings.devices:
         raise SystemExit(f"--attackers {args.attackers}: the trial has {settings.devices} devices")
+    if args.attack_option and args.attack is None:
+        raise SystemExit("--attack-option sets an attack's knobs: give --attack and --attackers too")
     honest = settings.devices - args.attackers
     attacks = ("",) * honest + (args.attack,) * args.attackers if args.attackers else ()
-    return dataclasses.replace(settings, attacks=attacks, defences=args.defences)
+    return dataclasses.replace(
+        settings, attacks=attacks, defences=args.defences, attack_options=_attack_options(args.attack_option)
+    )
+
+
+def _attack_options(pairs: list[str]) -> dict[str, int | float]:
+    """--attack-option KEY=VALUE ... as the attackers' typed knobs (edge.config.attack_knobs)."""
+    raw: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--attack-option {pair!r}: KEY=VALUE, e.g. shift=40 (knobs: {', '.join(ATTACK_KNOBS)})")
+        raw[key.strip()] = value.strip()
+    try:
+        return attack_knobs(raw)
+    except ValueError as exc:
+        raise SystemExit(f"--attack-option: {exc}") from exc
 
 
 def _summary_line(report: dict) -> str:
@@ -226,6 +244,15 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="with --attack: how many devices attack, the last ones (so the honest devices are those of a run "
         "without attack); report.json's maua_honest averages the others",
+    )
+    trial.add_argument(
+        "--attack-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an attack knob for every attacker, repeatable (edge.config.AttackConfig: "
+        + ", ".join(ATTACK_KNOBS)
+        + "), e.g. --attack-option shift=40",
     )
     trial.add_argument("--defences", choices=DEFENCE_MODES, help="the cache server's --defences (default: its own)")
     trial.add_argument(

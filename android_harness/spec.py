@@ -15,7 +15,7 @@ from typing import Any
 
 from android_harness.faults import FaultPlan
 from android_harness.trial import AUTH_MODES, DEFENCE_MODES, SECURITY_MODES, TrialSettings
-from edge.config import ALGORITHMS, ATTACKS, torch_only_settings_on
+from edge.config import ALGORITHMS, ATTACKS, attack_knobs, torch_only_settings_on
 from edge.data import PARTITIONS
 from fedwire import HashKind, LogitEncoding
 from fedwire.mqtt import BrokerAddress
@@ -27,7 +27,7 @@ DATASETS = ("fashion-mnist", "digits")
 TARGETS = ("local", "netns")
 REMOTE_TARGETS = ("ssh", "adb")
 
-_SECTIONS = ("trial", "broker", "server", "devices", "faults")
+_SECTIONS = ("trial", "broker", "server", "devices", "faults", "attack")
 _TRIAL_KEYS = (
     "description", "dataset", "epochs", "alpha", "partition", "seed", "algorithm", "timeout",
     "hash_kind", "hash_dim", "encoder_kind", "logit_encoding", "bn_recalibration",
@@ -133,6 +133,13 @@ def parse_spec(data: dict[str, Any], *, out: Path) -> TrialSpec:
     )
     if any(g.attack for g in devices) and algorithm != "fedcache":
         raise SpecError(f"[[devices]].attack: attacks poison FedCache's knowledge; [trial].algorithm is {algorithm!r}")
+    attack = _table(data, "attack")
+    if attack and not any(g.attack for g in devices):
+        raise SpecError("[attack]: its knobs are for attacking devices, and no [[devices]] group has an attack")
+    try:
+        attack_options = attack_knobs(attack)
+    except ValueError as exc:
+        raise SpecError(f"[attack]: {exc}") from exc
     settings = TrialSettings(
         out=out,
         dataset=dataset,
@@ -161,6 +168,7 @@ def parse_spec(data: dict[str, Any], *, out: Path) -> TrialSpec:
         security=security,
         auth=auth,
         attacks=tuple(g.attack for g in per_device) if any(g.attack for g in per_device) else (),
+        attack_options=attack_options,
         defences=defences,
     )
     plan = _fault_plan(faults, per_device, seed=settings.seed)

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from edge.config import (
     HashConfig,
     SecurityConfig,
     TrainConfig,
+    attack_knobs,
     config_to_toml,
     torch_only_settings_on,
 )
@@ -136,10 +137,7 @@ class TrialSettings:
         unknown = sorted({a for a in self.attacks if a and a not in ATTACKS})
         if unknown:
             raise ValueError(f"unknown attacks {unknown}; choose from {ATTACKS}")
-        knobs = {f.name for f in fields(AttackConfig)} - {"mode", "seed"}
-        if set(self.attack_options) - knobs:
-            raise ValueError(f"attack_options must be among {sorted(knobs)}, got {sorted(self.attack_options)}")
-        AttackConfig(**self.attack_options)  # the knobs' own range checks, before any process starts
+        attack_knobs(self.attack_options)  # names, types and ranges, before any process starts
         if self.attackers and self.algorithm != "fedcache":
             raise ValueError(
                 f"attacks poison FedCache's knowledge: they need algorithm 'fedcache', not {self.algorithm!r}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -132,6 +133,39 @@ class AttackConfig:
             raise ValueError("attack: target >= -1, 0 < margin < 1 and hub_copies >= 0 are required")
         if self.public_copies < 0 or not 0 <= self.copy_flip_share <= 1:
             raise ValueError("attack: public_copies >= 0 and 0 <= copy_flip_share <= 1 are required")
+
+
+ATTACK_KNOBS = tuple(f.name for f in fields(AttackConfig) if f.name not in ("mode", "seed"))
+
+
+def attack_knobs(raw: dict[str, Any]) -> dict[str, int | float]:
+    """An attack's knobs (AttackConfig's fields other than mode and seed), typed and range-checked.
+
+    A trial sets them for all of its attackers, from a command line's KEY=VALUE strings or a trial file's
+    numbers; a string is read as the knob's type (that of its default), so `shift=40` and `shift = 40.0` agree.
+    Raises ValueError naming the knob, before any device process starts.
+    """
+    unknown = sorted(set(raw) - set(ATTACK_KNOBS))
+    if unknown:
+        raise ValueError(f"unknown attack knobs {unknown}; known: {sorted(ATTACK_KNOBS)}")
+    kinds: dict[str, type[int] | type[float]] = {
+        f.name: int if isinstance(f.default, int) else float for f in fields(AttackConfig) if f.name in ATTACK_KNOBS
+    }
+    typed: dict[str, Any] = {}
+    for name, value in raw.items():
+        kind = kinds[name]
+        wanted = "an integer" if kind is int else "a finite number"
+        try:
+            number: object = kind(value) if isinstance(value, str) else value
+        except ValueError:
+            number = None
+        if isinstance(number, bool) or not isinstance(number, int if kind is int else int | float):
+            raise ValueError(f"attack knob {name}: {value!r} is not {wanted}")
+        if not math.isfinite(number):
+            raise ValueError(f"attack knob {name}: {value!r} is not {wanted}")
+        typed[name] = kind(number)
+    AttackConfig(**typed)  # the knobs' own range checks
+    return typed
 
 
 @dataclass(frozen=True)
@@ -265,12 +299,14 @@ def _toml_value(value: Any) -> str:
 
 
 __all__ = [
+    "ATTACK_KNOBS",
     "AttackConfig",
     "DataConfig",
     "DeviceConfig",
     "HashConfig",
     "SecurityConfig",
     "TrainConfig",
+    "attack_knobs",
     "config_from_dict",
     "config_to_toml",
     "load_config",

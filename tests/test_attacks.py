@@ -149,6 +149,29 @@ def test_attack_section_is_validated_and_round_trips_only_for_attackers() -> Non
     assert logit_attack(AttackConfig()) is None and logit_attack(AttackConfig(mode="hub")) is None
 
 
+def test_attack_knobs_are_typed_by_their_defaults_and_range_checked() -> None:
+    from edge.config import ATTACK_KNOBS, attack_knobs
+
+    assert "mode" not in ATTACK_KNOBS and "seed" not in ATTACK_KNOBS and "shift" in ATTACK_KNOBS
+    typed = attack_knobs({"shift": "40", "public_copies": "2", "scale": 3, "fraction": 0.25})
+    assert typed == {"shift": 40.0, "public_copies": 2, "scale": 3.0, "fraction": 0.25}
+    assert isinstance(typed["shift"], float) and isinstance(typed["public_copies"], int)
+    assert attack_knobs({}) == {}
+    for bad, message in (
+        ({"strength": 2}, "unknown attack knobs"),
+        ({"mode": "fdla"}, "unknown attack knobs"),  # the mode is the device's, not a knob
+        ({"shift": "strong"}, "shift"),
+        ({"shift": "nan"}, "shift"),
+        ({"shift": True}, "shift"),
+        ({"public_copies": 1.5}, "public_copies"),
+        ({"public_copies": "1.5"}, "public_copies"),
+        ({"scale": 1.0}, "scale >= 2"),
+        ({"hub_copies": -1}, "hub_copies >= 0"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            attack_knobs(bad)
+
+
 # ---------------------------------------------------------------- attackers in trials
 
 
@@ -171,7 +194,15 @@ def test_a_trial_file_makes_device_groups_attack_and_sets_the_servers_defences(t
     assert [c.attack.mode for c in configs] == list(settings.attacks)
     assert len({c.attack.seed for c in configs}) == 1  # the trial's seed; devices differ by their index
     assert "--defences" not in _server_command(parse_spec({**data, "server": {}}, out=tmp_path).settings, broker)
+    assert settings.attack_options == {}
+    knobs = parse_spec({**data, "attack": {"shift": 40, "margin": 0.2}}, out=tmp_path).settings
+    assert knobs.attack_options == {"shift": 40.0, "margin": 0.2}
+    configs = _device_configs(knobs, broker, tmp_path / "encoder.onnx")
+    assert [c.attack.shift for c in configs] == [20.0] * 4 + [40.0] * 2  # the attackers' only
     for bad, where in (
+        ({**data, "attack": {"strength": 2}}, "[attack]: unknown attack knobs"),
+        ({**data, "attack": {"shift": -1}}, "[attack]: attack: shift > 0"),
+        ({**data, "devices": [{"count": 4}], "attack": {"shift": 40}}, "[attack]: its knobs are for attacking"),
         ({**data, "devices": [{"count": 2, "attack": "poison"}]}, "[[devices]] #1.attack"),
         ({**data, "server": {"defences": "maybe"}}, "[server].defences"),
         ({**data, "trial": {"dataset": "digits", "algorithm": "local"}}, "attack"),
@@ -189,19 +220,29 @@ def test_cli_makes_the_last_devices_attack(tmp_path: Path, capsys: pytest.Captur
         parser.add_argument("--attack", choices=ATTACKS)
         parser.add_argument("--attackers", type=int, default=0)
         parser.add_argument("--defences")
+        parser.add_argument("--attack-option", action="append", default=[])
         return parser.parse_args(list(extra))
 
     base = TrialSettings(out=tmp_path, devices=5)
     attacked = cli._attacked(base, parsed("--attack", "fdla", "--attackers", "2", "--defences", "on"))
     assert attacked.attacks == ("", "", "", "fdla", "fdla") and attacked.defences == "on"
     assert cli._attacked(base, parsed()).attacks == ()
-    for bad in (("--attack", "fdla"), ("--attackers", "2"), ("--attack", "fdla", "--attackers", "6")):
+    assert attacked.attack_options == {}
+    knobs = ("--attack", "pcfdla", "--attackers", "1", "--attack-option", "shift=40", "--attack-option", "seed=3")
+    with pytest.raises(SystemExit, match="unknown attack knobs"):
+        cli._attacked(base, parsed(*knobs))  # the seed is the trial's
+    assert cli._attacked(base, parsed(*knobs[:-2])).attack_options == {"shift": 40.0}
+    for bad in (
+        ("--attack", "fdla"), ("--attackers", "2"), ("--attack", "fdla", "--attackers", "6"),
+        ("--attack-option", "shift=40"), ("--attack", "fdla", "--attackers", "1", "--attack-option", "shift"),
+        ("--attack", "fdla", "--attackers", "1", "--attack-option", "shift=-4"),
+    ):  # fmt: skip
         with pytest.raises(SystemExit):
             cli._attacked(base, parsed(*bad))
     with pytest.raises(SystemExit):
         cli.main(["trial", "--help"])
     usage = capsys.readouterr().out
-    assert all(option in usage for option in ("--attack {", "--attackers", "--defences"))
+    assert all(option in usage for option in ("--attack {", "--attackers", "--attack-option", "--defences"))
 
 
 def test_report_separates_the_honest_devices_maua() -> None:
