@@ -135,6 +135,28 @@ def _extra_train(args: argparse.Namespace) -> dict[str, object]:
     return extra
 
 
+def add_attack_options(parser: argparse.ArgumentParser) -> None:
+    """`trial`'s malicious devices and the server's defences (`_attacked` reads them)."""
+    parser.add_argument("--attack", choices=ATTACKS, help="malicious devices' behaviour (docs/robustness.md)")
+    parser.add_argument(
+        "--attackers",
+        type=int,
+        default=0,
+        help="with --attack: how many devices attack, the last ones (so the honest devices are those of a run "
+        "without attack); report.json's maua_honest averages the others",
+    )
+    parser.add_argument(
+        "--attack-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an attack knob for every attacker, repeatable (edge.config.AttackConfig: "
+        + ", ".join(ATTACK_KNOBS)
+        + "), e.g. --attack-option shift=40",
+    )
+    parser.add_argument("--defences", choices=DEFENCE_MODES, help="the cache server's --defences (default: its own)")
+
+
 def _attacked(settings: TrialSettings, args: argparse.Namespace) -> TrialSettings:
     """The trial's --attack on its last --attackers devices, and the server's --defences."""
     if (args.attack is None) != (args.attackers == 0):
@@ -237,24 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "(synchronous parameter averaging, one architecture only). `python -m bench comparison` runs them all",
     )
     trial.add_argument("--out", type=Path, required=True, help="directory for report.json, plots and logs")
-    trial.add_argument("--attack", choices=ATTACKS, help="malicious devices' behaviour (docs/robustness.md)")
-    trial.add_argument(
-        "--attackers",
-        type=int,
-        default=0,
-        help="with --attack: how many devices attack, the last ones (so the honest devices are those of a run "
-        "without attack); report.json's maua_honest averages the others",
-    )
-    trial.add_argument(
-        "--attack-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an attack knob for every attacker, repeatable (edge.config.AttackConfig: "
-        + ", ".join(ATTACK_KNOBS)
-        + "), e.g. --attack-option shift=40",
-    )
-    trial.add_argument("--defences", choices=DEFENCE_MODES, help="the cache server's --defences (default: its own)")
+    add_attack_options(trial)
     trial.add_argument(
         "--spec", type=Path, help="a TOML trial file (docs/trials.md); the trial options above are then ignored"
     )

@@ -159,9 +159,8 @@ def attack_knobs(raw: dict[str, Any]) -> dict[str, int | float]:
             number: object = kind(value) if isinstance(value, str) else value
         except ValueError:
             number = None
-        if isinstance(number, bool) or not isinstance(number, int if kind is int else int | float):
-            raise ValueError(f"attack knob {name}: {value!r} is not {wanted}")
-        if not math.isfinite(number):
+        numeric = int if kind is int else int | float
+        if isinstance(number, bool) or not isinstance(number, numeric) or not math.isfinite(number):
             raise ValueError(f"attack knob {name}: {value!r} is not {wanted}")
         typed[name] = kind(number)
     AttackConfig(**typed)  # the knobs' own range checks

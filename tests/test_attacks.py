@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edge.attacks import adaptive, fdla, fdsa, hub_samples, label_flip, logit_attack, pcfdla
-from edge.config import ATTACKS, AttackConfig, DeviceConfig, config_from_dict, config_to_toml
+from edge.config import AttackConfig, DeviceConfig, config_from_dict, config_to_toml
 from fedwire import HashKind
 
 CLASSES = 5
@@ -217,10 +217,7 @@ def test_cli_makes_the_last_devices_attack(tmp_path: Path, capsys: pytest.Captur
 
     def parsed(*extra: str) -> argparse.Namespace:
         parser = argparse.ArgumentParser()
-        parser.add_argument("--attack", choices=ATTACKS)
-        parser.add_argument("--attackers", type=int, default=0)
-        parser.add_argument("--defences")
-        parser.add_argument("--attack-option", action="append", default=[])
+        cli.add_attack_options(parser)  # the trial command's own options
         return parser.parse_args(list(extra))
 
     base = TrialSettings(out=tmp_path, devices=5)
