@@ -74,6 +74,14 @@ def _add_trial_options(parser: argparse.ArgumentParser, *, epochs: int, devices:
         "is the sample's label (label; torch backend only; docs/benchmarks.md §4)",
     )
     parser.add_argument(
+        "--knowledge-every-epochs",
+        type=int,
+        default=1,
+        metavar="K",
+        help="fedcache: upload logits and fetch teachers in every K-th epoch only, from the first (1 = every epoch, "
+        "the paper's; default); the epochs between train on the teachers last received, for 1/K of the bytes",
+    )
+    parser.add_argument(
         "--security",
         default="none",
         choices=SECURITY_MODES,
@@ -132,6 +140,10 @@ def _extra_train(args: argparse.Namespace) -> dict[str, object]:
         extra["bn_recalibration"] = args.bn_recalibration
     if args.teacher_gate != "none":
         extra["teacher_gate"] = TeacherGate(args.teacher_gate)
+    if args.knowledge_every_epochs < 1:
+        raise SystemExit(f"--knowledge-every-epochs {args.knowledge_every_epochs}: 1 (every epoch) or more")
+    if args.knowledge_every_epochs != 1:
+        extra["knowledge_every_epochs"] = args.knowledge_every_epochs
     return extra
 
 

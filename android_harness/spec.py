@@ -31,7 +31,7 @@ _SECTIONS = ("trial", "broker", "server", "devices", "faults", "attack")
 _TRIAL_KEYS = (
     "description", "dataset", "epochs", "alpha", "partition", "seed", "algorithm", "timeout",
     "hash_kind", "hash_dim", "encoder_kind", "logit_encoding", "bn_recalibration",
-    "teacher_gate",
+    "teacher_gate", "knowledge_every_epochs",
 )  # fmt: skip
 _BROKER_KEYS = ("url", "security", "auth")
 _SERVER_KEYS = ("neighbours", "defences")
@@ -120,6 +120,8 @@ def parse_spec(data: dict[str, Any], *, out: Path) -> TrialSpec:
     )
     if gate is not TeacherGate.NONE:
         extra_train["teacher_gate"] = gate
+    if (every := _opt_int(trial, "knowledge_every_epochs", where="[trial]", minimum=1)) not in (None, 1):
+        extra_train["knowledge_every_epochs"] = every
     other_backends = sorted({g.backend for g in devices} - {"torch"})
     if (torch_only := torch_only_settings_on(extra_train)) and other_backends:
         raise SpecError(

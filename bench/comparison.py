@@ -67,6 +67,15 @@ METHODS = (
     Method("fedcache raw R", "fedcache", extra_train={"teacher_form": TeacherForm.RAW}),
     # Distil only from teachers whose top class is the sample's label (models.loss.TeacherGate): issue 17's idea.
     Method("fedcache label gate", "fedcache", extra_train={"teacher_gate": TeacherGate.LABEL}),
+    # Knowledge exchanged every other epoch only (TrainConfig.knowledge_every_epochs): half the bytes, staler teachers.
+    Method("fedcache every 2 epochs", "fedcache", extra_train={"knowledge_every_epochs": 2}),
+    # The same with int8 logits on the wire (issue 17's bytes goal against FedAvg).
+    Method(
+        "fedcache every 2 epochs i8",
+        "fedcache",
+        logit_encoding=LogitEncoding.INT8,
+        extra_train={"knowledge_every_epochs": 2},
+    ),
     Method("fd", "fd"),
     Method("fedavg", "fedavg"),
     Method("local", "local"),

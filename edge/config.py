@@ -87,6 +87,9 @@ class TrainConfig:
     # the paper's, every teacher). Torch backend only: an exported training program bakes its loss in.
     teacher_gate: TeacherGate = TeacherGate.NONE
     fd_every_batches: int = 0  # FD: upload per-class logits every this many batches; 0 = once per epoch
+    # FedCache: upload logits and fetch teachers in every this-many-th epoch only, from the first (1: every epoch,
+    # the paper's); the epochs between train on the teachers last received (edge.knowledge.BatchSchedule.exchanges).
+    knowledge_every_epochs: int = 1
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,9 @@ class DeviceConfig:
             raise ValueError(f"train.algorithm must be one of {ALGORITHMS}, got {self.train.algorithm!r}")
         if self.train.eval_every_epochs < 1:
             raise ValueError(f"train.eval_every_epochs must be >= 1, got {self.train.eval_every_epochs}")
+        every = self.train.knowledge_every_epochs
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"train.knowledge_every_epochs must be an integer >= 1 (1 = every epoch), got {every!r}")
         if self.train.max_samples < 0:
             raise ValueError(f"train.max_samples must be >= 0 (0 = every sample), got {self.train.max_samples}")
         recalibration = self.train.bn_recalibration

@@ -95,7 +95,8 @@ class FedCacheClient:
         return self.teachers.lookup(ids)
 
     def after_step(self, *, ids: np.ndarray, labels: np.ndarray, logits: np.ndarray, position: int) -> None:
-        self.state.outbox_put(ids, logits if self.attack is None else self.attack(logits, labels))
+        if self.schedule.exchanges(position - 1, self.config.train.knowledge_every_epochs):
+            self.state.outbox_put(ids, logits if self.attack is None else self.attack(logits, labels))
         self._exchange(position)
 
     def end_epoch(self, *, epoch: int, last: bool) -> None:
@@ -179,7 +180,9 @@ class FedCacheClient:
         if not self.link.connected or self.link.outstanding() >= cfg.max_outstanding:
             return
         stop = min(next_position + cfg.prefetch_batches, len(self.schedule))
-        fetch_ids = self.schedule.ids_between(max(self._fetched_upto, next_position), stop)
+        fetch_ids = self.schedule.ids_between(
+            max(self._fetched_upto, next_position), stop, every_epochs=cfg.knowledge_every_epochs
+        )
         cid = self.link.new_cid()
         ids, logits = self.state.outbox_take(limit=MAX_IDS_PER_MESSAGE, cid=cid)
         if ids.size:

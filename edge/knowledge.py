@@ -65,9 +65,19 @@ class BatchSchedule:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def ids_between(self, start: int, stop: int) -> np.ndarray:
-        """Unique sample ids of batches [start, stop) (an epoch boundary can repeat an id)."""
+    def ids_between(self, start: int, stop: int, *, every_epochs: int = 1) -> np.ndarray:
+        """Unique sample ids of batches [start, stop) (an epoch boundary can repeat an id), of those batches only
+        whose epoch exchanges knowledge (`exchanges`)."""
         stop = min(stop, len(self.batches))
-        if start >= stop:
+        batches = [self.batches[b] for b in range(start, stop) if self.exchanges(b, every_epochs)]
+        if not batches:
             return np.zeros(0, np.uint32)
-        return np.unique(np.concatenate(self.batches[start:stop])).astype(np.uint32)
+        return np.unique(np.concatenate(batches)).astype(np.uint32)
+
+    def exchanges(self, position: int, every_epochs: int) -> bool:
+        """Whether batch `position`'s epoch exchanges knowledge: every `every_epochs`-th epoch, from the first.
+
+        In the epochs between, a device trains on the teachers its last exchanging epoch received (one per
+        sample, as every sample is in every epoch) and uploads nothing: 1/`every_epochs` of the bytes.
+        """
+        return self.epoch_of[position] % every_epochs == 0

@@ -184,10 +184,18 @@ void NativeDevice::build_schedule() {
 std::vector<uint32_t> NativeDevice::ids_between(int64_t start, int64_t stop) const {
   std::vector<uint32_t> ids;
   stop = std::min<int64_t>(stop, int64_t(batches_.size()));
-  for (int64_t b = start; b < stop; ++b) ids.insert(ids.end(), batches_[size_t(b)].begin(), batches_[size_t(b)].end());
+  for (int64_t b = start; b < stop; ++b) {
+    if (exchanges(b)) ids.insert(ids.end(), batches_[size_t(b)].begin(), batches_[size_t(b)].end());
+  }
   std::sort(ids.begin(), ids.end());
   ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
   return ids;
+}
+
+// Whether batch `position`'s epoch exchanges knowledge: every knowledge_every_epochs-th, from the first (as
+// edge.knowledge.BatchSchedule.exchanges); the epochs between train on the teachers last received.
+bool NativeDevice::exchanges(int64_t position) const {
+  return epoch_of_[size_t(position)] % settings_.knowledge_every_epochs == 0;
 }
 
 void NativeDevice::compute_hashes() {
@@ -511,7 +519,7 @@ DeviceState NativeDevice::step(int max_batches) {
       ++steps_this_run_;
       ++position_;
       offline_steps_ += !link_->connected();
-      store_->outbox_put(batch.data(), logits.data(), size_t(n));
+      if (exchanges(position_ - 1)) store_->outbox_put(batch.data(), logits.data(), size_t(n));
       exchange();
       if (position_ % 200 == 0) checkpoint();
       if (epoch_ends_at(position_)) {

@@ -64,6 +64,7 @@ class NativeDevice {
   bool epoch_ends_at(int64_t position) const;
   double now() const;
   std::vector<uint32_t> ids_between(int64_t start, int64_t stop) const;
+  bool exchanges(int64_t position) const;
 
   DeviceSettings settings_;
   DeviceState state_ = DeviceState::kStarting;

@@ -1,0 +1,63 @@
+"""train.knowledge_every_epochs: FedCache devices exchange knowledge in every K-th epoch only (issue 17's bytes)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from android_harness import __main__ as cli
+from android_harness.native import device_command, prepare_native_device
+from android_harness.spec import SpecError, parse_spec
+from android_harness.trial import _device_configs
+from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_from_dict, config_to_toml
+from fedwire.mqtt import BrokerAddress
+
+
+def test_the_setting_round_trips_and_bad_values_are_refused_by_name() -> None:
+    config = DeviceConfig(id="d", train=TrainConfig(knowledge_every_epochs=3))
+    text = config_to_toml(config)
+    assert "knowledge_every_epochs = 3" in text
+    assert config_from_dict(tomllib.loads(text)) == config
+    for bad in (0, -2, True, 1.5):
+        with pytest.raises(ValueError, match=r"train\.knowledge_every_epochs must be an integer >= 1"):
+            DeviceConfig(id="d", train=TrainConfig(knowledge_every_epochs=bad))  # type: ignore[arg-type]
+
+
+def test_the_cli_and_trial_files_hand_it_to_every_device(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    cli._add_trial_options(parser, epochs=1, devices=2)
+    flagged = cli._settings(parser.parse_args(["--knowledge-every-epochs", "2"]), algorithm="fedcache", out=tmp_path)
+    configs = _device_configs(flagged, BrokerAddress("h", 1), tmp_path / "encoder.onnx")
+    assert [c.train.knowledge_every_epochs for c in configs] == [2, 2]
+    assert cli._settings(parser.parse_args([]), algorithm="fedcache", out=tmp_path).extra_train == {}
+    with pytest.raises(SystemExit, match="--knowledge-every-epochs 0"):
+        cli._settings(parser.parse_args(["--knowledge-every-epochs", "0"]), algorithm="fedcache", out=tmp_path)
+    spec = parse_spec(
+        {"trial": {"dataset": "digits", "knowledge_every_epochs": 3}, "devices": [{"count": 2}]}, out=tmp_path
+    )
+    from_file = _device_configs(spec.settings, BrokerAddress("h", 1), tmp_path / "encoder.onnx")
+    assert [c.train.knowledge_every_epochs for c in from_file] == [3, 3]
+    for bad in (0, "2", 1.5):
+        with pytest.raises(SpecError, match=r"\[trial\]\.knowledge_every_epochs"):
+            parse_spec({"trial": {"knowledge_every_epochs": bad}, "devices": [{"count": 2}]}, out=tmp_path)
+
+
+def test_the_native_device_reads_it_and_refuses_a_bad_value(tmp_path: Path, native_artifacts: Path) -> None:
+    config = DeviceConfig(
+        id="native-k",
+        broker="mqtt://127.0.0.1:9",
+        state_dir=str(tmp_path / "state"),
+        data=DataConfig(dataset="digits", num_devices=2, alpha=1.0, index=0),
+        train=TrainConfig(arch="cnn", backend="executorch", epochs=1),
+        hash=HashConfig(dim=256),
+    )
+    path = prepare_native_device(config, artifacts=native_artifacts)
+    assert "knowledge_every_epochs = 1" in path.read_text()
+    path.write_text(path.read_text().replace("knowledge_every_epochs = 1", "knowledge_every_epochs = 0"))
+    result = subprocess.run(device_command(path), capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "train.knowledge_every_epochs must be >= 1" in result.stderr
