@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tomllib
 from pathlib import Path
@@ -12,16 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from android_harness import __main__ as cli
 from android_harness.demo import DemoSettings
 from android_harness.native import prepare_native_device
 from android_harness.spec import SpecError, parse_spec
-from android_harness.trial import TrialSettings, _device_configs
+from android_harness.trial import TrialSettings
 from edge.backends import TorchBackendTrainer, make_trainer
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_from_dict, config_to_toml
 from edge.runtime import DeviceRuntime, recalibration_samples
-from fedwire.mqtt import BrokerAddress
 from models.loss import LossSettings
+from tests.trial_options import cli_settings, device_trains, file_trains
 
 
 def _trainer(arch: str = "resnet8", *, seed: int = 0) -> TorchBackendTrainer:
@@ -216,20 +214,15 @@ def test_backends_without_recalibration_refuse_it_by_name(tmp_path: Path) -> Non
 
 
 def test_trials_the_demo_and_trial_files_hand_the_setting_to_every_device(tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser()
-    cli._add_trial_options(parser, epochs=1, devices=2)
-    flagged = cli._settings(parser.parse_args(["--bn-recalibration", "250"]), algorithm="local", out=tmp_path)
-    configs = _device_configs(flagged, BrokerAddress("h", 1), tmp_path / "encoder.onnx")
-    assert [c.train.bn_recalibration for c in configs] == [250, 250]
-    assert cli._settings(parser.parse_args([]), algorithm="local", out=tmp_path).extra_train == {}
+    flagged = cli_settings(tmp_path, ["--bn-recalibration", "250"], algorithm="local")
+    assert [t.bn_recalibration for t in device_trains(flagged, tmp_path)] == [250, 250]
+    assert cli_settings(tmp_path, [], algorithm="local").extra_train == {}
     with pytest.raises(SystemExit, match="--bn-recalibration -1"):
-        cli._settings(parser.parse_args(["--bn-recalibration", "-1"]), algorithm="local", out=tmp_path)
+        cli_settings(tmp_path, ["--bn-recalibration", "-1"], algorithm="local")
     demo = DemoSettings(out=tmp_path, bn_recalibration=250)
     for method in ("fedcache", "local"):
         assert demo.trial(method).extra_train["bn_recalibration"] == 250
     assert "bn_recalibration" not in DemoSettings(out=tmp_path).trial("local").extra_train
-    spec = parse_spec({"trial": {"dataset": "digits", "bn_recalibration": 40}, "devices": [{"count": 2}]}, out=tmp_path)
-    from_file = _device_configs(spec.settings, BrokerAddress("h", 1), tmp_path / "encoder.onnx")
-    assert [c.train.bn_recalibration for c in from_file] == [40, 40]
+    assert [t.bn_recalibration for t in file_trains(tmp_path, {"bn_recalibration": 40})] == [40, 40]
     with pytest.raises(SpecError, match=r"\[trial\]\.bn_recalibration: -3 must be >= 0"):
         parse_spec({"trial": {"bn_recalibration": -3}, "devices": [{"count": 2}]}, out=tmp_path)

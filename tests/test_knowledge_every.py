@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from android_harness import __main__ as cli
 from android_harness.native import device_command, prepare_native_device
 from android_harness.spec import SpecError, parse_spec
-from android_harness.trial import _device_configs
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_from_dict, config_to_toml
-from fedwire.mqtt import BrokerAddress
+from tests.trial_options import cli_settings, device_trains, file_trains
 
 
 def test_the_setting_round_trips_and_bad_values_are_refused_by_name() -> None:
@@ -28,19 +25,12 @@ def test_the_setting_round_trips_and_bad_values_are_refused_by_name() -> None:
 
 
 def test_the_cli_and_trial_files_hand_it_to_every_device(tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser()
-    cli._add_trial_options(parser, epochs=1, devices=2)
-    flagged = cli._settings(parser.parse_args(["--knowledge-every-epochs", "2"]), algorithm="fedcache", out=tmp_path)
-    configs = _device_configs(flagged, BrokerAddress("h", 1), tmp_path / "encoder.onnx")
-    assert [c.train.knowledge_every_epochs for c in configs] == [2, 2]
-    assert cli._settings(parser.parse_args([]), algorithm="fedcache", out=tmp_path).extra_train == {}
+    flagged = cli_settings(tmp_path, ["--knowledge-every-epochs", "2"])
+    assert [t.knowledge_every_epochs for t in device_trains(flagged, tmp_path)] == [2, 2]
+    assert cli_settings(tmp_path, []).extra_train == {}
     with pytest.raises(SystemExit, match="--knowledge-every-epochs 0"):
-        cli._settings(parser.parse_args(["--knowledge-every-epochs", "0"]), algorithm="fedcache", out=tmp_path)
-    spec = parse_spec(
-        {"trial": {"dataset": "digits", "knowledge_every_epochs": 3}, "devices": [{"count": 2}]}, out=tmp_path
-    )
-    from_file = _device_configs(spec.settings, BrokerAddress("h", 1), tmp_path / "encoder.onnx")
-    assert [c.train.knowledge_every_epochs for c in from_file] == [3, 3]
+        cli_settings(tmp_path, ["--knowledge-every-epochs", "0"])
+    assert [t.knowledge_every_epochs for t in file_trains(tmp_path, {"knowledge_every_epochs": 3})] == [3, 3]
     for bad in (0, "2", 1.5):
         with pytest.raises(SpecError, match=r"\[trial\]\.knowledge_every_epochs"):
             parse_spec({"trial": {"knowledge_every_epochs": bad}, "devices": [{"count": 2}]}, out=tmp_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import tomllib
 from pathlib import Path
 
@@ -10,14 +9,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from android_harness import __main__ as cli
 from android_harness.native import prepare_native_device
 from android_harness.spec import SpecError, parse_spec
-from android_harness.trial import TrialSettings, _device_configs
+from android_harness.trial import TrialSettings
 from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_from_dict, config_to_toml
 from edge.runtime import DeviceRuntime
-from fedwire.mqtt import BrokerAddress
 from models.loss import LossSettings, TeacherGate, fedcache_loss
+from tests.trial_options import cli_settings, device_trains, file_trains
 
 GATED = LossSettings(teacher_gate=TeacherGate.LABEL)
 
@@ -77,17 +75,10 @@ def test_backends_that_bake_the_loss_in_refuse_the_gate_by_name(tmp_path: Path) 
 
 
 def test_the_cli_and_trial_files_hand_the_gate_to_every_device(tmp_path: Path) -> None:
-    parser = argparse.ArgumentParser()
-    cli._add_trial_options(parser, epochs=1, devices=2)
-    flagged = cli._settings(parser.parse_args(["--teacher-gate", "label"]), algorithm="fedcache", out=tmp_path)
-    configs = _device_configs(flagged, BrokerAddress("h", 1), tmp_path / "encoder.onnx")
-    assert [c.train.teacher_gate for c in configs] == [TeacherGate.LABEL] * 2
-    assert cli._settings(parser.parse_args([]), algorithm="fedcache", out=tmp_path).extra_train == {}
-    spec = parse_spec(
-        {"trial": {"dataset": "digits", "teacher_gate": "label"}, "devices": [{"count": 2}]}, out=tmp_path
-    )
-    from_file = _device_configs(spec.settings, BrokerAddress("h", 1), tmp_path / "encoder.onnx")
-    assert [c.train.teacher_gate for c in from_file] == [TeacherGate.LABEL] * 2
+    flagged = cli_settings(tmp_path, ["--teacher-gate", "label"])
+    assert [t.teacher_gate for t in device_trains(flagged, tmp_path)] == [TeacherGate.LABEL] * 2
+    assert cli_settings(tmp_path, []).extra_train == {}
+    assert [t.teacher_gate for t in file_trains(tmp_path, {"teacher_gate": "label"})] == [TeacherGate.LABEL] * 2
     with pytest.raises(SpecError, match="teacher_gate"):
         parse_spec({"trial": {"teacher_gate": "maybe"}, "devices": [{"count": 2}]}, out=tmp_path)
 
