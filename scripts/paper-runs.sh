@@ -16,5 +16,7 @@ python -m bench comparison "${H[@]}" --methods "fedcache,fedcache raw R,fd,local
     > runs/comparison-heterogeneous-e10.log 2>&1
 M=(--setting homogeneous --epochs 10 --reuse --out runs/comparison-homogeneous-e10)
 python -m bench comparison "${M[@]}" --methods fedcache,local,fd,fedavg --seeds 0 > runs/comparison-homogeneous-e10.step1.log 2>&1
-python -m bench comparison "${M[@]}" --methods "fedcache,fedcache raw R,fd,fedavg,local" --seeds 0,1,2 \
+python -m bench comparison "${M[@]}" --methods "fedcache,fedcache every 2 epochs i8" --seeds 0 \
+    > runs/comparison-homogeneous-e10.step2.log 2>&1
+python -m bench comparison "${M[@]}" --methods "fedcache,fedcache raw R,fedcache every 2 epochs i8,fd,fedavg,local" --seeds 0,1,2 \
     > runs/comparison-homogeneous-e10.log 2>&1
