@@ -158,6 +158,10 @@ class TrialSettings:
                 f"FedAvg averages one architecture's PyTorch weights: got archs {self.archs}, backends "
                 f"{self.backends}; use a single --archs and --backends torch (FedCache and FD allow heterogeneity)"
             )
+        if self.extra_train.get("knowledge_every_epochs", 1) != 1 and self.algorithm != "fedcache":
+            raise ValueError(
+                f"knowledge_every_epochs applies to FedCache only; {self.algorithm} exchanges on its own schedule"
+            )
         other = sorted(set(self.backends) - {"torch"})
         torch_only = torch_only_settings_on(self.extra_train)
         if torch_only and other:

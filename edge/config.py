@@ -205,6 +205,11 @@ class DeviceConfig:
         every = self.train.knowledge_every_epochs
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"train.knowledge_every_epochs must be an integer >= 1 (1 = every epoch), got {every!r}")
+        if every != 1 and self.train.algorithm != "fedcache":
+            raise ValueError(
+                f"train.knowledge_every_epochs applies to fedcache devices only; a {self.train.algorithm} device "
+                "exchanges on its own schedule (leave it at 1)"
+            )
         if self.train.max_samples < 0:
             raise ValueError(f"train.max_samples must be >= 0 (0 = every sample), got {self.train.max_samples}")
         recalibration = self.train.bn_recalibration

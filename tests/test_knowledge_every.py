@@ -22,12 +22,17 @@ def test_the_setting_round_trips_and_bad_values_are_refused_by_name() -> None:
     for bad in (0, -2, True, 1.5):
         with pytest.raises(ValueError, match=r"train\.knowledge_every_epochs must be an integer >= 1"):
             DeviceConfig(id="d", train=TrainConfig(knowledge_every_epochs=bad))  # type: ignore[arg-type]
+    for algorithm in ("fd", "fedavg", "local"):
+        with pytest.raises(ValueError, match=f"fedcache devices only; a {algorithm} device"):
+            DeviceConfig(id="d", train=TrainConfig(algorithm=algorithm, knowledge_every_epochs=2))
 
 
 def test_the_cli_and_trial_files_hand_it_to_every_device(tmp_path: Path) -> None:
     flagged = cli_settings(tmp_path, ["--knowledge-every-epochs", "2"])
     assert [t.knowledge_every_epochs for t in device_trains(flagged, tmp_path)] == [2, 2]
     assert cli_settings(tmp_path, []).extra_train == {}
+    with pytest.raises(ValueError, match="knowledge_every_epochs applies to FedCache only; fd"):
+        cli_settings(tmp_path, ["--knowledge-every-epochs", "2"], algorithm="fd").check()
     with pytest.raises(SystemExit, match="--knowledge-every-epochs 0"):
         cli_settings(tmp_path, ["--knowledge-every-epochs", "0"])
     assert [t.knowledge_every_epochs for t in file_trains(tmp_path, {"knowledge_every_epochs": 3})] == [3, 3]
