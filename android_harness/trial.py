@@ -38,6 +38,7 @@ from edge.config import (
     SecurityConfig,
     TrainConfig,
     attack_knobs,
+    check_knowledge_interval,
     config_to_toml,
     torch_only_settings_on,
 )
@@ -158,10 +159,7 @@ class TrialSettings:
                 f"FedAvg averages one architecture's PyTorch weights: got archs {self.archs}, backends "
                 f"{self.backends}; use a single --archs and --backends torch (FedCache and FD allow heterogeneity)"
             )
-        if self.extra_train.get("knowledge_every_epochs", 1) != 1 and self.algorithm != "fedcache":
-            raise ValueError(
-                f"knowledge_every_epochs applies to FedCache only; {self.algorithm} exchanges on its own schedule"
-            )
+        check_knowledge_interval(self.extra_train.get("knowledge_every_epochs", 1), algorithm=self.algorithm)
         other = sorted(set(self.backends) - {"torch"})
         torch_only = torch_only_settings_on(self.extra_train)
         if torch_only and other:

@@ -92,6 +92,18 @@ class TrainConfig:
     knowledge_every_epochs: int = 1
 
 
+def check_knowledge_interval(every: object, *, algorithm: str) -> None:
+    """Refuse a `knowledge_every_epochs` that is not an integer >= 1, or other than 1 for an algorithm that is not
+    FedCache (FD and FedAvg exchange on their own schedules): one rule for device files and trial settings."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"train.knowledge_every_epochs must be an integer >= 1 (1 = every epoch), got {every!r}")
+    if every != 1 and algorithm != "fedcache":
+        raise ValueError(
+            f"train.knowledge_every_epochs applies to fedcache devices only; a {algorithm} device exchanges on its "
+            "own schedule (leave it at 1)"
+        )
+
+
 @dataclass(frozen=True)
 class HashConfig:
     """The frozen encoder that turns samples into hashes; empty `encoder` means the built-in default."""
@@ -202,14 +214,7 @@ class DeviceConfig:
             raise ValueError(f"train.algorithm must be one of {ALGORITHMS}, got {self.train.algorithm!r}")
         if self.train.eval_every_epochs < 1:
             raise ValueError(f"train.eval_every_epochs must be >= 1, got {self.train.eval_every_epochs}")
-        every = self.train.knowledge_every_epochs
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"train.knowledge_every_epochs must be an integer >= 1 (1 = every epoch), got {every!r}")
-        if every != 1 and self.train.algorithm != "fedcache":
-            raise ValueError(
-                f"train.knowledge_every_epochs applies to fedcache devices only; a {self.train.algorithm} device "
-                "exchanges on its own schedule (leave it at 1)"
-            )
+        check_knowledge_interval(self.train.knowledge_every_epochs, algorithm=self.train.algorithm)
         if self.train.max_samples < 0:
             raise ValueError(f"train.max_samples must be >= 0 (0 = every sample), got {self.train.max_samples}")
         recalibration = self.train.bn_recalibration
@@ -317,6 +322,7 @@ __all__ = [
     "SecurityConfig",
     "TrainConfig",
     "attack_knobs",
+    "check_knowledge_interval",
     "config_from_dict",
     "config_to_toml",
     "load_config",

@@ -264,17 +264,17 @@ def _shard() -> Shard:
 
 @pytest.fixture
 def fedcache(tmp_path: Path) -> Any:
-    config = DeviceConfig(id="fc", state_dir=str(tmp_path), train=TrainConfig(logit_encoding=LogitEncoding.FLOAT32))
     state = DeviceState(tmp_path, classes=CLASSES)
     link = _Link()
-    schedule = BatchSchedule(samples=SAMPLES, batch_size=2, epochs=1, seed=0)
 
-    def build() -> FedCacheClient:
+    def build(*, epochs: int = 1, **train: Any) -> FedCacheClient:
+        """A client on one shared state and link; `train`: TrainConfig fields besides float32 logits."""
+        config = TrainConfig(logit_encoding=LogitEncoding.FLOAT32, **train)
         client = FedCacheClient(
-            config=config,
+            config=DeviceConfig(id="fc", state_dir=str(tmp_path), train=config),
             link=link,  # type: ignore[arg-type]
             state=state,
-            schedule=schedule,
+            schedule=BatchSchedule(samples=SAMPLES, batch_size=2, epochs=epochs, seed=0),
             shard=_shard(),
         )
         client.registration = _Registration()  # type: ignore[assignment]
@@ -363,47 +363,35 @@ def test_local_teaches_nothing_and_exchanges_nothing() -> None:
     assert local.coverage() == 0.0 and local.metrics() == exchange_metrics()
 
 
-def test_knowledge_every_other_epoch_exchanges_nothing_in_the_epochs_between(tmp_path: Path) -> None:
-    schedule = BatchSchedule(samples=SAMPLES, batch_size=2, epochs=3, seed=0)
+def test_knowledge_every_other_epoch_exchanges_nothing_in_the_epochs_between(fedcache: Any) -> None:
+    build, link, state = fedcache
+    client = build(epochs=3, knowledge_every_epochs=2)
+    schedule = client.schedule
     per_epoch = -(-SAMPLES // 2)
     assert [schedule.exchanges(b, 2) for b in range(len(schedule))] == [True] * 3 + [False] * 3 + [True] * 3
     assert schedule.ids_between(per_epoch, 2 * per_epoch, every_epochs=2).size == 0  # epoch 1: none
     assert schedule.ids_between(per_epoch, 2 * per_epoch).size == SAMPLES  # every epoch (the default)
 
-    train = TrainConfig(logit_encoding=LogitEncoding.FLOAT32, knowledge_every_epochs=2)
-    state = DeviceState(tmp_path, classes=CLASSES)
-    link = _Link()
-    try:
-        client = FedCacheClient(
-            config=DeviceConfig(id="fc", state_dir=str(tmp_path), train=train),
-            link=link,  # type: ignore[arg-type]
-            state=state,
-            schedule=schedule,
-            shard=_shard(),
-        )
-        client.registration = _Registration()  # type: ignore[assignment]
-        client.begin(0)  # prefetches epoch 0's first batches
-        begun = link.sent[-1]
-        assert isinstance(begun, Fetch)
-        uploaded, fetched = [0, 0, 0], [begun.ids.size, 0, 0]  # ids per epoch of the step that sent them
-        for position, batch in enumerate(schedule.batches):
-            before = len(link.sent)
-            _step(client, batch.tolist(), position=position + 1)
-            epoch = schedule.epoch_of[position]
-            for request in link.sent[before:]:
-                if isinstance(request, UpdateFetch):
-                    uploaded[epoch] += request.ids.size
-                    fetched[epoch] += request.fetch_ids.size
-                    # acknowledged at once, as a server would, so the outbox empties
-                    link.on_reply(UpdateAck(device="fc", cid=request.cid, applied=request.ids.size, stale=0), 10)
-                else:
-                    assert isinstance(request, Fetch)
-                    fetched[epoch] += request.ids.size
-        client.end_epoch(epoch=3, last=True)
-        # Epochs 0 and 2 upload every sample; epoch 1 uploads nothing. Each exchanging epoch's batches are
-        # fetched once, a few batches ahead (epoch 2's first ones while epoch 1 trains): 2 x SAMPLES in all.
-        assert uploaded == [SAMPLES, 0, SAMPLES]
-        assert sum(fetched) == 2 * SAMPLES and fetched[1] > 0
-        assert state.outbox_size() == 0
-    finally:
-        state.close()
+    client.begin(0)  # prefetches epoch 0's first batches
+    begun = link.sent[-1]
+    assert isinstance(begun, Fetch)
+    uploaded, fetched = [0, 0, 0], [begun.ids.size, 0, 0]  # ids per epoch of the step that sent them
+    for position, batch in enumerate(schedule.batches):
+        before = len(link.sent)
+        _step(client, batch.tolist(), position=position + 1)
+        epoch = schedule.epoch_of[position]
+        for request in link.sent[before:]:
+            if isinstance(request, UpdateFetch):
+                uploaded[epoch] += request.ids.size
+                fetched[epoch] += request.fetch_ids.size
+                # acknowledged at once, as a server would, so the outbox empties
+                link.on_reply(UpdateAck(device="fc", cid=request.cid, applied=request.ids.size, stale=0), 10)
+            else:
+                assert isinstance(request, Fetch)
+                fetched[epoch] += request.ids.size
+    client.end_epoch(epoch=3, last=True)
+    # Epochs 0 and 2 upload every sample; epoch 1 uploads nothing. Each exchanging epoch's batches are
+    # fetched once, a few batches ahead (epoch 2's first ones while epoch 1 trains): 2 x SAMPLES in all.
+    assert uploaded == [SAMPLES, 0, SAMPLES]
+    assert sum(fetched) == 2 * SAMPLES and fetched[1] > 0
+    assert state.outbox_size() == 0

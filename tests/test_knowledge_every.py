@@ -31,7 +31,7 @@ def test_the_cli_and_trial_files_hand_it_to_every_device(tmp_path: Path) -> None
     flagged = cli_settings(tmp_path, ["--knowledge-every-epochs", "2"])
     assert [t.knowledge_every_epochs for t in device_trains(flagged, tmp_path)] == [2, 2]
     assert cli_settings(tmp_path, []).extra_train == {}
-    with pytest.raises(ValueError, match="knowledge_every_epochs applies to FedCache only; fd"):
+    with pytest.raises(ValueError, match="applies to fedcache devices only; a fd device"):
         cli_settings(tmp_path, ["--knowledge-every-epochs", "2"], algorithm="fd").check()
     with pytest.raises(SystemExit, match="--knowledge-every-epochs 0"):
         cli_settings(tmp_path, ["--knowledge-every-epochs", "0"])
