@@ -13,7 +13,7 @@ from android_harness.faults import FaultPlan
 from android_harness.flash import add_flash_parser, run_flash, run_provision, run_revoke
 from android_harness.spec import SpecError, TrialSpec, load_spec
 from android_harness.trial import AUTH_MODES, DEFENCE_MODES, SECURITY_MODES, TrialSettings, run_trial
-from edge.config import ATTACK_KNOBS, ATTACKS, attack_knobs
+from edge.config import ATTACK_KNOBS, ATTACKS, KNOWLEDGE_INTERVALS, attack_knobs
 from edge.data import PARTITIONS
 from fedwire import HashKind, LogitEncoding, TeacherForm
 from fedwire.child_process import exit_on_sigterm
@@ -82,6 +82,14 @@ def _add_trial_options(parser: argparse.ArgumentParser, *, epochs: int, devices:
         "the paper's; default); the epochs between train on the teachers last received, for 1/K of the bytes",
     )
     parser.add_argument(
+        "--knowledge-every-batches",
+        type=int,
+        default=1,
+        metavar="B",
+        help="fedcache: send the waiting logits and fetch teachers every B batches, one message each way for all "
+        "of them (1 = every batch, the paper's; default): fewer, larger messages, fewer bytes per sample",
+    )
+    parser.add_argument(
         "--security",
         default="none",
         choices=SECURITY_MODES,
@@ -140,10 +148,11 @@ def _extra_train(args: argparse.Namespace) -> dict[str, object]:
         extra["bn_recalibration"] = args.bn_recalibration
     if args.teacher_gate != "none":
         extra["teacher_gate"] = TeacherGate(args.teacher_gate)
-    if args.knowledge_every_epochs < 1:
-        raise SystemExit(f"--knowledge-every-epochs {args.knowledge_every_epochs}: 1 (every epoch) or more")
-    if args.knowledge_every_epochs != 1:
-        extra["knowledge_every_epochs"] = args.knowledge_every_epochs
+    for name, unit in KNOWLEDGE_INTERVALS.items():
+        if (every := getattr(args, name)) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} {every}: 1 (every {unit}) or more")
+        if every != 1:
+            extra[name] = every
     return extra
 
 

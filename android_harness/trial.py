@@ -31,6 +31,7 @@ from android_harness.processes import (
 from android_harness.progress import progress_bar
 from edge.config import (
     ATTACKS,
+    KNOWLEDGE_INTERVALS,
     AttackConfig,
     DataConfig,
     DeviceConfig,
@@ -159,7 +160,8 @@ class TrialSettings:
                 f"FedAvg averages one architecture's PyTorch weights: got archs {self.archs}, backends "
                 f"{self.backends}; use a single --archs and --backends torch (FedCache and FD allow heterogeneity)"
             )
-        check_knowledge_interval(self.extra_train.get("knowledge_every_epochs", 1), algorithm=self.algorithm)
+        for name in KNOWLEDGE_INTERVALS:
+            check_knowledge_interval(self.extra_train.get(name, 1), algorithm=self.algorithm, name=name)
         other = sorted(set(self.backends) - {"torch"})
         torch_only = torch_only_settings_on(self.extra_train)
         if torch_only and other:

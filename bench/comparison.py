@@ -76,6 +76,13 @@ METHODS = (
         logit_encoding=LogitEncoding.INT8,
         extra_train={"knowledge_every_epochs": 2},
     ),
+    # ... and 16 batches' logits per message each way (TrainConfig.knowledge_every_batches): 128 ids, not 8.
+    Method(
+        "fedcache every 2 epochs i8 x16",
+        "fedcache",
+        logit_encoding=LogitEncoding.INT8,
+        extra_train={"knowledge_every_epochs": 2, "knowledge_every_batches": 16},
+    ),
     Method("fd", "fd"),
     Method("fedavg", "fedavg"),
     Method("local", "local"),

@@ -90,17 +90,28 @@ class TrainConfig:
     # FedCache: upload logits and fetch teachers in every this-many-th epoch only, from the first (1: every epoch,
     # the paper's); the epochs between train on the teachers last received (edge.knowledge.BatchSchedule.exchanges).
     knowledge_every_epochs: int = 1
+    # FedCache: send the waiting logits and fetch teachers every this many batches, one message each way for all
+    # of them (1: every batch, the paper's). Fewer, larger messages carry the same knowledge in fewer bytes, as
+    # each message's topic, envelope and keys are paid once (docs/benchmarks.md §3); teachers are fetched this
+    # many batches further ahead, and logits reach the server up to this many batches later.
+    knowledge_every_batches: int = 1
 
 
-def check_knowledge_interval(every: object, *, algorithm: str) -> None:
-    """Refuse a `knowledge_every_epochs` that is not an integer >= 1, or other than 1 for an algorithm that is not
-    FedCache (FD and FedAvg exchange on their own schedules): one rule for device files and trial settings."""
+# FedCache's two exchange intervals, each with the unit its 1 means: one rule checks both (check_knowledge_interval).
+KNOWLEDGE_INTERVALS = {"knowledge_every_epochs": "epoch", "knowledge_every_batches": "batch"}
+
+
+def check_knowledge_interval(every: object, *, algorithm: str, name: str = "knowledge_every_epochs") -> None:
+    """Refuse a knowledge interval (`name`, one of KNOWLEDGE_INTERVALS) that is not an integer >= 1, or other than 1
+    for an algorithm that is not FedCache (FD and FedAvg exchange on their own schedules): one rule for device
+    files and trial settings."""
+    unit = KNOWLEDGE_INTERVALS[name]
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"train.knowledge_every_epochs must be an integer >= 1 (1 = every epoch), got {every!r}")
+        raise ValueError(f"train.{name} must be an integer >= 1 (1 = every {unit}), got {every!r}")
     if every != 1 and algorithm != "fedcache":
         raise ValueError(
-            f"train.knowledge_every_epochs applies to fedcache devices only; a {algorithm} device exchanges on its "
-            "own schedule (leave it at 1)"
+            f"train.{name} applies to fedcache devices only; a {algorithm} device exchanges on its own schedule "
+            "(leave it at 1)"
         )
 
 
@@ -214,7 +225,8 @@ class DeviceConfig:
             raise ValueError(f"train.algorithm must be one of {ALGORITHMS}, got {self.train.algorithm!r}")
         if self.train.eval_every_epochs < 1:
             raise ValueError(f"train.eval_every_epochs must be >= 1, got {self.train.eval_every_epochs}")
-        check_knowledge_interval(self.train.knowledge_every_epochs, algorithm=self.train.algorithm)
+        for name in KNOWLEDGE_INTERVALS:
+            check_knowledge_interval(getattr(self.train, name), algorithm=self.train.algorithm, name=name)
         if self.train.max_samples < 0:
             raise ValueError(f"train.max_samples must be >= 0 (0 = every sample), got {self.train.max_samples}")
         recalibration = self.train.bn_recalibration

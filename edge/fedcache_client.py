@@ -97,7 +97,10 @@ class FedCacheClient:
     def after_step(self, *, ids: np.ndarray, labels: np.ndarray, logits: np.ndarray, position: int) -> None:
         if self.schedule.exchanges(position - 1, self.config.train.knowledge_every_epochs):
             self.state.outbox_put(ids, logits if self.attack is None else self.attack(logits, labels))
-        self._exchange(position)
+        # With knowledge_every_batches B, the logits of B batches wait in the (durable) outbox and go out in one
+        # message, with one fetch for B batches' samples; the last batch sends what is left.
+        if position % self.config.train.knowledge_every_batches == 0 or position == len(self.schedule):
+            self._exchange(position)
 
     def end_epoch(self, *, epoch: int, last: bool) -> None:
         if self.hub is not None and self.hub.samples is not None and self.registration.done:
@@ -179,7 +182,8 @@ class FedCacheClient:
             return
         if not self.link.connected or self.link.outstanding() >= cfg.max_outstanding:
             return
-        stop = min(next_position + cfg.prefetch_batches, len(self.schedule))
+        # Up to the batch before the next exchange, and prefetch_batches beyond it.
+        stop = min(next_position + cfg.knowledge_every_batches - 1 + cfg.prefetch_batches, len(self.schedule))
         fetch_ids = self.schedule.ids_between(
             max(self._fetched_upto, next_position), stop, every_epochs=cfg.knowledge_every_epochs
         )

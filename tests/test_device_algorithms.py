@@ -395,3 +395,27 @@ def test_knowledge_every_other_epoch_exchanges_nothing_in_the_epochs_between(fed
     assert uploaded == [SAMPLES, 0, SAMPLES]
     assert sum(fetched) == 2 * SAMPLES and fetched[1] > 0
     assert state.outbox_size() == 0
+
+
+def test_knowledge_every_two_batches_sends_one_message_each_way_for_two_batches(fedcache: Any) -> None:
+    build, link, _ = fedcache
+    client = build(epochs=3, knowledge_every_batches=2, prefetch_batches=1)
+    schedule = client.schedule  # 3 batches of 2 samples per epoch, 9 in all
+    client.begin(0)
+    begun = link.sent[-1]
+    # Ahead of the first two batches: the batch before the next exchange, and prefetch_batches beyond it.
+    assert isinstance(begun, Fetch) and begun.ids.tolist() == schedule.ids_between(0, 2).tolist()
+    sent_at: list[int] = []
+    for position, batch in enumerate(schedule.batches, start=1):
+        before = len(link.sent)
+        _step(client, batch.tolist(), position=position)
+        for request in link.sent[before:]:
+            assert isinstance(request, UpdateFetch)
+            sent_at.append(position)
+            # The logits of every batch since the last exchange, and the next batches' samples, in one message.
+            assert (
+                request.ids.tolist() == schedule.ids_between(sent_at[-2] if len(sent_at) > 1 else 0, position).tolist()
+            )
+            assert request.fetch_ids.tolist() == schedule.ids_between(position, position + 2).tolist()
+            link.on_reply(UpdateAck(device="fc", cid=request.cid, applied=request.ids.size, stale=0), 10)
+    assert sent_at == [2, 4, 6, 8, 9]  # every other batch, and the last batch sends what is left

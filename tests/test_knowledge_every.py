@@ -1,4 +1,5 @@
-"""train.knowledge_every_epochs: FedCache devices exchange knowledge in every K-th epoch only (issue 17's bytes)."""
+"""train.knowledge_every_epochs and knowledge_every_batches: FedCache devices exchange knowledge in every K-th epoch
+only, and every B batches in one message each way (issue 17's bytes)."""
 
 from __future__ import annotations
 
@@ -10,38 +11,50 @@ import pytest
 
 from android_harness.native import device_command, prepare_native_device
 from android_harness.spec import SpecError, parse_spec
-from edge.config import DataConfig, DeviceConfig, HashConfig, TrainConfig, config_from_dict, config_to_toml
+from edge.config import (
+    KNOWLEDGE_INTERVALS,
+    DataConfig,
+    DeviceConfig,
+    HashConfig,
+    TrainConfig,
+    config_from_dict,
+    config_to_toml,
+)
 from tests.trial_options import cli_settings, device_trains, file_trains
 
 
-def test_the_setting_round_trips_and_bad_values_are_refused_by_name() -> None:
-    config = DeviceConfig(id="d", train=TrainConfig(knowledge_every_epochs=3))
+@pytest.mark.parametrize("name", sorted(KNOWLEDGE_INTERVALS))
+def test_the_setting_round_trips_and_bad_values_are_refused_by_name(name: str) -> None:
+    config = DeviceConfig(id="d", train=TrainConfig(**{name: 3}))
     text = config_to_toml(config)
-    assert "knowledge_every_epochs = 3" in text
+    assert f"{name} = 3" in text
     assert config_from_dict(tomllib.loads(text)) == config
     for bad in (0, -2, True, 1.5):
-        with pytest.raises(ValueError, match=r"train\.knowledge_every_epochs must be an integer >= 1"):
-            DeviceConfig(id="d", train=TrainConfig(knowledge_every_epochs=bad))  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=rf"train\.{name} must be an integer >= 1"):
+            DeviceConfig(id="d", train=TrainConfig(**{name: bad}))
     for algorithm in ("fd", "fedavg", "local"):
         with pytest.raises(ValueError, match=f"fedcache devices only; a {algorithm} device"):
-            DeviceConfig(id="d", train=TrainConfig(algorithm=algorithm, knowledge_every_epochs=2))
+            DeviceConfig(id="d", train=TrainConfig(algorithm=algorithm, **{name: 2}))
 
 
-def test_the_cli_and_trial_files_hand_it_to_every_device(tmp_path: Path) -> None:
-    flagged = cli_settings(tmp_path, ["--knowledge-every-epochs", "2"])
-    assert [t.knowledge_every_epochs for t in device_trains(flagged, tmp_path)] == [2, 2]
+@pytest.mark.parametrize("name", sorted(KNOWLEDGE_INTERVALS))
+def test_the_cli_and_trial_files_hand_it_to_every_device(tmp_path: Path, name: str) -> None:
+    option = "--" + name.replace("_", "-")
+    flagged = cli_settings(tmp_path, [option, "2"])
+    assert [getattr(t, name) for t in device_trains(flagged, tmp_path)] == [2, 2]
     assert cli_settings(tmp_path, []).extra_train == {}
     with pytest.raises(ValueError, match="applies to fedcache devices only; a fd device"):
-        cli_settings(tmp_path, ["--knowledge-every-epochs", "2"], algorithm="fd").check()
-    with pytest.raises(SystemExit, match="--knowledge-every-epochs 0"):
-        cli_settings(tmp_path, ["--knowledge-every-epochs", "0"])
-    assert [t.knowledge_every_epochs for t in file_trains(tmp_path, {"knowledge_every_epochs": 3})] == [3, 3]
+        cli_settings(tmp_path, [option, "2"], algorithm="fd").check()
+    with pytest.raises(SystemExit, match=f"{option} 0"):
+        cli_settings(tmp_path, [option, "0"])
+    assert [getattr(t, name) for t in file_trains(tmp_path, {name: 3})] == [3, 3]
     for bad in (0, "2", 1.5):
-        with pytest.raises(SpecError, match=r"\[trial\]\.knowledge_every_epochs"):
-            parse_spec({"trial": {"knowledge_every_epochs": bad}, "devices": [{"count": 2}]}, out=tmp_path)
+        with pytest.raises(SpecError, match=rf"\[trial\]\.{name}"):
+            parse_spec({"trial": {name: bad}, "devices": [{"count": 2}]}, out=tmp_path)
 
 
-def test_the_native_device_reads_it_and_refuses_a_bad_value(tmp_path: Path, native_artifacts: Path) -> None:
+@pytest.mark.parametrize("name", sorted(KNOWLEDGE_INTERVALS))
+def test_the_native_device_reads_it_and_refuses_a_bad_value(tmp_path: Path, native_artifacts: Path, name: str) -> None:
     config = DeviceConfig(
         id="native-k",
         broker="mqtt://127.0.0.1:9",
@@ -51,8 +64,8 @@ def test_the_native_device_reads_it_and_refuses_a_bad_value(tmp_path: Path, nati
         hash=HashConfig(dim=256),
     )
     path = prepare_native_device(config, artifacts=native_artifacts)
-    assert "knowledge_every_epochs = 1" in path.read_text()
-    path.write_text(path.read_text().replace("knowledge_every_epochs = 1", "knowledge_every_epochs = 0"))
+    assert f"{name} = 1" in path.read_text()
+    path.write_text(path.read_text().replace(f"{name} = 1", f"{name} = 0"))
     result = subprocess.run(device_command(path), capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "train.knowledge_every_epochs must be >= 1" in result.stderr
+    assert f"train.{name} must be >= 1" in result.stderr

@@ -30,6 +30,8 @@ struct DeviceSettings {
   int64_t epochs = 5, batch_size = 8, seed = 0, prefetch_batches = 4, max_outstanding = 8, eval_every_epochs = 1;
   // FedCache: knowledge exchanged in every this-many-th epoch only (edge.knowledge.BatchSchedule.exchanges).
   int64_t knowledge_every_epochs = 1;
+  // FedCache: the waiting logits sent, and teachers fetched, every this many batches in one message each way.
+  int64_t knowledge_every_batches = 1;
   double lr = 0.01, momentum = 0.9, weight_decay = 5e-4, kd_alpha = 1.5, temperature = 3.0;
   // [hash]
   std::string hash_kind = "bin";

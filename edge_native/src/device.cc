@@ -369,7 +369,9 @@ void NativeDevice::exchange() {
     return;
   }
   if (!link_->connected() || int64_t(pending_.size()) >= settings_.max_outstanding) return;
-  const int64_t stop = std::min<int64_t>(position_ + settings_.prefetch_batches, int64_t(batches_.size()));
+  // Up to the batch before the next exchange (every knowledge_every_batches), and prefetch_batches beyond it.
+  const int64_t stop = std::min<int64_t>(
+      position_ + settings_.knowledge_every_batches - 1 + settings_.prefetch_batches, int64_t(batches_.size()));
   wire::Message m;
   m.fetch_ids = ids_between(std::max(fetched_upto_, position_), stop);
   m.encoding = settings_.logit_encoding;
@@ -520,7 +522,8 @@ DeviceState NativeDevice::step(int max_batches) {
       ++position_;
       offline_steps_ += !link_->connected();
       if (exchanges(position_ - 1)) store_->outbox_put(batch.data(), logits.data(), size_t(n));
-      exchange();
+      // Every knowledge_every_batches batches the waiting logits go out in one message (as edge.fedcache_client).
+      if (position_ % settings_.knowledge_every_batches == 0 || position_ == int64_t(batches_.size())) exchange();
       if (position_ % 200 == 0) checkpoint();
       if (epoch_ends_at(position_)) {
         const int epoch = epoch_of_[size_t(position_ - 1)] + 1;
