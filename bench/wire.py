@@ -38,6 +38,7 @@ from fedwire import (
     encode,
     up_topic,
 )
+from fedwire.arrays import LOGIT_DTYPES
 from fedwire.constants import DEFAULT_NEIGHBOURS, REGISTER_CHUNK, REQUEST_KINDS
 from fedwire.mqtt import publish_packet_bytes
 
@@ -45,7 +46,6 @@ from fedwire.mqtt import publish_packet_bytes
 # PUBLISH on the device's link costs one: the broker acknowledges each request, the device each reply.
 PUBACK_BYTES = 4
 DEVICE_ID = "dev000"  # the trial harness's naming (android_harness: dev000, dev001, ...)
-VALUE_BYTES = {LogitEncoding.FLOAT32: 4, LogitEncoding.FLOAT16: 2, LogitEncoding.INT8: 1}
 SEED = 0
 NEIGHBOURS = DEFAULT_NEIGHBOURS  # R: contributors per teacher in a warm cache (the server's default)
 _CID = 2**47 + 12345  # a device starts its correlation ids at a random 48-bit value: msgpack uint64 either way
@@ -169,7 +169,7 @@ def measure_exchange(
 
 def floor_per_sample(classes: int, encoding: LogitEncoding) -> int:
     """Logit bytes one sample must move per epoch: classes x bytes per value, once up and once down."""
-    return 2 * classes * VALUE_BYTES[encoding]
+    return 2 * classes * LOGIT_DTYPES[encoding].itemsize
 
 
 def format_training(rows: list[Exchange], classes: int) -> str:
@@ -310,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         for c in (True, False)
         for e in LogitEncoding
     ]
-    rows += [
-        measure_exchange(batch=b, classes=args.classes, encoding=LogitEncoding.FLOAT16, combined=True, repeats=repeats)
+    rows += [  # amortisation: the same exchange at other batch sizes (or knowledge_every_batches x batch)
+        measure_exchange(batch=b, classes=args.classes, encoding=e, combined=True, repeats=repeats)
+        for e in (LogitEncoding.FLOAT16, LogitEncoding.INT8_BLOCK)
         for b in (1, 32, 128)
         if b != args.batch
     ]

@@ -16,14 +16,16 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 
-from fedwire.arrays import LOGIT_DTYPES, quantise_logits
+from fedwire.arrays import BLOCK_SCALED_ENCODINGS, LOGIT_DTYPES, quantise_logits
 from fedwire.constants import MAX_CLASSES, MAX_IDS_PER_MESSAGE, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION, LogitEncoding
 
 I64_MAX = 2**63 - 1
 MAX_ID_BYTES = 4 * MAX_IDS_PER_MESSAGE
 FAST_KINDS = frozenset({"fetch", "update", "update_fetch"})
-_ITEMSIZE = {encoding.value: dtype.itemsize for encoding, dtype in LOGIT_DTYPES.items()}
-_DTYPES = {encoding.value: dtype for encoding, dtype in LOGIT_DTYPES.items()}
+# The encodings this path batches: each is quantised row by row, so one reply's rows can be sliced out of a batch's.
+# A block-scaled encoding (int8 with one scale per message) is not, and goes the generic path.
+_ITEMSIZE = {e.value: dtype.itemsize for e, dtype in LOGIT_DTYPES.items() if e not in BLOCK_SCALED_ENCODINGS}
+_DTYPES = {e.value: dtype for e, dtype in LOGIT_DTYPES.items() if e not in BLOCK_SCALED_ENCODINGS}
 _SCALED = LogitEncoding.INT8.value
 _U32 = np.dtype("<u4")
 _SET_LIMIT = 256  # up to this many ids a Python set checks repeats faster than numpy's sort

@@ -9,6 +9,7 @@ import numpy as np
 from fedwire.constants import LogitEncoding
 
 __all__ = [
+    "BLOCK_SCALED_ENCODINGS",
     "F32",
     "LOGIT_DTYPES",
     "SCALED_ENCODINGS",
@@ -30,9 +31,12 @@ LOGIT_DTYPES: dict[LogitEncoding, np.dtype] = {
     LogitEncoding.FLOAT32: np.dtype("<f4"),
     LogitEncoding.FLOAT16: np.dtype("<f2"),
     LogitEncoding.INT8: np.dtype("i1"),
+    LogitEncoding.INT8_BLOCK: np.dtype("i1"),
 }
-# Encodings whose matrix travels with one float32 scale per row (the logits block's `s`).
+# Encodings whose matrix travels with one float32 scale per row (the logits block's `s`) ...
 SCALED_ENCODINGS = frozenset({LogitEncoding.INT8})
+# ... and those whose `s` holds one float32 scale for the whole matrix.
+BLOCK_SCALED_ENCODINGS = frozenset({LogitEncoding.INT8_BLOCK})
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -62,15 +66,19 @@ def pack_finite(values: np.ndarray) -> bytes:
 
 
 def quantise_logits(logits: np.ndarray, encoding: LogitEncoding) -> QuantisedLogits:
-    """Pack an (n, classes) float matrix; int8 gets one float32 scale per row (docs/protocol.md §6)."""
+    """Pack an (n, classes) float matrix; int8 gets one float32 scale per row, int8-block one for the whole matrix
+    (docs/protocol.md §6)."""
     matrix = np.asarray(logits, dtype=np.float32)
     if matrix.ndim != 2:
         raise ValueError(f"logits must be 2-D, got shape {matrix.shape}")
     if not np.isfinite(matrix).all():
         raise ValueError("logits hold NaN or infinite values")
     rows, cols = matrix.shape
-    if encoding in SCALED_ENCODINGS:
-        scales = np.abs(matrix).max(axis=1) / 127.0 if matrix.size else np.zeros(0, np.float32)
+    if encoding in SCALED_ENCODINGS or encoding in BLOCK_SCALED_ENCODINGS:
+        if encoding in SCALED_ENCODINGS:
+            scales = np.abs(matrix).max(axis=1) / 127.0 if matrix.size else np.zeros(0, np.float32)
+        else:
+            scales = np.array([np.abs(matrix).max() / 127.0 if matrix.size else 1.0])
         scales = np.where(scales > 0, scales, 1.0).astype(F32)
         quantised = np.clip(np.rint(matrix / scales[:, None]), -127, 127).astype(LOGIT_DTYPES[encoding])
         return QuantisedLogits(rows, cols, quantised.tobytes(), scales.tobytes())
@@ -81,7 +89,8 @@ def quantise_logits(logits: np.ndarray, encoding: LogitEncoding) -> QuantisedLog
 
 
 def dequantise_logits(data: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
-    """The float32 matrix a received (n, m) element array stands for: a copy, times its row scales if scaled."""
+    """The float32 matrix a received (n, m) element array stands for: a copy, times its row scales (or its one block
+    scale) if scaled."""
     matrix = data.astype(np.float32)
     if scales is not None:
         matrix *= scales[:, None]

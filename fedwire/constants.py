@@ -91,6 +91,9 @@ class LogitEncoding(StrEnum):
     FLOAT32 = "f32"
     FLOAT16 = "f16"
     INT8 = "i8"
+    # int8 with one float32 scale for the whole matrix: 4 B per message instead of per row, for a coarser step on
+    # rows smaller than the matrix's largest (docs/protocol.md §6).
+    INT8_BLOCK = "i8b"
 
 
 class TeacherForm(StrEnum):

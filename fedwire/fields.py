@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from fedwire.arrays import (
+    BLOCK_SCALED_ENCODINGS,
     F32,
     LOGIT_DTYPES,
     SCALED_ENCODINGS,
@@ -275,11 +276,17 @@ def _block_rows(block: Mapping[str, Any]) -> tuple[int, ...]:
     return (block["n"],)
 
 
+def _block_one(block: Mapping[str, Any]) -> tuple[int, ...]:
+    """One for the whole block."""
+    return (1,)
+
+
 class Logits(Field):
     """A nested logits block (docs/protocol.md §6): decodes to a float32 (n, m) matrix and its encoding.
 
     `e` picks the element type of `b`; only the encodings in SCALED_ENCODINGS carry `s`, one float32 scale
-    per row (ignored otherwise). Every decoded value must be finite (non_finite).
+    per row, and those in BLOCK_SCALED_ENCODINGS, one for the block (ignored otherwise). Every decoded value
+    must be finite (non_finite).
     """
 
     wire_type = "map"
@@ -291,6 +298,7 @@ class Logits(Field):
         self.cols = Int("m", high=MAX_CLASSES)
         self.data = {enc: Array("b", dtype=dtype, shape=_block_matrix) for enc, dtype in LOGIT_DTYPES.items()}
         self.scales = Array("s", dtype=F32, shape=_block_rows, finite=True)
+        self.block_scale = Array("s", dtype=F32, shape=_block_one, finite=True)
 
     @property
     def produces(self) -> tuple[str, ...]:
@@ -315,7 +323,11 @@ class Logits(Field):
         self.cols.unpack(block, parts, where=where)
         encoding: LogitEncoding = parts["encoding"]
         data = self.data[encoding].array(block, parts, where=where)
-        scales = self.scales.array(block, parts, where=where) if encoding in SCALED_ENCODINGS else None
+        scales = None
+        if encoding in SCALED_ENCODINGS:
+            scales = self.scales.array(block, parts, where=where)
+        elif encoding in BLOCK_SCALED_ENCODINGS:
+            scales = self.block_scale.array(block, parts, where=where)
         matrix = dequantise_logits(data, scales)
         if not np.isfinite(matrix).all():
             raise ProtocolError(ErrorCode.NON_FINITE, f"{where} holds NaN or infinite values")

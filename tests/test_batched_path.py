@@ -47,7 +47,7 @@ CLASSES = 5
 HASH_DIM = 32
 SAMPLES = 24
 DEVICES = ("d0", "d1", "d2", "d3", "d4")
-ENCODINGS = (LogitEncoding.FLOAT32, LogitEncoding.FLOAT16, LogitEncoding.INT8)
+ENCODINGS = tuple(LogitEncoding)  # i8b among them: the batched path hands it to the per-message path
 
 
 # ---------------------------------------------------------------- a deployment, twice

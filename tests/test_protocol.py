@@ -49,7 +49,7 @@ from fedwire import (
     server_subscription,
     up_topic,
 )
-from fedwire.codec import encode_logits
+from fedwire.codec import as_received, encode_logits
 from fedwire.constants import MAX_CLASSES, MAX_HASH_BYTES, MAX_IDS_PER_MESSAGE, REPLY_KINDS, REQUEST_KINDS
 
 F32, F16, I8 = LogitEncoding.FLOAT32, LogitEncoding.FLOAT16, LogitEncoding.INT8
@@ -150,7 +150,7 @@ def _examples() -> list[Message]:
 
 
 def _assert_logits_close(sent: np.ndarray, got: np.ndarray, encoding: LogitEncoding) -> None:
-    """f32 exact; f16 equal to the float16 rounding; i8 within half a row scale."""
+    """f32 exact; f16 equal to the float16 rounding; i8 within half a row scale, i8b within half the block's."""
     sent = np.asarray(sent, dtype=np.float32)
     assert got.dtype == np.float32
     assert got.shape == sent.shape
@@ -161,6 +161,8 @@ def _assert_logits_close(sent: np.ndarray, got: np.ndarray, encoding: LogitEncod
         assert np.all(np.abs(got - sent) <= np.abs(sent) * 2.0**-11 + 2.0**-25)
     else:
         scales = np.abs(sent).max(axis=1) / np.float32(127) if sent.size else np.zeros(0, np.float32)
+        if encoding is LogitEncoding.INT8_BLOCK:
+            scales = np.full(len(sent), scales.max(initial=0.0), np.float32)
         scales = np.where(scales > 0, scales, np.float32(1))
         assert np.all(np.abs(got - sent) <= scales[:, None] * (0.5 + 1e-5))
 
@@ -244,6 +246,21 @@ def test_int8_quantisation_formula() -> None:
     quantised = np.frombuffer(packed["b"], "i1").reshape(3, 3)
     np.testing.assert_array_equal(quantised, [[127, -64, 21], [0, 0, 0], [-127, 123, 0]])  # -63.5 rounds to even
     assert np.abs(quantised).max() <= 127
+
+
+def test_int8_block_quantisation_formula() -> None:
+    """i8b: one s = fl32(max|matrix| / 127) for the whole block (1.0 when it is all zeros), q as for i8: 4 B of scale
+    per message instead of per row, so a row smaller than the block's largest gets a coarser step."""
+    logits = np.asarray([[1.5, -0.75, 0.25], [0.0, 0.0, 0.0], [-3.0, 2.9, 1e-3]], np.float32)
+    packed = encode_logits(logits, LogitEncoding.INT8_BLOCK)
+    assert (packed["e"], packed["n"], packed["m"]) == ("i8b", 3, 3)
+    np.testing.assert_array_equal(np.frombuffer(packed["s"], "<f4"), [np.float32(3.0) / np.float32(127)])
+    quantised = np.frombuffer(packed["b"], "i1").reshape(3, 3)
+    np.testing.assert_array_equal(quantised, [[64, -32, 11], [0, 0, 0], [-127, 123, 0]])
+    assert len(packed["s"]) == 4 < len(encode_logits(logits, I8)["s"])
+    zeros = encode_logits(np.zeros((2, 3), np.float32), LogitEncoding.INT8_BLOCK)
+    assert np.frombuffer(zeros["s"], "<f4").tolist() == [1.0]
+    assert as_received(logits, LogitEncoding.INT8_BLOCK)[0].tolist() == pytest.approx([1.5, -0.75, 0.25], abs=0.012)
 
 
 def test_f32_and_f16_logit_bytes_are_little_endian() -> None:
@@ -486,7 +503,7 @@ def test_every_field_is_required_and_typed(message: Message) -> None:
     """Deleting any field, or giving it another msgpack type, is rejected (v: bad_version, others: bad_schema)."""
     document = _wire(message)
     for path in _paths(document):
-        if path[-1] == "s" and document.get("logits", {}).get("e") != "i8":
+        if path[-1] == "s" and document.get("logits", {}).get("e") not in ("i8", "i8b"):
             continue
         if path == ("teach",):  # optional (absent means the mean), but typed when present
             _rejects(_mutated(message, *path, _wrong_type(document["teach"])), ErrorCode.BAD_SCHEMA)

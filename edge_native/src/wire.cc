@@ -24,7 +24,7 @@ const std::vector<std::string> kErrorCodes = {
     "too_large",       "bad_encoding",   "bad_version",   "bad_schema",     "bad_dtype",
     "bad_shape",       "non_finite",     "device_mismatch", "unknown_device", "unknown_sample",
     "class_mismatch",  "hash_mismatch",  "internal",      "model_mismatch"};
-const std::vector<std::string> kEncodings = {"f32", "f16", "i8"};
+const std::vector<std::string> kEncodings = {"f32", "f16", "i8", "i8b"};
 const std::vector<std::string> kTeacherForms = {"mean", "raw"};
 const std::vector<std::string> kHashKinds = {"bin", "f16"};
 
@@ -236,11 +236,13 @@ void read_logits(const Map& parent, Message& m) {
     auto v = b.exact<uint16_t>("b", count);
     for (size_t i = 0; i < count; ++i) m.logits[i] = half_to_float(v[i]);
   } else {
+    // i8: one scale per row; i8b: one for the whole block (docs/protocol.md §6).
+    const bool per_row = m.encoding == "i8";
     auto v = b.exact<int8_t>("b", count);
-    auto s = b.exact<float>("s", size_t(m.rows));
+    auto s = b.exact<float>("s", per_row ? size_t(m.rows) : 1);
     for (float scale : s)
       if (!std::isfinite(scale)) fail("non_finite", b.where + ".s holds NaN or infinite values");
-    for (size_t i = 0; i < count; ++i) m.logits[i] = float(v[i]) * s[i / m.cols];
+    for (size_t i = 0; i < count; ++i) m.logits[i] = float(v[i]) * s[per_row ? i / m.cols : 0];
   }
   for (float x : m.logits)
     if (!std::isfinite(x)) fail("non_finite", b.where + " holds NaN or infinite values");
@@ -335,7 +337,7 @@ void pack_logits(Packer& p, const Message& m) {
   if (m.logits.size() != m.rows * m.cols) throw std::invalid_argument("logits size differs from rows x cols");
   for (float x : m.logits)
     if (!std::isfinite(x)) throw std::invalid_argument("logits hold NaN or infinite values");
-  const bool scaled = m.encoding == "i8";
+  const bool per_row = m.encoding == "i8", scaled = per_row || m.encoding == "i8b";
   p.str("logits");
   p.map(scaled ? 5 : 4);
   p.key_str("e", m.encoding);
@@ -349,14 +351,19 @@ void pack_logits(Packer& p, const Message& m) {
     for (size_t i = 0; i < h.size(); ++i) h[i] = float_to_half(std::clamp(m.logits[i], -65504.0f, 65504.0f));
     p.array(h);
   } else if (scaled) {
-    std::vector<int8_t> q(m.logits.size());
-    std::vector<float> scales(size_t(m.rows));
-    for (uint64_t r = 0; r < m.rows; ++r) {
+    // The largest magnitude over 127 (1 for zeros), over each row for i8 and over the whole block for i8b.
+    auto scale_of = [&](uint64_t first, uint64_t last) {
       float a = 0.0f;
-      for (uint64_t j = 0; j < m.cols; ++j) a = std::max(a, std::fabs(m.logits[r * m.cols + j]));
-      float s = a / 127.0f;
-      if (!(s > 0.0f)) s = 1.0f;
-      scales[r] = s;
+      for (uint64_t i = first; i < last; ++i) a = std::max(a, std::fabs(m.logits[i]));
+      const float s = a / 127.0f;
+      return s > 0.0f ? s : 1.0f;
+    };
+    std::vector<int8_t> q(m.logits.size());
+    std::vector<float> scales;
+    if (!per_row) scales.push_back(scale_of(0, m.logits.size()));
+    for (uint64_t r = 0; r < m.rows; ++r) {
+      if (per_row) scales.push_back(scale_of(r * m.cols, (r + 1) * m.cols));
+      const float s = scales.back();
       for (uint64_t j = 0; j < m.cols; ++j) {
         const float v = std::nearbyint(m.logits[r * m.cols + j] / s);
         q[r * m.cols + j] = int8_t(std::clamp(v, -127.0f, 127.0f));

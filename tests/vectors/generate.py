@@ -53,6 +53,7 @@ from fedwire.schema import LOGITS, SCHEMAS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 F32, F16, I8 = LogitEncoding.FLOAT32, LogitEncoding.FLOAT16, LogitEncoding.INT8
+I8B = LogitEncoding.INT8_BLOCK
 
 
 # ---------------------------------------------------------------- deterministic data
@@ -80,6 +81,12 @@ def _f16_hashes(rows: int, dim: int, salt: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- valid vectors
+
+
+def _worked_update_fetch(cid: int, encoding: LogitEncoding) -> UpdateFetch:
+    """docs/protocol.md's worked example (2 samples x 3 classes, one row all zeros, then fetch 3 ids) in `encoding`."""
+    logits = np.asarray([[1.5, -0.75, 0.25], [0.0, 0.0, 0.0]], np.float32)
+    return UpdateFetch("dev-01", cid, _u32([7, 9]), logits, 3, _u32([7, 9, 12]), encoding)
 
 
 def valid_vectors() -> list[tuple[str, str, Message]]:
@@ -143,15 +150,12 @@ def valid_vectors() -> list[tuple[str, str, Message]]:
         (
             "update_fetch_i8",
             "the worked example of docs/protocol.md: update 2 samples x 3 classes as int8, then fetch 3 ids",
-            UpdateFetch(
-                "dev-01",
-                42,
-                _u32([7, 9]),
-                np.asarray([[1.5, -0.75, 0.25], [0.0, 0.0, 0.0]], np.float32),
-                3,
-                _u32([7, 9, 12]),
-                I8,
-            ),
+            _worked_update_fetch(42, I8),
+        ),
+        (
+            "update_fetch_i8b",
+            "update_fetch_i8's update with one int8 scale for the block (i8b), then fetch 3 ids",
+            _worked_update_fetch(44, I8B),
         ),
         (
             "update_fetch_f16_no_fetch",
@@ -170,6 +174,11 @@ def valid_vectors() -> list[tuple[str, str, Message]]:
             "knowledge_i8",
             "the reply to update_fetch_i8: 3 ids, id 9 without teacher, int8, applied=2 stale=0",
             Knowledge("dev-01", 42, _u32([7, 9, 12]), np.asarray([16, 0, 3], np.uint16), _logits(2, 3, 9), I8, 2, 0),
+        ),
+        (
+            "knowledge_i8b",
+            "the reply to update_fetch_i8b: 3 ids, id 9 without teacher, int8 with one scale for both rows",
+            Knowledge("dev-01", 44, _u32([7, 9, 12]), np.asarray([16, 0, 3], np.uint16), _logits(2, 3, 9), I8B, 2, 0),
         ),
         (
             "knowledge_f32",
@@ -380,6 +389,12 @@ def invalid_vectors() -> list[tuple[str, str, bytes, ErrorCode]]:
             "int8 logits whose finite scale overflows float32 when applied",
             _with_logits(update, e="i8", b=b"\x7f" * 6, s=struct.pack("<2f", 1.0, 3.0e38)),
             ErrorCode.NON_FINITE,
+        ),
+        (
+            "invalid_logits_row_scales_i8b",
+            "int8-block logits (i8b) carrying a scale per row instead of one",
+            _with_logits(update, e="i8b", b=bytes(6), s=struct.pack("<2f", 1.0, 1.0)),
+            ErrorCode.BAD_SHAPE,
         ),
         (
             "invalid_logits_bytes",
