@@ -18,5 +18,7 @@ M=(--setting homogeneous --epochs 10 --reuse --out runs/comparison-homogeneous-e
 python -m bench comparison "${M[@]}" --methods fedcache,local,fd,fedavg --seeds 0 > runs/comparison-homogeneous-e10.step1.log 2>&1
 python -m bench comparison "${M[@]}" --methods "fedcache,fedcache every 2 epochs i8" --seeds 0 \
     > runs/comparison-homogeneous-e10.step2.log 2>&1
+python -m bench comparison "${M[@]}" --methods "fedcache every 2 epochs i8 x16,fedcache every 2 epochs i8b x16,fedavg" \
+    --seeds 0 > runs/comparison-homogeneous-e10.step3.log 2>&1
 python -m bench comparison "${M[@]}" --methods "fedcache,fedcache raw R,fedcache every 2 epochs i8,fd,fedavg,local" --seeds 0,1,2 \
     > runs/comparison-homogeneous-e10.log 2>&1
