@@ -75,11 +75,11 @@ def quantise_logits(logits: np.ndarray, encoding: LogitEncoding) -> QuantisedLog
         raise ValueError("logits hold NaN or infinite values")
     rows, cols = matrix.shape
     if encoding in SCALED_ENCODINGS or encoding in BLOCK_SCALED_ENCODINGS:
-        if encoding in SCALED_ENCODINGS:
-            scales = np.abs(matrix).max(axis=1) / 127.0 if matrix.size else np.zeros(0, np.float32)
-        else:
-            scales = np.array([np.abs(matrix).max() / 127.0 if matrix.size else 1.0])
-        scales = np.where(scales > 0, scales, 1.0).astype(F32)
+        magnitudes = np.abs(matrix)
+        per_row = encoding in SCALED_ENCODINGS
+        peaks = magnitudes.max(axis=1, initial=0.0) if per_row else np.array([magnitudes.max(initial=0.0)], F32)
+        scales = peaks / np.float32(127)
+        scales = np.where(scales > 0, scales, 1.0).astype(F32)  # zeros, or a peak / 127 underflowing to 0
         quantised = np.clip(np.rint(matrix / scales[:, None]), -127, 127).astype(LOGIT_DTYPES[encoding])
         return QuantisedLogits(rows, cols, quantised.tobytes(), scales.tobytes())
     if encoding is LogitEncoding.FLOAT16:

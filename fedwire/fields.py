@@ -298,7 +298,9 @@ class Logits(Field):
         self.cols = Int("m", high=MAX_CLASSES)
         self.data = {enc: Array("b", dtype=dtype, shape=_block_matrix) for enc, dtype in LOGIT_DTYPES.items()}
         self.scales = Array("s", dtype=F32, shape=_block_rows, finite=True)
-        self.block_scale = Array("s", dtype=F32, shape=_block_one, finite=True)
+        # The `s` each scaled encoding carries: a scale per row, or one for the block.
+        block_scale = Array("s", dtype=F32, shape=_block_one, finite=True)
+        self._scales_of = {e: self.scales for e in SCALED_ENCODINGS} | {e: block_scale for e in BLOCK_SCALED_ENCODINGS}
 
     @property
     def produces(self) -> tuple[str, ...]:
@@ -323,11 +325,8 @@ class Logits(Field):
         self.cols.unpack(block, parts, where=where)
         encoding: LogitEncoding = parts["encoding"]
         data = self.data[encoding].array(block, parts, where=where)
-        scales = None
-        if encoding in SCALED_ENCODINGS:
-            scales = self.scales.array(block, parts, where=where)
-        elif encoding in BLOCK_SCALED_ENCODINGS:
-            scales = self.block_scale.array(block, parts, where=where)
+        scale_field = self._scales_of.get(encoding)
+        scales = None if scale_field is None else scale_field.array(block, parts, where=where)
         matrix = dequantise_logits(data, scales)
         if not np.isfinite(matrix).all():
             raise ProtocolError(ErrorCode.NON_FINITE, f"{where} holds NaN or infinite values")

@@ -7,6 +7,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "wire.h"
+
 namespace fedcache {
 
 namespace {
@@ -281,9 +283,7 @@ DeviceSettings parse_settings(const std::string& text) {
   require(algorithm == "fedcache", "the native device runs train.algorithm = \"fedcache\" only, not '" + algorithm + "'");
   require(attack.empty(), "the native device has no [attack] modes");
   require(teacher_form == "mean", "the native device asks for mean teachers only (train.teacher_form = \"mean\")");
-  require(d.logit_encoding == "f32" || d.logit_encoding == "f16" || d.logit_encoding == "i8" ||
-              d.logit_encoding == "i8b",
-          "train.logit_encoding must be f32, f16, i8 or i8b");
+  require(wire::is_logit_encoding(d.logit_encoding), "train.logit_encoding must be f32, f16, i8 or i8b");
   require(d.hash_kind == "bin" || d.hash_kind == "f16", "hash.kind must be bin or f16");
   require(d.hash_kind != "bin" || d.hash_dim % 8 == 0, "hash.dim must be a multiple of 8 for binary hashes");
   require(d.epochs >= 1 && d.batch_size >= 1 && d.prefetch_batches >= 0 && d.max_outstanding >= 1,

@@ -392,6 +392,10 @@ size_t field_count(const Message& m) {
 
 }  // namespace
 
+bool is_logit_encoding(const std::string& name) {
+  return std::find(kEncodings.begin(), kEncodings.end(), name) != kEncodings.end();
+}
+
 bool is_baseline_kind(const std::string& kind) { return kBaselineKinds.count(kind) > 0; }
 
 bool valid_device_id(const std::string& id) {

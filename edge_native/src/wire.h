@@ -54,6 +54,8 @@ struct Message {
 };
 
 bool is_baseline_kind(const std::string& kind);
+// Whether `name` is a logit encoding of docs/protocol.md §6 (what a device may send and ask for).
+bool is_logit_encoding(const std::string& name);
 // Canonical msgpack bytes; throws std::invalid_argument for values the wire cannot carry (NaN logits, ...).
 std::vector<uint8_t> encode(const Message& message);
 // Validates everything (size, msgpack, map, v, k, d, c, the kind's fields, the rules between them).
