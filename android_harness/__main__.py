@@ -13,7 +13,7 @@ from android_harness.faults import FaultPlan
 from android_harness.flash import add_flash_parser, run_flash, run_provision, run_revoke
 from android_harness.spec import SpecError, TrialSpec, load_spec
 from android_harness.trial import AUTH_MODES, DEFENCE_MODES, SECURITY_MODES, TrialSettings, run_trial
-from edge.config import ATTACK_KNOBS, ATTACKS, KNOWLEDGE_INTERVALS, attack_knobs
+from edge.config import ATTACK_KNOBS, ATTACKS, KNOWLEDGE_SCHEDULE, attack_knobs
 from edge.data import PARTITIONS
 from fedwire import HashKind, LogitEncoding, TeacherForm
 from fedwire.child_process import exit_on_sigterm
@@ -90,6 +90,14 @@ def _add_trial_options(parser: argparse.ArgumentParser, *, epochs: int, devices:
         "of them (1 = every batch, the paper's; default): fewer, larger messages, fewer bytes per sample",
     )
     parser.add_argument(
+        "--knowledge-warmup-epochs",
+        type=int,
+        default=0,
+        metavar="W",
+        help="fedcache: train W epochs with cross-entropy only before the first exchange (0 = from the first "
+        "epoch, the paper's; default): no bytes for a nearly untrained model's knowledge",
+    )
+    parser.add_argument(
         "--security",
         default="none",
         choices=SECURITY_MODES,
@@ -148,11 +156,11 @@ def _extra_train(args: argparse.Namespace) -> dict[str, object]:
         extra["bn_recalibration"] = args.bn_recalibration
     if args.teacher_gate != "none":
         extra["teacher_gate"] = TeacherGate(args.teacher_gate)
-    for name, unit in KNOWLEDGE_INTERVALS.items():
-        if (every := getattr(args, name)) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} {every}: 1 (every {unit}) or more")
-        if every != 1:
-            extra[name] = every
+    for name, knob in KNOWLEDGE_SCHEDULE.items():
+        if (value := getattr(args, name)) < knob.minimum:
+            raise SystemExit(f"--{name.replace('_', '-')} {value}: {knob.minimum} ({knob.meaning}) or more")
+        if value != knob.minimum:
+            extra[name] = value
     return extra
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from android_harness.faults import FaultPlan
 from android_harness.trial import AUTH_MODES, DEFENCE_MODES, SECURITY_MODES, TrialSettings
-from edge.config import ALGORITHMS, ATTACKS, KNOWLEDGE_INTERVALS, attack_knobs, torch_only_settings_on
+from edge.config import ALGORITHMS, ATTACKS, KNOWLEDGE_SCHEDULE, attack_knobs, torch_only_settings_on
 from edge.data import PARTITIONS
 from fedwire import HashKind, LogitEncoding
 from fedwire.mqtt import BrokerAddress
@@ -31,7 +31,7 @@ _SECTIONS = ("trial", "broker", "server", "devices", "faults", "attack")
 _TRIAL_KEYS = (
     "description", "dataset", "epochs", "alpha", "partition", "seed", "algorithm", "timeout",
     "hash_kind", "hash_dim", "encoder_kind", "logit_encoding", "bn_recalibration",
-    "teacher_gate", "knowledge_every_epochs", "knowledge_every_batches",
+    "teacher_gate", "knowledge_every_epochs", "knowledge_every_batches", "knowledge_warmup_epochs",
 )  # fmt: skip
 _BROKER_KEYS = ("url", "security", "auth")
 _SERVER_KEYS = ("neighbours", "defences")
@@ -120,9 +120,9 @@ def parse_spec(data: dict[str, Any], *, out: Path) -> TrialSpec:
     )
     if gate is not TeacherGate.NONE:
         extra_train["teacher_gate"] = gate
-    for name in KNOWLEDGE_INTERVALS:
-        if (every := _opt_int(trial, name, where="[trial]", minimum=1)) not in (None, 1):
-            extra_train[name] = every
+    for name, knob in KNOWLEDGE_SCHEDULE.items():
+        if (value := _opt_int(trial, name, where="[trial]", minimum=knob.minimum)) not in (None, knob.minimum):
+            extra_train[name] = value
     other_backends = sorted({g.backend for g in devices} - {"torch"})
     if (torch_only := torch_only_settings_on(extra_train)) and other_backends:
         raise SpecError(

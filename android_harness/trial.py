@@ -31,7 +31,7 @@ from android_harness.processes import (
 from android_harness.progress import progress_bar
 from edge.config import (
     ATTACKS,
-    KNOWLEDGE_INTERVALS,
+    KNOWLEDGE_SCHEDULE,
     AttackConfig,
     DataConfig,
     DeviceConfig,
@@ -39,7 +39,7 @@ from edge.config import (
     SecurityConfig,
     TrainConfig,
     attack_knobs,
-    check_knowledge_interval,
+    check_knowledge_schedule,
     config_to_toml,
     torch_only_settings_on,
 )
@@ -160,8 +160,8 @@ class TrialSettings:
                 f"FedAvg averages one architecture's PyTorch weights: got archs {self.archs}, backends "
                 f"{self.backends}; use a single --archs and --backends torch (FedCache and FD allow heterogeneity)"
             )
-        for name in KNOWLEDGE_INTERVALS:
-            check_knowledge_interval(self.extra_train.get(name, 1), algorithm=self.algorithm, name=name)
+        for name, knob in KNOWLEDGE_SCHEDULE.items():
+            check_knowledge_schedule(self.extra_train.get(name, knob.minimum), algorithm=self.algorithm, name=name)
         other = sorted(set(self.backends) - {"torch"})
         torch_only = torch_only_settings_on(self.extra_train)
         if torch_only and other:

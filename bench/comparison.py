@@ -90,6 +90,13 @@ METHODS = (
         logit_encoding=LogitEncoding.INT8_BLOCK,
         extra_train={"knowledge_every_epochs": 2, "knowledge_every_batches": 16},
     ),
+    # ... after one epoch of local training (TrainConfig.knowledge_warmup_epochs): no bytes for untrained knowledge.
+    Method(
+        "fedcache warm-up 1 every 2 epochs i8b x16",
+        "fedcache",
+        logit_encoding=LogitEncoding.INT8_BLOCK,
+        extra_train={"knowledge_every_epochs": 2, "knowledge_every_batches": 16, "knowledge_warmup_epochs": 1},
+    ),
     Method("fd", "fd"),
     Method("fedavg", "fedavg"),
     Method("local", "local"),

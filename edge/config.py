@@ -10,6 +10,7 @@ from typing import Any
 
 from edge.backends import BACKENDS
 from edge.data import PARTITIONS
+from edge.knowledge import ExchangeEpochs
 from fedwire import DEVICE_ID_PATTERN, HashKind, LogitEncoding, TeacherForm
 from fedwire.mqtt import BrokerAddress, Credentials
 from models.loss import TeacherGate
@@ -87,31 +88,54 @@ class TrainConfig:
     # the paper's, every teacher). Torch backend only: an exported training program bakes its loss in.
     teacher_gate: TeacherGate = TeacherGate.NONE
     fd_every_batches: int = 0  # FD: upload per-class logits every this many batches; 0 = once per epoch
-    # FedCache: upload logits and fetch teachers in every this-many-th epoch only, from the first (1: every epoch,
-    # the paper's); the epochs between train on the teachers last received (edge.knowledge.BatchSchedule.exchanges).
+    # FedCache: upload logits and fetch teachers in every this-many-th epoch only, from the first after the warm-up
+    # (1: every epoch, the paper's); the epochs between train on the teachers last received
+    # (edge.knowledge.ExchangeEpochs).
     knowledge_every_epochs: int = 1
     # FedCache: send the waiting logits and fetch teachers every this many batches, one message each way for all
     # of them (1: every batch, the paper's). Fewer, larger messages carry the same knowledge in fewer bytes, as
     # each message's topic, envelope and keys are paid once (docs/benchmarks.md §3); teachers are fetched this
     # many batches further ahead, and logits reach the server up to this many batches later.
     knowledge_every_batches: int = 1
+    # FedCache: train this many epochs with cross-entropy only before the first exchange (0: from the first epoch,
+    # the paper's): a nearly untrained model's logits cost as many bytes as a trained one's and teach little.
+    knowledge_warmup_epochs: int = 0
+
+    @property
+    def exchange_epochs(self) -> ExchangeEpochs:
+        """The epochs in which a FedCache device exchanges knowledge."""
+        return ExchangeEpochs(every=self.knowledge_every_epochs, warmup=self.knowledge_warmup_epochs)
 
 
-# FedCache's two exchange intervals, each with the unit its 1 means: one rule checks both (check_knowledge_interval).
-KNOWLEDGE_INTERVALS = {"knowledge_every_epochs": "epoch", "knowledge_every_batches": "batch"}
+@dataclass(frozen=True)
+class ScheduleKnob:
+    """One of FedCache's knowledge-schedule settings: its least value, which is also its default (the paper's)."""
+
+    minimum: int
+    meaning: str  # what the default means, for error messages
 
 
-def check_knowledge_interval(every: object, *, algorithm: str, name: str = "knowledge_every_epochs") -> None:
-    """Refuse a knowledge interval (`name`, one of KNOWLEDGE_INTERVALS) that is not an integer >= 1, or other than 1
-    for an algorithm that is not FedCache (FD and FedAvg exchange on their own schedules): one rule for device
-    files and trial settings."""
-    unit = KNOWLEDGE_INTERVALS[name]
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ValueError(f"train.{name} must be an integer >= 1 (1 = every {unit}), got {every!r}")
-    if every != 1 and algorithm != "fedcache":
+# FedCache's knowledge schedule: one rule checks every knob (check_knowledge_schedule).
+KNOWLEDGE_SCHEDULE = {
+    "knowledge_every_epochs": ScheduleKnob(1, "every epoch"),
+    "knowledge_every_batches": ScheduleKnob(1, "every batch"),
+    "knowledge_warmup_epochs": ScheduleKnob(0, "exchange from the first epoch"),
+}
+
+
+def check_knowledge_schedule(value: object, *, algorithm: str, name: str) -> None:
+    """Refuse a knowledge-schedule setting (`name`, one of KNOWLEDGE_SCHEDULE) that is not an integer at least its
+    minimum, or other than its default for an algorithm that is not FedCache (FD and FedAvg exchange on their own
+    schedules): one rule for device files and trial settings."""
+    knob = KNOWLEDGE_SCHEDULE[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < knob.minimum:
+        raise ValueError(
+            f"train.{name} must be an integer >= {knob.minimum} ({knob.minimum} = {knob.meaning}), got {value!r}"
+        )
+    if value != knob.minimum and algorithm != "fedcache":
         raise ValueError(
             f"train.{name} applies to fedcache devices only; a {algorithm} device exchanges on its own schedule "
-            "(leave it at 1)"
+            f"(leave it at {knob.minimum})"
         )
 
 
@@ -225,8 +249,8 @@ class DeviceConfig:
             raise ValueError(f"train.algorithm must be one of {ALGORITHMS}, got {self.train.algorithm!r}")
         if self.train.eval_every_epochs < 1:
             raise ValueError(f"train.eval_every_epochs must be >= 1, got {self.train.eval_every_epochs}")
-        for name in KNOWLEDGE_INTERVALS:
-            check_knowledge_interval(getattr(self.train, name), algorithm=self.train.algorithm, name=name)
+        for name in KNOWLEDGE_SCHEDULE:
+            check_knowledge_schedule(getattr(self.train, name), algorithm=self.train.algorithm, name=name)
         if self.train.max_samples < 0:
             raise ValueError(f"train.max_samples must be >= 0 (0 = every sample), got {self.train.max_samples}")
         recalibration = self.train.bn_recalibration
@@ -334,7 +358,7 @@ __all__ = [
     "SecurityConfig",
     "TrainConfig",
     "attack_knobs",
-    "check_knowledge_interval",
+    "check_knowledge_schedule",
     "config_from_dict",
     "config_to_toml",
     "load_config",

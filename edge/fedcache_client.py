@@ -95,7 +95,7 @@ class FedCacheClient:
         return self.teachers.lookup(ids)
 
     def after_step(self, *, ids: np.ndarray, labels: np.ndarray, logits: np.ndarray, position: int) -> None:
-        if self.schedule.exchanges(position - 1, self.config.train.knowledge_every_epochs):
+        if self.schedule.exchanges(position - 1, self.config.train.exchange_epochs):
             self.state.outbox_put(ids, logits if self.attack is None else self.attack(logits, labels))
         # With knowledge_every_batches B, the logits of B batches wait in the (durable) outbox and go out in one
         # message, with one fetch for B batches' samples; the last batch sends what is left.
@@ -184,9 +184,7 @@ class FedCacheClient:
             return
         # Up to the batch before the next exchange, and prefetch_batches beyond it.
         stop = min(next_position + cfg.knowledge_every_batches - 1 + cfg.prefetch_batches, len(self.schedule))
-        fetch_ids = self.schedule.ids_between(
-            max(self._fetched_upto, next_position), stop, every_epochs=cfg.knowledge_every_epochs
-        )
+        fetch_ids = self.schedule.ids_between(max(self._fetched_upto, next_position), stop, epochs=cfg.exchange_epochs)
         cid = self.link.new_cid()
         ids, logits = self.state.outbox_take(limit=MAX_IDS_PER_MESSAGE, cid=cid)
         if ids.size:

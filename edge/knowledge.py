@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,6 +50,23 @@ class TeacherCache:
             return float(self._has.mean()) if self._has.size else 0.0
 
 
+@dataclass(frozen=True)
+class ExchangeEpochs:
+    """Which epochs of a FedCache device exchange knowledge: every `every`-th, from epoch `warmup` (0-based) on.
+
+    The `warmup` epochs before train with cross-entropy only and send nothing: knowledge from nearly untrained
+    models costs as many bytes as any other and teaches little (TrainConfig.knowledge_warmup_epochs). In the
+    epochs between exchanges a device trains on the teachers its last exchanging epoch received (one per sample,
+    as every sample is in every epoch) and uploads nothing: 1/`every` of the bytes.
+    """
+
+    every: int = 1
+    warmup: int = 0
+
+    def includes(self, epoch: int) -> bool:
+        return epoch >= self.warmup and (epoch - self.warmup) % self.every == 0
+
+
 class BatchSchedule:
     """Every batch of every epoch, known in advance so knowledge for the next batches can be prefetched."""
 
@@ -65,19 +83,15 @@ class BatchSchedule:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def ids_between(self, start: int, stop: int, *, every_epochs: int = 1) -> np.ndarray:
+    def ids_between(self, start: int, stop: int, *, epochs: ExchangeEpochs = ExchangeEpochs()) -> np.ndarray:
         """Unique sample ids of batches [start, stop) (an epoch boundary can repeat an id), of those batches only
         whose epoch exchanges knowledge (`exchanges`)."""
         stop = min(stop, len(self.batches))
-        batches = [self.batches[b] for b in range(start, stop) if self.exchanges(b, every_epochs)]
+        batches = [self.batches[b] for b in range(start, stop) if self.exchanges(b, epochs)]
         if not batches:
             return np.zeros(0, np.uint32)
         return np.unique(np.concatenate(batches)).astype(np.uint32)
 
-    def exchanges(self, position: int, every_epochs: int) -> bool:
-        """Whether batch `position`'s epoch exchanges knowledge: every `every_epochs`-th epoch, from the first.
-
-        In the epochs between, a device trains on the teachers its last exchanging epoch received (one per
-        sample, as every sample is in every epoch) and uploads nothing: 1/`every_epochs` of the bytes.
-        """
-        return self.epoch_of[position] % every_epochs == 0
+    def exchanges(self, position: int, epochs: ExchangeEpochs) -> bool:
+        """Whether batch `position`'s epoch exchanges knowledge (`ExchangeEpochs`)."""
+        return epochs.includes(self.epoch_of[position])

@@ -17,7 +17,7 @@ from edge.baseline import exchange_metrics
 from edge.config import ALGORITHMS, DataConfig, DeviceConfig, HashConfig, TrainConfig
 from edge.data import Shard
 from edge.fedcache_client import FedCacheClient
-from edge.knowledge import BatchSchedule
+from edge.knowledge import BatchSchedule, ExchangeEpochs
 from edge.link import Expired
 from edge.local_client import LocalClient
 from edge.runtime import DeviceRuntime
@@ -363,19 +363,32 @@ def test_local_teaches_nothing_and_exchanges_nothing() -> None:
     assert local.coverage() == 0.0 and local.metrics() == exchange_metrics()
 
 
-def test_knowledge_every_other_epoch_exchanges_nothing_in_the_epochs_between(fedcache: Any) -> None:
+@pytest.mark.parametrize(
+    ("every", "warmup", "exchanging"),
+    [(2, 0, [True, False, True]), (2, 1, [False, True, False, True]), (1, 2, [False, False, True])],
+)
+def test_knowledge_is_exchanged_in_the_scheduled_epochs_only(
+    fedcache: Any, every: int, warmup: int, exchanging: list[bool]
+) -> None:
     build, link, state = fedcache
-    client = build(epochs=3, knowledge_every_epochs=2)
+    epochs = len(exchanging)
+    client = build(epochs=epochs, knowledge_every_epochs=every, knowledge_warmup_epochs=warmup, prefetch_batches=1)
     schedule = client.schedule
     per_epoch = -(-SAMPLES // 2)
-    assert [schedule.exchanges(b, 2) for b in range(len(schedule))] == [True] * 3 + [False] * 3 + [True] * 3
-    assert schedule.ids_between(per_epoch, 2 * per_epoch, every_epochs=2).size == 0  # epoch 1: none
-    assert schedule.ids_between(per_epoch, 2 * per_epoch).size == SAMPLES  # every epoch (the default)
+    rule = client.config.train.exchange_epochs
+    assert rule == ExchangeEpochs(every=every, warmup=warmup)
+    assert [schedule.exchanges(b, rule) for b in range(len(schedule))] == [e for e in exchanging for _ in range(3)]
+    for epoch, exchanges in enumerate(exchanging):
+        wanted = SAMPLES if exchanges else 0
+        assert schedule.ids_between(epoch * per_epoch, (epoch + 1) * per_epoch, epochs=rule).size == wanted
+        assert schedule.ids_between(epoch * per_epoch, (epoch + 1) * per_epoch).size == SAMPLES  # the default: all
 
-    client.begin(0)  # prefetches epoch 0's first batches
-    begun = link.sent[-1]
-    assert isinstance(begun, Fetch)
-    uploaded, fetched = [0, 0, 0], [begun.ids.size, 0, 0]  # ids per epoch of the step that sent them
+    client.begin(0)  # prefetches epoch 0's first batch if it exchanges; a warm-up epoch sends nothing at all
+    if exchanging[0]:
+        assert isinstance(link.sent[-1], Fetch)
+    else:
+        assert link.sent == []
+    uploaded, fetched = [0] * epochs, [sum(r.ids.size for r in link.sent), *[0] * (epochs - 1)]
     for position, batch in enumerate(schedule.batches):
         before = len(link.sent)
         _step(client, batch.tolist(), position=position + 1)
@@ -389,11 +402,14 @@ def test_knowledge_every_other_epoch_exchanges_nothing_in_the_epochs_between(fed
             else:
                 assert isinstance(request, Fetch)
                 fetched[epoch] += request.ids.size
-    client.end_epoch(epoch=3, last=True)
-    # Epochs 0 and 2 upload every sample; epoch 1 uploads nothing. Each exchanging epoch's batches are
-    # fetched once, a few batches ahead (epoch 2's first ones while epoch 1 trains): 2 x SAMPLES in all.
-    assert uploaded == [SAMPLES, 0, SAMPLES]
-    assert sum(fetched) == 2 * SAMPLES and fetched[1] > 0
+    client.end_epoch(epoch=epochs, last=True)
+    # An exchanging epoch uploads every sample, the others nothing. Each exchanging epoch's batches are fetched
+    # once, a few batches ahead (its first ones while the epoch before trains).
+    assert uploaded == [SAMPLES if e else 0 for e in exchanging]
+    assert sum(fetched) == sum(exchanging) * SAMPLES
+    for epoch in range(epochs):  # an epoch that does not exchange fetches only ahead of one that does
+        if not exchanging[epoch]:
+            assert (fetched[epoch] > 0) == (epoch + 1 < epochs and exchanging[epoch + 1])
     assert state.outbox_size() == 0
 
 

@@ -1,5 +1,6 @@
-"""train.knowledge_every_epochs and knowledge_every_batches: FedCache devices exchange knowledge in every K-th epoch
-only, and every B batches in one message each way (issue 17's bytes)."""
+"""FedCache's knowledge schedule (train.knowledge_every_epochs, knowledge_every_batches, knowledge_warmup_epochs):
+devices exchange knowledge in every K-th epoch only after W epochs of local training, and every B batches in one
+message each way (issue 17's bytes)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from android_harness.native import device_command, prepare_native_device
 from android_harness.spec import SpecError, parse_spec
 from edge.config import (
-    KNOWLEDGE_INTERVALS,
+    KNOWLEDGE_SCHEDULE,
     DataConfig,
     DeviceConfig,
     HashConfig,
@@ -23,21 +24,22 @@ from edge.config import (
 from tests.trial_options import cli_settings, device_trains, file_trains
 
 
-@pytest.mark.parametrize("name", sorted(KNOWLEDGE_INTERVALS))
+@pytest.mark.parametrize("name", sorted(KNOWLEDGE_SCHEDULE))
 def test_the_setting_round_trips_and_bad_values_are_refused_by_name(name: str) -> None:
     config = DeviceConfig(id="d", train=TrainConfig(**{name: 3}))
     text = config_to_toml(config)
     assert f"{name} = 3" in text
     assert config_from_dict(tomllib.loads(text)) == config
-    for bad in (0, -2, True, 1.5):
-        with pytest.raises(ValueError, match=rf"train\.{name} must be an integer >= 1"):
+    least = KNOWLEDGE_SCHEDULE[name].minimum
+    for bad in (least - 1, -2, True, 1.5):
+        with pytest.raises(ValueError, match=rf"train\.{name} must be an integer >= {least} \({least} = "):
             DeviceConfig(id="d", train=TrainConfig(**{name: bad}))
     for algorithm in ("fd", "fedavg", "local"):
         with pytest.raises(ValueError, match=f"fedcache devices only; a {algorithm} device"):
             DeviceConfig(id="d", train=TrainConfig(algorithm=algorithm, **{name: 2}))
 
 
-@pytest.mark.parametrize("name", sorted(KNOWLEDGE_INTERVALS))
+@pytest.mark.parametrize("name", sorted(KNOWLEDGE_SCHEDULE))
 def test_the_cli_and_trial_files_hand_it_to_every_device(tmp_path: Path, name: str) -> None:
     option = "--" + name.replace("_", "-")
     flagged = cli_settings(tmp_path, [option, "2"])
@@ -45,15 +47,16 @@ def test_the_cli_and_trial_files_hand_it_to_every_device(tmp_path: Path, name: s
     assert cli_settings(tmp_path, []).extra_train == {}
     with pytest.raises(ValueError, match="applies to fedcache devices only; a fd device"):
         cli_settings(tmp_path, [option, "2"], algorithm="fd").check()
-    with pytest.raises(SystemExit, match=f"{option} 0"):
-        cli_settings(tmp_path, [option, "0"])
+    least = KNOWLEDGE_SCHEDULE[name].minimum
+    with pytest.raises(SystemExit, match=f"{option} {least - 1}: {least} "):
+        cli_settings(tmp_path, [option, str(least - 1)])
     assert [getattr(t, name) for t in file_trains(tmp_path, {name: 3})] == [3, 3]
-    for bad in (0, "2", 1.5):
+    for bad in (least - 1, "2", 1.5):
         with pytest.raises(SpecError, match=rf"\[trial\]\.{name}"):
             parse_spec({"trial": {name: bad}, "devices": [{"count": 2}]}, out=tmp_path)
 
 
-@pytest.mark.parametrize("name", sorted(KNOWLEDGE_INTERVALS))
+@pytest.mark.parametrize("name", sorted(KNOWLEDGE_SCHEDULE))
 def test_the_native_device_reads_it_and_refuses_a_bad_value(tmp_path: Path, native_artifacts: Path, name: str) -> None:
     config = DeviceConfig(
         id="native-k",
@@ -63,9 +66,10 @@ def test_the_native_device_reads_it_and_refuses_a_bad_value(tmp_path: Path, nati
         train=TrainConfig(arch="cnn", backend="executorch", epochs=1),
         hash=HashConfig(dim=256),
     )
+    least = KNOWLEDGE_SCHEDULE[name].minimum
     path = prepare_native_device(config, artifacts=native_artifacts)
-    assert f"{name} = 1" in path.read_text()
-    path.write_text(path.read_text().replace(f"{name} = 1", f"{name} = 0"))
+    assert f"{name} = {least}" in path.read_text()
+    path.write_text(path.read_text().replace(f"{name} = {least}", f"{name} = {least - 1}"))
     result = subprocess.run(device_command(path), capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert f"train.{name} must be >= 1" in result.stderr
+    assert f"train.{name} must be >= {least}" in result.stderr

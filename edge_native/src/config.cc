@@ -254,6 +254,7 @@ DeviceSettings parse_settings(const std::string& text) {
   d.eval_every_epochs = r.integer("train", "eval_every_epochs", d.eval_every_epochs);
   d.knowledge_every_epochs = r.integer("train", "knowledge_every_epochs", d.knowledge_every_epochs);
   d.knowledge_every_batches = r.integer("train", "knowledge_every_batches", d.knowledge_every_batches);
+  d.knowledge_warmup_epochs = r.integer("train", "knowledge_warmup_epochs", d.knowledge_warmup_epochs);
   d.hash_kind = r.str("hash", "kind", d.hash_kind);
   d.hash_dim = r.integer("hash", "dim", d.hash_dim);
   d.username = r.str("security", "username", "");
@@ -291,6 +292,7 @@ DeviceSettings parse_settings(const std::string& text) {
   require(d.eval_every_epochs >= 1, "train.eval_every_epochs must be >= 1");
   require(d.knowledge_every_epochs >= 1, "train.knowledge_every_epochs must be >= 1");
   require(d.knowledge_every_batches >= 1, "train.knowledge_every_batches must be >= 1");
+  require(d.knowledge_warmup_epochs >= 0, "train.knowledge_warmup_epochs must be >= 0");
   require(d.index >= 0 && d.index < d.num_devices, "data.index outside [0, num_devices)");
   require(d.threads >= 1, "native.threads must be >= 1");
   if (d.shard.empty()) d.shard = shard_from_data;

@@ -28,8 +28,11 @@ struct DeviceSettings {
   // [train]
   std::string arch = "cnn", logit_encoding = "f16";
   int64_t epochs = 5, batch_size = 8, seed = 0, prefetch_batches = 4, max_outstanding = 8, eval_every_epochs = 1;
-  // FedCache: knowledge exchanged in every this-many-th epoch only (edge.knowledge.BatchSchedule.exchanges).
+  // FedCache: knowledge exchanged in every this-many-th epoch only, from the first after the warm-up
+  // (edge.knowledge.ExchangeEpochs).
   int64_t knowledge_every_epochs = 1;
+  // FedCache: epochs trained with cross-entropy only before the first exchange.
+  int64_t knowledge_warmup_epochs = 0;
   // FedCache: the waiting logits sent, and teachers fetched, every this many batches in one message each way.
   int64_t knowledge_every_batches = 1;
   double lr = 0.01, momentum = 0.9, weight_decay = 5e-4, kd_alpha = 1.5, temperature = 3.0;

@@ -192,10 +192,11 @@ std::vector<uint32_t> NativeDevice::ids_between(int64_t start, int64_t stop) con
   return ids;
 }
 
-// Whether batch `position`'s epoch exchanges knowledge: every knowledge_every_epochs-th, from the first (as
-// edge.knowledge.BatchSchedule.exchanges); the epochs between train on the teachers last received.
+// Whether batch `position`'s epoch exchanges knowledge: every knowledge_every_epochs-th, from the first after the
+// knowledge_warmup_epochs (as edge.knowledge.ExchangeEpochs); the epochs between train on the teachers last received.
 bool NativeDevice::exchanges(int64_t position) const {
-  return epoch_of_[size_t(position)] % settings_.knowledge_every_epochs == 0;
+  const int64_t since_warmup = epoch_of_[size_t(position)] - settings_.knowledge_warmup_epochs;
+  return since_warmup >= 0 && since_warmup % settings_.knowledge_every_epochs == 0;
 }
 
 void NativeDevice::compute_hashes() {
