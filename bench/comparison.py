@@ -97,6 +97,12 @@ METHODS = (
         logit_encoding=LogitEncoding.INT8_BLOCK,
         extra_train={"knowledge_every_epochs": 2, "knowledge_every_batches": 16, "knowledge_warmup_epochs": 1},
     ),
+    Method(
+        "fedcache warm-up 2 every 2 epochs i8b x16",
+        "fedcache",
+        logit_encoding=LogitEncoding.INT8_BLOCK,
+        extra_train={"knowledge_every_epochs": 2, "knowledge_every_batches": 16, "knowledge_warmup_epochs": 2},
+    ),
     Method("fd", "fd"),
     Method("fedavg", "fedavg"),
     Method("local", "local"),
