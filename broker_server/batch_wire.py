@@ -10,23 +10,25 @@ tests/test_batched_path.py pins both directions against fedwire's codec.
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
 
-from fedwire.arrays import BLOCK_SCALED_ENCODINGS, LOGIT_DTYPES, quantise_logits
+from fedwire.arrays import BLOCK_SCALED_ENCODINGS, LOGIT_DTYPES, SCALED_ENCODINGS, quantise_logits
 from fedwire.constants import MAX_CLASSES, MAX_IDS_PER_MESSAGE, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION, LogitEncoding
 
 I64_MAX = 2**63 - 1
 MAX_ID_BYTES = 4 * MAX_IDS_PER_MESSAGE
 FAST_KINDS = frozenset({"fetch", "update", "update_fetch"})
-# The encodings this path batches: each is quantised row by row, so one reply's rows can be sliced out of a batch's.
-# A block-scaled encoding (int8 with one scale per message) is not, and goes the generic path.
-_ITEMSIZE = {e.value: dtype.itemsize for e, dtype in LOGIT_DTYPES.items() if e not in BLOCK_SCALED_ENCODINGS}
-_DTYPES = {e.value: dtype for e, dtype in LOGIT_DTYPES.items() if e not in BLOCK_SCALED_ENCODINGS}
-_SCALED = LogitEncoding.INT8.value
+_ITEMSIZE = {e.value: dtype.itemsize for e, dtype in LOGIT_DTYPES.items()}
+_DTYPES = {e.value: dtype for e, dtype in LOGIT_DTYPES.items()}
+_SCALED = frozenset(e.value for e in SCALED_ENCODINGS)  # `s`: one float32 scale per row
+_BLOCK_SCALED = frozenset(e.value for e in BLOCK_SCALED_ENCODINGS)  # `s`: one float32 scale per message
+_F32 = np.dtype("<f4")
 _U32 = np.dtype("<u4")
 _SET_LIMIT = 256  # up to this many ids a Python set checks repeats faster than numpy's sort
 _unpackb = msgpack.unpackb
@@ -45,7 +47,7 @@ class Scanned(NamedTuple):
     rows: int  # logits rows (n), 0 for a fetch
     cols: int  # logits columns (m), 0 for a fetch
     data: bytes  # logits `b`
-    scales: bytes | None  # logits `s` for int8
+    scales: bytes | None  # logits `s` of a scaled encoding: one float32 per row (i8) or one for the block (i8b)
     payload: bytes  # the message as received, for the per-message path should the batch find it invalid
 
 
@@ -94,9 +96,14 @@ def scan(payload: bytes, *, device: str, kind: str) -> Scanned | None:
     if type(data) is not bytes or len(data) != rows * cols * _ITEMSIZE[encoding]:
         return None
     scales = None
-    if encoding == _SCALED:
+    if encoding in _SCALED:
         scales = block.get("s")
         if type(scales) is not bytes or len(scales) != 4 * rows:
+            return None
+    elif encoding in _BLOCK_SCALED:
+        # One scale, checked finite here: with no rows, no value of the batch's would show a bad one.
+        scales = block.get("s")
+        if type(scales) is not bytes or len(scales) != 4 or not math.isfinite(struct.unpack("<f", scales)[0]):
             return None
     fetch_ids = None
     if kind == "update_fetch":
@@ -121,41 +128,74 @@ def distinct(ids: bytes) -> bool:
     return not bool((ordered[1:] == ordered[:-1]).any())
 
 
-def decode_logits(encoding: str, rows: int, cols: int, data: Sequence[bytes], scales: Sequence[bytes]) -> np.ndarray:
-    """The float32 matrix of several logits blocks of one encoding and width, rows concatenated.
+def decode_logits(encoding: str, cols: int, members: Sequence[Scanned]) -> np.ndarray:
+    """The float32 matrix of several updates' logits blocks of one encoding and width, rows concatenated.
 
-    The same values `fedwire.decode` gives each block: a float32 copy of the elements, times the row's
-    float32 scale for int8.
+    The same values `fedwire.decode` gives each block: a float32 copy of the elements, times the row's float32
+    scale (i8) or the block's (i8b).
     """
-    matrix = np.frombuffer(b"".join(data), _DTYPES[encoding]).astype(np.float32).reshape(rows, cols)
-    if encoding == _SCALED:
-        matrix *= np.frombuffer(b"".join(scales), np.dtype("<f4"))[:, None]
+    rows = sum(m.rows for m in members)
+    matrix = np.frombuffer(b"".join(m.data for m in members), _DTYPES[encoding]).astype(np.float32)
+    matrix = matrix.reshape(rows, cols)
+    if encoding in _SCALED or encoding in _BLOCK_SCALED:
+        scales = np.frombuffer(b"".join(m.scales or b"" for m in members), _F32)
+        if encoding in _BLOCK_SCALED:
+            scales = np.repeat(scales, [m.rows for m in members])
+        with np.errstate(over="ignore"):  # an overflow is an infinity, which finite_rows reports
+            matrix *= scales[:, None]
     return matrix
 
 
-def finite_rows(matrix: np.ndarray, encoding: str, scales: Sequence[bytes]) -> np.ndarray:
-    """Per row: every value finite (and, for int8, its scale too, which the generic decoder checks first).
+def finite_rows(matrix: np.ndarray, encoding: str, members: Sequence[Scanned]) -> np.ndarray:
+    """Per row: every value finite (and, for i8, its scale too, which the generic decoder checks first; an i8b
+    block's one scale `scan` checked).
 
     For a batch that is all finite, one call: `finite_rows(...).all()` is what to ask only when it is not.
     """
     finite: np.ndarray = np.isfinite(matrix).all(axis=1)
-    if encoding == _SCALED:
-        finite &= np.isfinite(np.frombuffer(b"".join(scales), np.dtype("<f4")))
+    if encoding in _SCALED:
+        finite &= np.isfinite(np.frombuffer(b"".join(m.scales or b"" for m in members), _F32))
     return finite
 
 
 class PackedLogits(NamedTuple):
-    """Teacher rows of several replies quantised at once: the bytes per row, and the scales' bytes for int8."""
+    """Teacher rows of several replies quantised at once: the bytes per row and the scales' bytes, per row (i8) or
+    per reply (i8b)."""
 
     data: bytes
     row_bytes: int
     scales: bytes | None
+    per_reply: bool  # `scales` holds one float32 per reply, not per row
+
+    def reply(self, index: int, begin: int, end: int) -> tuple[bytes, bytes | None]:
+        """Reply `index`'s elements and scales, its rows being [begin, end) of the packed ones."""
+        data = self.data[begin * self.row_bytes : end * self.row_bytes]
+        if self.scales is None:
+            return data, None
+        return data, self.scales[4 * index : 4 * index + 4] if self.per_reply else self.scales[4 * begin : 4 * end]
 
 
-def pack_logits(matrix: np.ndarray, encoding: str) -> PackedLogits:
-    """Quantise rows of several replies in one go: every encoding is row by row, so slices equal separate calls."""
-    quantised = quantise_logits(matrix, LogitEncoding(encoding))
-    return PackedLogits(quantised.data, matrix.shape[1] * _ITEMSIZE[encoding], quantised.scales)
+def pack_logits(matrix: np.ndarray, encoding: str, lengths: Sequence[int]) -> PackedLogits:
+    """Quantise the rows of several replies, `lengths[k]` rows each in order, in one go, as each reply alone.
+
+    Row-wise encodings are the same per row whatever the rows around; i8b's one scale per reply is its rows'
+    peak magnitude / 127, computed for all replies by one reduction, then every row divided by its reply's.
+    """
+    matrix = np.asarray(matrix, np.float32)
+    row_bytes = matrix.shape[1] * _ITEMSIZE[encoding]
+    if encoding not in _BLOCK_SCALED:
+        quantised = quantise_logits(matrix, LogitEncoding(encoding))
+        return PackedLogits(quantised.data, row_bytes, quantised.scales, per_reply=False)
+    counts = np.asarray(lengths, np.int64)
+    peaks = np.zeros(counts.size, _F32)
+    if matrix.shape[0]:
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        taught = counts > 0  # an empty reply's peak is 0; reduceat runs each start to the next one given
+        peaks[taught] = np.maximum.reduceat(np.abs(matrix).max(axis=1, initial=0.0), starts[taught])
+    scales = peaks / np.float32(127)
+    scales = np.where(scales > 0, scales, 1.0).astype(_F32)  # as quantise_logits: 0, or a peak / 127 underflowing
+    elements = np.clip(np.rint(matrix / np.repeat(scales, counts)[:, None]), -127, 127).astype(_DTYPES[encoding])
+    return PackedLogits(elements.tobytes(), row_bytes, scales.tobytes(), per_reply=True)
 
 
 class ReplyWriter:

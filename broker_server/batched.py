@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 _U16 = np.dtype("<u2")
 _U32 = np.dtype("<u4")
-_SCALED = "i8"  # the logit encoding with row scales
 _KNOWLEDGE = Kind.KNOWLEDGE.value
 _UPDATE_ACK = Kind.UPDATE_ACK.value
 
@@ -176,21 +175,17 @@ class BatchedRequests:
         if len(encodings) == 1 and len(slots) == len(updating):  # the usual batch: one encoding, all accepted
             encoding = encodings.pop()
             members = [batch[i] for i in updating]
-            data = [s.data for s in members]
-            logits = decode_logits(encoding, starts[len(updating)], classes, data, [s.scales or b"" for s in members])
-            scales = [s.scales or b"" for s in members]
-            if not np.isfinite(logits).all() or (
-                encoding == _SCALED and not finite_rows(logits, encoding, scales).all()
-            ):
-                BatchedRequests._mark_non_finite(finite_rows(logits, encoding, scales), slots, updating, starts, good)
+            logits = decode_logits(encoding, classes, members)
+            finite = finite_rows(logits, encoding, members)
+            if not finite.all():
+                BatchedRequests._mark_non_finite(finite, slots, updating, starts, good)
             return logits
         logits = np.zeros((starts[len(updating)], classes), np.float32)
         for encoding in encodings:
             mine = [slot for slot in slots if batch[updating[slot]].encoding == encoding]
             members = [batch[updating[slot]] for slot in mine]
-            scales = [s.scales or b"" for s in members]
-            matrix = decode_logits(encoding, sum(s.rows for s in members), classes, [s.data for s in members], scales)
-            finite = finite_rows(matrix, encoding, scales)
+            matrix = decode_logits(encoding, classes, members)
+            finite = finite_rows(matrix, encoding, members)
             local = [0, *accumulate(sizes[slot] for slot in mine)]
             if not finite.all():
                 for k, slot in enumerate(mine):
@@ -275,27 +270,30 @@ class BatchedRequests:
             spans.append((first, last, taught[first], taught[last]))
             first = last
         encodings = {batch[fetching[slot - offset]].encoding for slot in slots}
-        packed: dict[str, tuple[PackedLogits, list[int]]] = {}
+        # Per encoding: its packed rows, and per reply k its index among that encoding's replies and first row.
+        packed: dict[str, tuple[PackedLogits, list[int], list[int]]] = {}
         for encoding in encodings:
             if len(encodings) == 1:
-                packed[encoding] = (pack_logits(teachers.logits, encoding), [span[2] for span in spans])
+                lengths = [span[3] - span[2] for span in spans]
+                logits = pack_logits(teachers.logits, encoding, lengths)
+                packed[encoding] = (logits, list(range(len(slots))), [span[2] for span in spans])
                 continue
             members = [k for k, slot in enumerate(slots) if batch[fetching[slot - offset]].encoding == encoding]
             picked = np.concatenate([np.arange(spans[k][2], spans[k][3]) for k in members] or [np.zeros(0, np.int64)])
-            offsets = [0] * len(slots)
+            index, offsets = [0] * len(slots), [0] * len(slots)
             local = 0
-            for k in members:
-                offsets[k] = local
+            for position, k in enumerate(members):
+                index[k], offsets[k] = position, local
                 local += spans[k][3] - spans[k][2]
-            packed[encoding] = (pack_logits(teachers.logits[picked], encoding), offsets)
+            lengths = [spans[k][3] - spans[k][2] for k in members]
+            packed[encoding] = (pack_logits(teachers.logits[picked], encoding, lengths), index, offsets)
         out: dict[int, tuple[bytes, int, bytes, bytes | None]] = {}
         for k, slot in enumerate(slots):
             scanned = batch[fetching[slot - offset]]
-            logits, offsets = packed[scanned.encoding]
+            logits, index, offsets = packed[scanned.encoding]
             first_id, last_id, first_row, last_row = spans[k]
             begin, end = offsets[k], offsets[k] + (last_row - first_row)
-            data = logits.data[begin * logits.row_bytes : end * logits.row_bytes]
-            scales = None if logits.scales is None else logits.scales[4 * begin : 4 * end]
+            data, scales = logits.reply(index[k], begin, end)
             out[fetching[slot - offset]] = (counts_bytes[2 * first_id : 2 * last_id], end - begin, data, scales)
         return out
 

@@ -47,7 +47,7 @@ CLASSES = 5
 HASH_DIM = 32
 SAMPLES = 24
 DEVICES = ("d0", "d1", "d2", "d3", "d4")
-ENCODINGS = tuple(LogitEncoding)  # i8b among them: the batched path hands it to the per-message path
+ENCODINGS = tuple(LogitEncoding)
 
 
 # ---------------------------------------------------------------- a deployment, twice
@@ -457,10 +457,9 @@ def test_scan_accepts_only_what_the_generic_decoder_accepts_with_the_same_values
                     continue
                 accepted += 1
                 # Decoded messages pass whatever the batch still checks (finite values) or were refused there.
-                scales = [scanned.scales or b""]
                 if scanned.version >= 0:
-                    matrix = decode_logits(scanned.encoding, scanned.rows, scanned.cols, [scanned.data], scales)
-                    finite = bool(finite_rows(matrix, scanned.encoding, scales).all()) if scanned.rows else True
+                    matrix = decode_logits(scanned.encoding, scanned.cols, [scanned])
+                    finite = bool(finite_rows(matrix, scanned.encoding, [scanned]).all()) if scanned.rows else True
                 else:
                     finite = True
                 if not finite:
