@@ -20,5 +20,7 @@ python -m bench comparison "${M[@]}" --methods "fedcache,fedcache every 2 epochs
     > runs/comparison-homogeneous-e10.step2.log 2>&1
 python -m bench comparison "${M[@]}" --methods "fedcache every 2 epochs i8 x16,fedcache every 2 epochs i8b x16,fedavg" \
     --seeds 0 > runs/comparison-homogeneous-e10.step3.log 2>&1
+python -m bench comparison "${M[@]}" --methods "fedcache warm-up 1 every 2 epochs i8b x16,fedcache warm-up 2 every 2 epochs i8b x16,fedavg" \
+    --seeds 0 > runs/comparison-homogeneous-e10.step4.log 2>&1
 python -m bench comparison "${M[@]}" --methods "fedcache,fedcache raw R,fedcache every 2 epochs i8,fd,fedavg,local" --seeds 0,1,2 \
     > runs/comparison-homogeneous-e10.log 2>&1
