@@ -98,7 +98,8 @@ class TrainConfig:
     # many batches further ahead, and logits reach the server up to this many batches later.
     knowledge_every_batches: int = 1
     # FedCache: train this many epochs with cross-entropy only before the first exchange (0: from the first epoch,
-    # the paper's): a nearly untrained model's logits cost as many bytes as a trained one's and teach little.
+    # the paper's): a nearly untrained model's logits cost as many bytes as a trained one's and teach little. The
+    # prefetch for the first exchanging epoch lands in the last warm-up epoch (edge.knowledge.ExchangeEpochs).
     knowledge_warmup_epochs: int = 0
 
     @property

@@ -54,8 +54,10 @@ class TeacherCache:
 class ExchangeEpochs:
     """Which epochs of a FedCache device exchange knowledge: every `every`-th, from epoch `warmup` (0-based) on.
 
-    The `warmup` epochs before train with cross-entropy only and send nothing: knowledge from nearly untrained
-    models costs as many bytes as any other and teaches little (TrainConfig.knowledge_warmup_epochs). In the
+    The `warmup` epochs before send nothing and train with cross-entropy only: knowledge from nearly untrained
+    models costs as many bytes as any other and teaches little (TrainConfig.knowledge_warmup_epochs). Only the
+    teachers prefetched for the first exchanging epoch's first batches arrive before the warm-up ends, and a
+    warm-up batch holding one of those samples distils from it, as any batch does once a teacher is there. In the
     epochs between exchanges a device trains on the teachers its last exchanging epoch received (one per sample,
     as every sample is in every epoch) and uploads nothing: 1/`every` of the bytes.
     """
