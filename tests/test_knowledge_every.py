@@ -4,6 +4,7 @@ message each way (issue 17's bytes)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import tomllib
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from android_harness.native import device_command, prepare_native_device
 from android_harness.spec import SpecError, parse_spec
+from android_harness.trial import TrialSettings, run_trial
 from edge.config import (
     KNOWLEDGE_SCHEDULE,
     DataConfig,
@@ -73,3 +75,23 @@ def test_the_native_device_reads_it_and_refuses_a_bad_value(tmp_path: Path, nati
     result = subprocess.run(device_command(path), capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"train.{name} must be >= {least}" in result.stderr
+
+
+def test_a_warm_up_epoch_and_the_epoch_between_exchanges_send_next_to_nothing(
+    native_artifacts: Path, tmp_path: Path
+) -> None:
+    """A real trial, a torch and a native device: 1 warm-up epoch, then knowledge every 2nd epoch of 3 (so only in
+    the second); each device's uplink in the first and third epochs is a small fraction of the second's (the
+    prefetch of the next exchanging epoch's first batches only)."""
+    shutil.copytree(native_artifacts, tmp_path / "artifacts", dirs_exist_ok=True)
+    settings = TrialSettings(
+        out=tmp_path, dataset="digits", devices=2, epochs=3, backends=("torch", "native"),
+        extra_train={"knowledge_warmup_epochs": 1, "knowledge_every_epochs": 2},
+    )  # fmt: skip
+    report = run_trial(settings, progress=False)
+    assert report["exit_status"] == {"dev000": 0, "dev001": 0}
+    for device in ("dev000", "dev001"):
+        up = {m["epoch"]: m["bytes"]["up"] for m in report["history"] if m["device"] == device}
+        per_epoch = [up[epoch] - up[epoch - 1] for epoch in (1, 2, 3)]
+        assert per_epoch[1] > 10 * per_epoch[0] and per_epoch[1] > 10 * per_epoch[2], (device, per_epoch)
+        assert "knowledge_warmup_epochs = 1" in (tmp_path / "devices" / device / "device.toml").read_text()
