@@ -14,6 +14,8 @@ python -m bench comparison "${H[@]}" --methods fedcache,local,fd --seeds 0,1 > r
 python -m bench comparison "${H[@]}" --methods fedcache,local,fd --seeds 0,1,2 > runs/comparison-heterogeneous-e10.step3.log 2>&1
 python -m bench comparison "${H[@]}" --methods "fedcache,fedcache raw R,fd,local" --seeds 0,1,2 \
     > runs/comparison-heterogeneous-e10.log 2>&1
+python -m bench comparison "${H[@]}" --methods "fedcache,fedcache warm-up 2 every 2 epochs i8b x16,local" --seeds 0 \
+    > runs/comparison-heterogeneous-e10.warm-up.log 2>&1
 M=(--setting homogeneous --epochs 10 --reuse --out runs/comparison-homogeneous-e10)
 python -m bench comparison "${M[@]}" --methods fedcache,local,fd,fedavg --seeds 0 > runs/comparison-homogeneous-e10.step1.log 2>&1
 python -m bench comparison "${M[@]}" --methods "fedcache,fedcache every 2 epochs i8" --seeds 0 \
