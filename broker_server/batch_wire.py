@@ -18,7 +18,14 @@ from typing import Any, NamedTuple
 import msgpack
 import numpy as np
 
-from fedwire.arrays import BLOCK_SCALED_ENCODINGS, LOGIT_DTYPES, SCALED_ENCODINGS, quantise_logits
+from fedwire.arrays import (
+    BLOCK_SCALED_ENCODINGS,
+    LOGIT_DTYPES,
+    SCALED_ENCODINGS,
+    int8_elements,
+    int8_scales,
+    quantise_logits,
+)
 from fedwire.constants import MAX_CLASSES, MAX_IDS_PER_MESSAGE, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION, LogitEncoding
 
 I64_MAX = 2**63 - 1
@@ -192,9 +199,8 @@ def pack_logits(matrix: np.ndarray, encoding: str, lengths: Sequence[int]) -> Pa
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
         taught = counts > 0  # an empty reply's peak is 0; reduceat runs each start to the next one given
         peaks[taught] = np.maximum.reduceat(np.abs(matrix).max(axis=1, initial=0.0), starts[taught])
-    scales = peaks / np.float32(127)
-    scales = np.where(scales > 0, scales, 1.0).astype(_F32)  # as quantise_logits: 0, or a peak / 127 underflowing
-    elements = np.clip(np.rint(matrix / np.repeat(scales, counts)[:, None]), -127, 127).astype(_DTYPES[encoding])
+    scales = int8_scales(peaks)
+    elements = int8_elements(matrix, np.repeat(scales, counts))
     return PackedLogits(elements.tobytes(), row_bytes, scales.tobytes(), per_reply=True)
 
 

@@ -270,30 +270,25 @@ class BatchedRequests:
             spans.append((first, last, taught[first], taught[last]))
             first = last
         encodings = {batch[fetching[slot - offset]].encoding for slot in slots}
-        # Per encoding: its packed rows, and per reply k its index among that encoding's replies and first row.
-        packed: dict[str, tuple[PackedLogits, list[int], list[int]]] = {}
+        # Per encoding its replies' rows packed; per reply k, its index among its encoding's replies and first row.
+        packed: dict[str, PackedLogits] = {}
+        index, offsets = [0] * len(slots), [0] * len(slots)
         for encoding in encodings:
-            if len(encodings) == 1:
-                lengths = [span[3] - span[2] for span in spans]
-                logits = pack_logits(teachers.logits, encoding, lengths)
-                packed[encoding] = (logits, list(range(len(slots))), [span[2] for span in spans])
-                continue
             members = [k for k, slot in enumerate(slots) if batch[fetching[slot - offset]].encoding == encoding]
-            picked = np.concatenate([np.arange(spans[k][2], spans[k][3]) for k in members] or [np.zeros(0, np.int64)])
-            index, offsets = [0] * len(slots), [0] * len(slots)
-            local = 0
-            for position, k in enumerate(members):
-                index[k], offsets[k] = position, local
-                local += spans[k][3] - spans[k][2]
             lengths = [spans[k][3] - spans[k][2] for k in members]
-            packed[encoding] = (pack_logits(teachers.logits[picked], encoding, lengths), index, offsets)
+            for position, (k, first_row) in enumerate(zip(members, accumulate([0, *lengths]), strict=False)):
+                index[k], offsets[k] = position, first_row
+            if len(encodings) == 1:  # the usual batch: every reply's rows, in order, are the gathered ones
+                packed[encoding] = pack_logits(teachers.logits, encoding, lengths)
+                continue
+            picked = np.concatenate([np.arange(spans[k][2], spans[k][3]) for k in members] or [np.zeros(0, np.int64)])
+            packed[encoding] = pack_logits(teachers.logits[picked], encoding, lengths)
         out: dict[int, tuple[bytes, int, bytes, bytes | None]] = {}
         for k, slot in enumerate(slots):
             scanned = batch[fetching[slot - offset]]
-            logits, index, offsets = packed[scanned.encoding]
             first_id, last_id, first_row, last_row = spans[k]
             begin, end = offsets[k], offsets[k] + (last_row - first_row)
-            data, scales = logits.reply(index[k], begin, end)
+            data, scales = packed[scanned.encoding].reply(index[k], begin, end)
             out[fetching[slot - offset]] = (counts_bytes[2 * first_id : 2 * last_id], end - begin, data, scales)
         return out
 

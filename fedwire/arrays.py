@@ -18,6 +18,8 @@ __all__ = [
     "U32",
     "QuantisedLogits",
     "dequantise_logits",
+    "int8_elements",
+    "int8_scales",
     "pack_finite",
     "pack_unsigned",
     "quantise_logits",
@@ -77,15 +79,28 @@ def quantise_logits(logits: np.ndarray, encoding: LogitEncoding) -> QuantisedLog
     if encoding in SCALED_ENCODINGS or encoding in BLOCK_SCALED_ENCODINGS:
         magnitudes = np.abs(matrix)
         per_row = encoding in SCALED_ENCODINGS
-        peaks = magnitudes.max(axis=1, initial=0.0) if per_row else np.array([magnitudes.max(initial=0.0)], F32)
-        scales = peaks / np.float32(127)
-        scales = np.where(scales > 0, scales, 1.0).astype(F32)  # zeros, or a peak / 127 underflowing to 0
-        quantised = np.clip(np.rint(matrix / scales[:, None]), -127, 127).astype(LOGIT_DTYPES[encoding])
-        return QuantisedLogits(rows, cols, quantised.tobytes(), scales.tobytes())
+        scales = int8_scales(
+            magnitudes.max(axis=1, initial=0.0) if per_row else np.array([magnitudes.max(initial=0.0)], F32)
+        )
+        row_scales = scales if per_row else np.repeat(scales, rows)
+        return QuantisedLogits(rows, cols, int8_elements(matrix, row_scales).tobytes(), scales.tobytes())
     if encoding is LogitEncoding.FLOAT16:
         # float16 tops out at 65504; beyond it values would arrive as inf and the message be rejected.
         matrix = np.clip(matrix, -_FLOAT16_MAX, _FLOAT16_MAX)
     return QuantisedLogits(rows, cols, matrix.astype(LOGIT_DTYPES[encoding]).tobytes(), None)
+
+
+def int8_scales(peaks: np.ndarray) -> np.ndarray:
+    """The float32 int8 scales of rows or blocks whose largest magnitudes are `peaks`: peak / 127, and 1.0 where that
+    is 0 (all zeros, or a peak / 127 underflowing)."""
+    scales = np.asarray(peaks, F32) / np.float32(127)
+    return np.where(scales > 0, scales, 1.0).astype(F32)
+
+
+def int8_elements(matrix: np.ndarray, row_scales: np.ndarray) -> np.ndarray:
+    """The int8 elements of a float32 matrix, each row divided by its scale and rounded (docs/protocol.md §6)."""
+    elements: np.ndarray = np.clip(np.rint(matrix / row_scales[:, None]), -127, 127).astype(np.int8)
+    return elements
 
 
 def dequantise_logits(data: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
