@@ -45,6 +45,7 @@ _NO_EVIDENCE = np.float32(np.nan)
 HUB_ROUNDS = 4
 _GOLDEN = (5**0.5 - 1) / 2
 _LAST = np.finfo(np.float32).max  # a missing contributor in robust_mean's sort: after every finite logit
+_NARROW_ROWS = 64  # `_occurrence` compares columns pairwise up to this row width, and ranks wider rows by sorting
 
 
 @dataclass(frozen=True)
@@ -290,10 +291,22 @@ def _grown(array: np.ndarray, size: int, fill: Any) -> np.ndarray:
 
 
 def _occurrence(keys: np.ndarray) -> np.ndarray:
-    """(n, k): how many earlier entries of the same row hold the same key (0 for the first of each)."""
+    """(n, k): how many earlier entries of the same row hold the same key (0 for the first of each).
+
+    Narrow rows (neighbour lists) compare each column with the columns before it, all rows at once:
+    k(k - 1)/2 comparisons a row in k vector operations. On lists of 17 that took 0.47 ms for 1,500 rows (what
+    the cap binds in a FashionMNIST class) and 2.1 ms for 6,000, against 1.3 and 17 ms for ranking every row by
+    a stable argsort, which is what wide rows (a class's owners in one row, for the quota) still get.
+    """
     width = keys.shape[1]
     if width == 0:
         return np.zeros(keys.shape, np.int64)
+    if width <= _NARROW_ROWS:
+        columns = np.ascontiguousarray(keys.T)
+        earlier = np.zeros(columns.shape, np.int64)
+        for column in range(1, width):
+            np.sum(columns[:column] == columns[column], axis=0, out=earlier[column])
+        return earlier.T
     order = np.argsort(keys, axis=1, kind="stable")
     ranked = np.take_along_axis(keys, order, axis=1)
     starts = np.ones(keys.shape, bool)
@@ -334,8 +347,7 @@ def _capped(
     An entry of another device than its row's loses its validity when `cap` or more valid entries of the same
     device precede it in the row. Only rows where some other device holds more than `cap` valid entries lose
     one (about a quarter of FashionMNIST's rows): in a row sorted by device such a device is a run longer than
-    `cap`, which one sort of all rows' few entries finds, and only those rows are ranked entry by entry, the
-    slow part (a stable argsort per row).
+    `cap`, which one sort of all rows' few entries finds, and only those rows are ranked entry by entry.
     """
     keys = np.where(valid, owners[np.maximum(candidates, 0)], -1)
     foreign = np.where(keys != rows_owners[:, None], keys, -1)  # the sample's own device is not capped

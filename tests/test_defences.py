@@ -10,7 +10,7 @@ import pytest
 
 from broker_server.cache import CacheConfig, KnowledgeCache
 from broker_server.cached_state import CachedState
-from broker_server.defences import DefenceConfig, _capped, near_copies, own_nearest, robust_mean
+from broker_server.defences import DefenceConfig, _capped, _occurrence, near_copies, own_nearest, robust_mean
 from broker_server.relations import ClassIndex
 from broker_server.state_factory import open_state
 from edge.attacks import HubSamples, adaptive, fdla, hub_samples, pcfdla
@@ -184,6 +184,14 @@ def test_own_nearest_and_the_searchs_distances_equal_distances_computed_pair_by_
         assert np.isinf(nearest[-1]) and np.allclose(nearest[:-1], expected[:-1], atol=1e-3)
     if kind is HashKind.BINARY:
         assert nearest[10] == nearest[11] == 0.0
+
+
+@pytest.mark.parametrize("width", [1, 17, 64, 65, 300])
+def test_occurrence_counts_the_earlier_equal_keys_of_each_row(width: int) -> None:
+    """Both ways `_occurrence` counts (column by column for neighbour lists, by sorting for wide rows)."""
+    keys = np.random.default_rng(width).integers(-1, 7, size=(40, width))
+    expected = np.array([[int((row[:column] == row[column]).sum()) for column in range(width)] for row in keys])
+    assert np.array_equal(_occurrence(keys), expected)
 
 
 def test_the_cap_drops_exactly_the_entries_past_it_of_other_devices() -> None:
