@@ -24,5 +24,11 @@ python -m bench comparison "${M[@]}" --methods "fedcache every 2 epochs i8 x16,f
     --seeds 0 > runs/comparison-homogeneous-e10.step3.log 2>&1
 python -m bench comparison "${M[@]}" --methods "fedcache warm-up 1 every 2 epochs i8b x16,fedcache warm-up 2 every 2 epochs i8b x16,fedavg" \
     --seeds 0 > runs/comparison-homogeneous-e10.step4.log 2>&1
+# Seed 1 of the warm-up method against FedAvg at seed 1 (the bytes goal), and the paper's FedCache and local at seed 1.
+python -m bench comparison "${M[@]}" --methods "fedcache warm-up 2 every 2 epochs i8b x16,fedavg" --seeds 1 \
+    > runs/comparison-homogeneous-e10.step5.log 2>&1
+python -m bench comparison "${M[@]}" --methods "fedcache,local" --seeds 1 > runs/comparison-homogeneous-e10.step6.log 2>&1
+python -m bench comparison "${M[@]}" --methods "fedcache,fedcache raw R,fd,local" --seeds 0 \
+    > runs/comparison-homogeneous-e10.step7.log 2>&1
 python -m bench comparison "${M[@]}" --methods "fedcache,fedcache raw R,fedcache every 2 epochs i8,fd,fedavg,local" --seeds 0,1,2 \
     > runs/comparison-homogeneous-e10.log 2>&1
